@@ -1,0 +1,452 @@
+//! Checks the raw configuration and builds the structures the filter runs on. Every
+//! error names the field and the reason, so that Envoy's log says what to fix.
+
+use hashbrown::HashMap;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::core::amount::{parse_amount, threshold_ppm, Amount};
+use crate::core::config::{RawAgentPolicy, RawConfig, RawPolicy};
+use crate::core::glob::Glob;
+use crate::core::identity::valid_id;
+use crate::core::policy::{AgentRule, ChargeOn, IdPattern, Policy};
+
+pub const DEFAULT_SESSION_HEADER: &str = "x-pag0-session";
+pub const DEFAULT_AGENT_HEADER: &str = "x-pag0-agent";
+pub const DEFAULT_API_KEY_HEADER: &str = "x-pag0-api-key";
+pub const DEFAULT_AGENT: &str = "main";
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub session_header: String,
+    pub agent_header: String,
+    pub api_key_header: String,
+    pub default_agent: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Slots in each tenant's session table.
+    pub max_sessions: u32,
+    pub max_agents: u16,
+    pub idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointRule {
+    pub glob: Glob,
+    pub price: Option<Amount>,
+    pub tool: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub identity: Identity,
+    pub tenants: Vec<Tenant>,
+    /// SHA-256 of the key → tenant index. Empty: one open tenant, no key asked.
+    pub tenant_by_key_hash: HashMap<[u8; 32], usize>,
+    pub sessions: SessionLimits,
+    pub policies: Vec<Policy>,
+    pub policy_by_name: HashMap<String, usize>,
+    pub default_policy: usize,
+    pub endpoints: Vec<EndpointRule>,
+    /// Some policy has a daily or monthly budget: every priced call counts in the
+    /// tenant's windows.
+    pub track_windows: bool,
+}
+
+impl Config {
+    pub fn requires_api_key(&self) -> bool {
+        !self.tenant_by_key_hash.is_empty()
+    }
+
+    /// The tenant that owns an API key, by its SHA-256.
+    pub fn tenant_for_key(&self, key: &[u8]) -> Option<usize> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        self.tenant_by_key_hash.get(&digest).copied()
+    }
+
+    pub fn policy(&self, name: Option<&str>) -> Option<&Policy> {
+        match name {
+            None => self.policies.get(self.default_policy),
+            Some(name) => self
+                .policy_by_name
+                .get(name)
+                .and_then(|i| self.policies.get(*i)),
+        }
+    }
+
+    /// First endpoint rule whose pattern matches.
+    pub fn endpoint_rule(&self, endpoint: &str) -> Option<&EndpointRule> {
+        self.endpoints.iter().find(|r| r.glob.matches(endpoint))
+    }
+}
+
+/// Parses and compiles the plugin configuration.
+pub fn compile_json(bytes: &[u8]) -> Result<Config, String> {
+    let raw: RawConfig = if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("configuration is empty: at least one policy is needed".to_string());
+    } else {
+        serde_json::from_slice(bytes).map_err(|e| format!("configuration is not valid: {e}"))?
+    };
+    compile(raw)
+}
+
+pub fn compile(raw: RawConfig) -> Result<Config, String> {
+    let identity = Identity {
+        session_header: header_name(raw.identity.session_header, DEFAULT_SESSION_HEADER, "identity.sessionHeader")?,
+        agent_header: header_name(raw.identity.agent_header, DEFAULT_AGENT_HEADER, "identity.agentHeader")?,
+        api_key_header: header_name(raw.identity.api_key_header, DEFAULT_API_KEY_HEADER, "identity.apiKeyHeader")?,
+        default_agent: match raw.identity.default_agent {
+            None => DEFAULT_AGENT.to_string(),
+            Some(a) if valid_id(a.as_bytes()) => a,
+            Some(a) => return Err(format!("identity.defaultAgent: {a:?} is not a valid agent id (1-128 of A-Z a-z 0-9 . _ : @ -)")),
+        },
+    };
+
+    let mut tenants = Vec::new();
+    let mut tenant_by_key_hash = HashMap::new();
+    match raw.tenants {
+        None => tenants.push(Tenant {
+            id: DEFAULT_TENANT.to_string(),
+        }),
+        Some(list) if list.is_empty() => {
+            return Err("tenants: empty list (omit it for a single open tenant)".to_string())
+        }
+        Some(list) => {
+            for (i, t) in list.into_iter().enumerate() {
+                let field = format!("tenants[{i}]");
+                if !valid_id(t.id.as_bytes()) || t.id.len() > 64 {
+                    return Err(format!(
+                        "{field}.id: {:?} must be 1-64 of A-Z a-z 0-9 . _ : @ -",
+                        t.id
+                    ));
+                }
+                if tenants.iter().any(|x: &Tenant| x.id == t.id) {
+                    return Err(format!("{field}.id: duplicate tenant {:?}", t.id));
+                }
+                let hash = parse_sha256(&t.api_key_sha256).ok_or_else(|| {
+                    format!("{field}.apiKeySha256: must be 64 hex digits (the SHA-256 of the key)")
+                })?;
+                if tenant_by_key_hash.insert(hash, tenants.len()).is_some() {
+                    return Err(format!(
+                        "{field}.apiKeySha256: the same key is given to two tenants"
+                    ));
+                }
+                tenants.push(Tenant { id: t.id });
+            }
+        }
+    }
+
+    let sessions = SessionLimits {
+        max_sessions: match raw.sessions.max_sessions {
+            None => 4096,
+            Some(n) if (1..=1_048_576).contains(&n) => n,
+            Some(n) => {
+                return Err(format!(
+                    "sessions.maxSessions: {n} must be between 1 and 1048576"
+                ))
+            }
+        },
+        max_agents: match raw.sessions.max_agents_per_session {
+            None => 64,
+            Some(n) if (1..=1024).contains(&n) => n,
+            Some(n) => {
+                return Err(format!(
+                    "sessions.maxAgentsPerSession: {n} must be between 1 and 1024"
+                ))
+            }
+        },
+        idle_timeout_secs: match raw.sessions.idle_timeout_seconds {
+            None => 86_400,
+            Some(n) if n >= 1 => n,
+            Some(_) => return Err("sessions.idleTimeoutSeconds: must be at least 1".to_string()),
+        },
+    };
+
+    if raw.policies.0.is_empty() {
+        return Err("policies: at least one policy is needed".to_string());
+    }
+    let mut policies = Vec::new();
+    let mut policy_by_name = HashMap::new();
+    for (name, raw_policy) in raw.policies.0 {
+        if name.is_empty() {
+            return Err("policies: a policy name is empty".to_string());
+        }
+        let policy = compile_policy(&name, raw_policy)?;
+        policy_by_name.insert(name, policies.len());
+        policies.push(policy);
+    }
+    let default_policy = match raw.default_policy {
+        Some(name) => *policy_by_name
+            .get(&name)
+            .ok_or_else(|| format!("defaultPolicy: no policy named {name:?}"))?,
+        None if policies.len() == 1 => 0,
+        None => {
+            return Err("defaultPolicy: required when there is more than one policy".to_string())
+        }
+    };
+
+    let mut endpoints = Vec::new();
+    for (i, rule) in raw.endpoints.into_iter().enumerate() {
+        let field = format!("endpoints[{i}]");
+        let glob = Glob::new(&rule.pattern).map_err(|e| format!("{field}.pattern: {e}"))?;
+        let price = amount(rule.price.as_ref(), &format!("{field}.price"), true)?;
+        if let Some(tool) = &rule.tool {
+            check_label(tool, &format!("{field}.tool"))?;
+        }
+        endpoints.push(EndpointRule {
+            glob,
+            price,
+            tool: rule.tool,
+        });
+    }
+
+    let track_windows = policies
+        .iter()
+        .any(|p| p.daily_budget.is_some() || p.monthly_budget.is_some());
+    Ok(Config {
+        identity,
+        tenants,
+        tenant_by_key_hash,
+        sessions,
+        policies,
+        policy_by_name,
+        default_policy,
+        endpoints,
+        track_windows,
+    })
+}
+
+fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
+    let f = |field: &str| format!("policies.{name}.{field}");
+    let session_budget = amount(raw.session_budget.as_ref(), &f("sessionBudget"), false)?;
+    let daily_budget = amount(raw.daily_budget.as_ref(), &f("dailyBudget"), false)?;
+    let monthly_budget = amount(raw.monthly_budget.as_ref(), &f("monthlyBudget"), false)?;
+    let max_per_request = amount(raw.max_per_request.as_ref(), &f("maxPerRequest"), false)?;
+    // maxPerRequest <= sessionBudget <= dailyBudget <= monthlyBudget, where set.
+    let chain = [
+        ("maxPerRequest", max_per_request),
+        ("sessionBudget", session_budget),
+        ("dailyBudget", daily_budget),
+        ("monthlyBudget", monthly_budget),
+    ];
+    for (i, (lower_name, lower)) in chain.iter().enumerate() {
+        for (upper_name, upper) in &chain[i + 1..] {
+            if let (Some(lo), Some(hi)) = (lower, upper) {
+                if lo > hi {
+                    return Err(format!(
+                        "{}: {lo} is above {upper_name} {hi} (need maxPerRequest <= sessionBudget <= dailyBudget <= monthlyBudget)",
+                        f(lower_name)
+                    ));
+                }
+            }
+        }
+    }
+    let alert_ppm = threshold(raw.alert_on_threshold.as_ref(), &f("alertOnThreshold"))?;
+    let kill_ppm = threshold(
+        raw.kill_switch_threshold.as_ref(),
+        &f("killSwitchThreshold"),
+    )?;
+    if let (Some(a), Some(k)) = (alert_ppm, kill_ppm) {
+        if a > k {
+            return Err(format!(
+                "{}: above killSwitchThreshold, so the alert would never come first",
+                f("alertOnThreshold")
+            ));
+        }
+    }
+    if (alert_ppm.is_some() || kill_ppm.is_some()) && session_budget.is_none() {
+        return Err(format!(
+            "{}: thresholds need a sessionBudget to measure against",
+            f("sessionBudget")
+        ));
+    }
+    let charge_on = match raw.charge_on.as_deref() {
+        None | Some("success") => ChargeOn::Success,
+        Some("always") => ChargeOn::Always,
+        Some(other) => {
+            return Err(format!(
+                "{}: {other:?} must be \"success\" or \"always\"",
+                f("chargeOn")
+            ))
+        }
+    };
+    let allowed = globs(
+        raw.allowed_endpoints.as_deref().unwrap_or(&[]),
+        &f("allowedEndpoints"),
+    )?;
+    let blocked = globs(
+        raw.blocked_endpoints.as_deref().unwrap_or(&[]),
+        &f("blockedEndpoints"),
+    )?;
+    let mut agents = Vec::new();
+    for (pattern, raw_agent) in raw.agents.0 {
+        agents.push(compile_agent(
+            &f(&format!("agents.{pattern}")),
+            &pattern,
+            raw_agent,
+        )?);
+    }
+    Ok(Policy {
+        name: name.to_string(),
+        session_budget,
+        daily_budget,
+        monthly_budget,
+        max_per_request,
+        allowed,
+        blocked,
+        alert_ppm,
+        kill_ppm,
+        charge_on,
+        agents,
+    })
+}
+
+fn compile_agent(field: &str, pattern: &str, raw: RawAgentPolicy) -> Result<AgentRule, String> {
+    let pattern = IdPattern::new(pattern).map_err(|e| format!("{field}: {e}"))?;
+    let agent_budget = amount(
+        raw.agent_budget.as_ref(),
+        &format!("{field}.agentBudget"),
+        false,
+    )?;
+    let max_per_request = amount(
+        raw.max_per_request.as_ref(),
+        &format!("{field}.maxPerRequest"),
+        false,
+    )?;
+    if let (Some(cap), Some(budget)) = (max_per_request, agent_budget) {
+        if cap > budget {
+            return Err(format!(
+                "{field}.maxPerRequest: {cap} is above agentBudget {budget}"
+            ));
+        }
+    }
+    let allowed = match &raw.allowed_endpoints {
+        Some(list) => Some(globs(list, &format!("{field}.allowedEndpoints"))?),
+        None => None,
+    };
+    let blocked = match &raw.blocked_endpoints {
+        Some(list) => Some(globs(list, &format!("{field}.blockedEndpoints"))?),
+        None => None,
+    };
+    Ok(AgentRule {
+        pattern,
+        agent_budget,
+        max_per_request,
+        allowed,
+        blocked,
+        inherit_parent: raw.inherit_parent_policy.unwrap_or(true),
+    })
+}
+
+/// An amount written as a decimal string. `allow_zero` for prices (a free endpoint).
+fn amount(value: Option<&Value>, field: &str, allow_zero: bool) -> Result<Option<Amount>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let v = parse_amount(s).map_err(|e| format!("{field}: {s:?} is {e}"))?;
+            if v == 0 && !allow_zero {
+                return Err(format!("{field}: must be a positive amount"));
+            }
+            Ok(Some(v))
+        }
+        Some(Value::Number(n)) => Err(format!(
+            "{field}: amounts are decimal strings in the token's smallest unit; write \"{n}\" instead of {n}"
+        )),
+        Some(other) => Err(format!("{field}: {other} is not an amount (a decimal string like \"5000000\")")),
+    }
+}
+
+fn threshold(value: Option<&Value>, field: &str) -> Result<Option<u64>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .and_then(threshold_ppm)
+            .map(Some)
+            .ok_or_else(|| format!("{field}: {n} must be a number in (0, 1]")),
+        Some(other) => Err(format!("{field}: {other} must be a number in (0, 1]")),
+    }
+}
+
+fn globs(patterns: &[String], field: &str) -> Result<Vec<Glob>, String> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Glob::new(p).map_err(|e| format!("{field}[{i}]: {e}")))
+        .collect()
+}
+
+fn header_name(value: Option<String>, default: &str, field: &str) -> Result<String, String> {
+    let name = value
+        .unwrap_or_else(|| default.to_string())
+        .to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!("{field}: {name:?} is not a valid header name"))
+    }
+}
+
+fn check_label(value: &str, field: &str) -> Result<(), String> {
+    if valid_id(value.as_bytes()) && value.len() <= 64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: {value:?} must be 1-64 of A-Z a-z 0-9 . _ : @ -"
+        ))
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Hex SHA-256 of a key, as written in the configuration.
+pub fn sha256_hex(key: &[u8]) -> String {
+    Sha256::digest(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Route settings read from route metadata (`filter_metadata.pag0`), checked at request
+/// time because the filter cannot see the route table when it is configured.
+pub fn check_route_price(text: &str) -> Result<Amount, String> {
+    parse_amount(text).map_err(|e| format!("route metadata pag0.price {text:?} is {e}"))
+}
+
+pub fn check_route_tool(text: &str) -> Result<(), String> {
+    check_label(text, "route metadata pag0.tool")
+}
+
+pub fn parse_charge_on(text: &str) -> Result<ChargeOn, String> {
+    match text {
+        "success" => Ok(ChargeOn::Success),
+        "always" => Ok(ChargeOn::Always),
+        other => Err(format!(
+            "route metadata pag0.chargeOn {other:?} must be \"success\" or \"always\""
+        )),
+    }
+}

@@ -1,0 +1,123 @@
+//! The plugin configuration as users write it (JSON inside the Envoy YAML), parsed with
+//! serde and nothing else. [`crate::core::compile`] checks it and builds what runs.
+//!
+//! Amounts and thresholds are kept as raw JSON values here so that the compiler can
+//! name the field when one is written wrong (an integer instead of a string, say).
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub identity: RawIdentity,
+    /// Absent: one open tenant named `default`, no API key asked.
+    #[serde(default)]
+    pub tenants: Option<Vec<RawTenant>>,
+    #[serde(default)]
+    pub sessions: RawSessions,
+    #[serde(default)]
+    pub default_policy: Option<String>,
+    #[serde(default)]
+    pub policies: OrderedMap<RawPolicy>,
+    /// Prices and tool names by endpoint pattern, first match wins; route metadata wins
+    /// over these.
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpointRule>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawIdentity {
+    pub session_header: Option<String>,
+    pub agent_header: Option<String>,
+    pub api_key_header: Option<String>,
+    /// Agent id used when a request names none.
+    pub default_agent: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawTenant {
+    pub id: String,
+    /// Hex SHA-256 of the tenant's API key.
+    pub api_key_sha256: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawSessions {
+    /// Session slots per tenant.
+    pub max_sessions: Option<u32>,
+    pub max_agents_per_session: Option<u16>,
+    pub idle_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawPolicy {
+    pub session_budget: Option<Value>,
+    pub daily_budget: Option<Value>,
+    pub monthly_budget: Option<Value>,
+    pub max_per_request: Option<Value>,
+    #[serde(default)]
+    pub allowed_endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    pub blocked_endpoints: Option<Vec<String>>,
+    pub alert_on_threshold: Option<Value>,
+    pub kill_switch_threshold: Option<Value>,
+    /// `success` (default): charge only 2xx answers; `always`: charge any upstream answer.
+    pub charge_on: Option<String>,
+    #[serde(default)]
+    pub agents: OrderedMap<RawAgentPolicy>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawAgentPolicy {
+    pub agent_budget: Option<Value>,
+    pub max_per_request: Option<Value>,
+    #[serde(default)]
+    pub allowed_endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    pub blocked_endpoints: Option<Vec<String>>,
+    pub inherit_parent_policy: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawEndpointRule {
+    pub pattern: String,
+    pub price: Option<Value>,
+    pub tool: Option<String>,
+}
+
+/// A JSON object read in document order, so that "first match wins" means what the
+/// user sees in the file. Duplicate keys are refused.
+#[derive(Debug, Default)]
+pub struct OrderedMap<V>(pub Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OrderedVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for OrderedVisitor<V> {
+            type Value = OrderedMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries: Vec<(String, V)> = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, V>()? {
+                    if entries.iter().any(|(k, _)| *k == key) {
+                        return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                    entries.push((key, value));
+                }
+                Ok(OrderedMap(entries))
+            }
+        }
+        deserializer.deserialize_map(OrderedVisitor(std::marker::PhantomData))
+    }
+}

@@ -1,0 +1,17 @@
+//! The plain-Rust core of pag0. Nothing here calls the proxy-wasm host: time, shared
+//! data and headers come in as values or through the [`store::SharedStore`] trait.
+
+pub mod amount;
+pub mod compile;
+pub mod config;
+pub mod endpoint;
+pub mod errors;
+pub mod firewall;
+pub mod glob;
+pub mod headers;
+pub mod identity;
+pub mod ledger;
+pub mod policy;
+pub mod sessions;
+pub mod store;
+pub mod window;

@@ -1,0 +1,311 @@
+//! Compiled spend policy and the pure checks made before anything is reserved:
+//! endpoint allow/block lists and per-request caps, at session and agent level.
+
+use crate::core::amount::Amount;
+use crate::core::errors::{BudgetDetails, ErrorCode, Refusal, Scope};
+use crate::core::glob::{any_match, Glob};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeOn {
+    /// Charge only when the upstream answers 2xx (the default).
+    Success,
+    /// Charge any answer that came from the upstream.
+    Always,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub session_budget: Option<Amount>,
+    pub daily_budget: Option<Amount>,
+    pub monthly_budget: Option<Amount>,
+    pub max_per_request: Option<Amount>,
+    pub allowed: Vec<Glob>,
+    pub blocked: Vec<Glob>,
+    pub alert_ppm: Option<u64>,
+    pub kill_ppm: Option<u64>,
+    pub charge_on: ChargeOn,
+    pub agents: Vec<AgentRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentRule {
+    pub pattern: IdPattern,
+    pub agent_budget: Option<Amount>,
+    pub max_per_request: Option<Amount>,
+    pub allowed: Option<Vec<Glob>>,
+    pub blocked: Option<Vec<Glob>>,
+    pub inherit_parent: bool,
+}
+
+/// A glob over agent ids (`executor-*`), case-sensitive.
+#[derive(Debug, Clone)]
+pub struct IdPattern {
+    source: String,
+    prefix: String,
+    rest: Option<Vec<String>>,
+}
+
+impl IdPattern {
+    pub fn new(pattern: &str) -> Result<IdPattern, String> {
+        if pattern.is_empty() {
+            return Err("empty agent pattern".to_string());
+        }
+        let valid = pattern.bytes().all(|b| {
+            b == b'*' || b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-')
+        });
+        if !valid {
+            return Err(format!(
+                "agent pattern {pattern:?} has characters an agent id cannot have"
+            ));
+        }
+        let mut parts = pattern.split('*');
+        let prefix = parts.next().unwrap_or("").to_string();
+        let rest: Vec<String> = parts.map(str::to_string).collect();
+        Ok(IdPattern {
+            source: pattern.to_string(),
+            prefix,
+            rest: if rest.is_empty() { None } else { Some(rest) },
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn matches(&self, id: &str) -> bool {
+        let Some(rest_pieces) = &self.rest else {
+            return id == self.prefix;
+        };
+        let Some(mut rest) = id.strip_prefix(self.prefix.as_str()) else {
+            return false;
+        };
+        let last = rest_pieces.len() - 1;
+        for (i, piece) in rest_pieces.iter().enumerate() {
+            if i == last {
+                return rest.ends_with(piece.as_str());
+            }
+            match rest.find(piece.as_str()) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Policy {
+    /// The first agent rule (in file order) whose pattern matches the agent id.
+    pub fn agent_rule(&self, agent_id: &str) -> Option<&AgentRule> {
+        self.agents
+            .iter()
+            .find(|rule| rule.pattern.matches(agent_id))
+    }
+}
+
+/// Endpoint lists and per-request caps for one call, before any budget is touched.
+/// Blocked patterns win over allowed ones; an absent allow list allows everything.
+pub fn check_rules(
+    policy: &Policy,
+    agent: Option<&AgentRule>,
+    endpoint: &str,
+    price: Amount,
+) -> Result<(), Refusal> {
+    let inherit = agent.is_none_or(|a| a.inherit_parent);
+    // Session-level rules apply unless the agent replaces them.
+    if inherit {
+        check_lists(&policy.allowed, &policy.blocked, endpoint, "session")?;
+    }
+    if let Some(rule) = agent {
+        let allowed = rule.allowed.as_deref().unwrap_or(&[]);
+        let blocked = rule.blocked.as_deref().unwrap_or(&[]);
+        check_lists(allowed, blocked, endpoint, "agent")?;
+    }
+    let session_cap = if inherit {
+        policy.max_per_request
+    } else {
+        None
+    };
+    let agent_cap = agent.and_then(|a| a.max_per_request);
+    // The tighter cap is named; agent first when equal.
+    let caps = [(agent_cap, Scope::Agent), (session_cap, Scope::Session)];
+    let tightest = caps
+        .iter()
+        .filter_map(|(cap, scope)| cap.map(|c| (c, *scope)))
+        .min_by_key(|(cap, _)| *cap);
+    if let Some((cap, scope)) = tightest {
+        if price > cap {
+            let mut refusal = Refusal::budget(BudgetDetails {
+                scope,
+                limit: cap,
+                spent: 0,
+                reserved: 0,
+                requested: price,
+            });
+            refusal.code = ErrorCode::PerRequestLimitExceeded;
+            refusal.message = format!(
+                "price {price} is above the {} per-request limit {cap}",
+                scope.as_str()
+            );
+            return Err(refusal);
+        }
+    }
+    Ok(())
+}
+
+fn check_lists(
+    allowed: &[Glob],
+    blocked: &[Glob],
+    endpoint: &str,
+    level: &'static str,
+) -> Result<(), Refusal> {
+    if let Some(pattern) = blocked.iter().find(|g| g.matches(endpoint)) {
+        return Err(Refusal::new(
+            ErrorCode::EndpointBlocked,
+            format!("endpoint {endpoint} is blocked by the {level} policy"),
+        )
+        .with_fields(vec![
+            ("endpoint", endpoint.to_string()),
+            ("pattern", pattern.source().to_string()),
+            ("level", level.to_string()),
+        ]));
+    }
+    if !allowed.is_empty() && !any_match(allowed, endpoint) {
+        return Err(Refusal::new(
+            ErrorCode::EndpointNotAllowed,
+            format!("endpoint {endpoint} is not on the {level} allow list"),
+        )
+        .with_fields(vec![
+            ("endpoint", endpoint.to_string()),
+            ("level", level.to_string()),
+        ]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn globs(list: &[&str]) -> Vec<Glob> {
+        list.iter().map(|p| Glob::new(p).unwrap()).collect()
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            name: "p".into(),
+            session_budget: Some(5_000_000),
+            daily_budget: None,
+            monthly_budget: None,
+            max_per_request: Some(500_000),
+            allowed: globs(&["api.openai.com/*", "api.tavily.com/*", "api.exa.ai/*"]),
+            blocked: globs(&["api.openai.com/v1/images/*"]),
+            alert_ppm: None,
+            kill_ppm: None,
+            charge_on: ChargeOn::Success,
+            agents: vec![
+                AgentRule {
+                    pattern: IdPattern::new("reviewer-*").unwrap(),
+                    agent_budget: Some(500_000),
+                    max_per_request: Some(100_000),
+                    allowed: Some(globs(&["api.tavily.com/*"])),
+                    blocked: None,
+                    inherit_parent: true,
+                },
+                AgentRule {
+                    pattern: IdPattern::new("scout-*").unwrap(),
+                    agent_budget: None,
+                    max_per_request: None,
+                    allowed: Some(globs(&["api.deepl.com/*"])),
+                    blocked: None,
+                    inherit_parent: false,
+                },
+            ],
+        }
+    }
+
+    fn code(r: Result<(), Refusal>) -> Option<&'static str> {
+        r.err().map(|e| e.code.as_str())
+    }
+
+    #[test]
+    fn id_patterns() {
+        let p = IdPattern::new("executor-*").unwrap();
+        assert!(p.matches("executor-1"));
+        assert!(p.matches("executor-"));
+        assert!(!p.matches("executor"));
+        assert!(!p.matches("Executor-1"));
+        assert!(IdPattern::new("main").unwrap().matches("main"));
+        assert!(!IdPattern::new("main").unwrap().matches("main-2"));
+        assert!(IdPattern::new("*-x-*").unwrap().matches("a-x-b"));
+        assert!(IdPattern::new("a/b").is_err());
+    }
+
+    #[test]
+    fn blocked_wins_over_allowed() {
+        let p = policy();
+        assert_eq!(
+            code(check_rules(&p, None, "api.openai.com/v1/images/gen", 1)),
+            Some("ENDPOINT_BLOCKED")
+        );
+        assert_eq!(
+            code(check_rules(&p, None, "api.openai.com/v1/chat", 1)),
+            None
+        );
+        assert_eq!(
+            code(check_rules(&p, None, "api.deepl.com/v2/translate", 1)),
+            Some("ENDPOINT_NOT_ALLOWED")
+        );
+    }
+
+    #[test]
+    fn inheriting_agent_only_narrows() {
+        let p = policy();
+        let reviewer = p.agent_rule("reviewer-1");
+        assert_eq!(
+            code(check_rules(&p, reviewer, "api.tavily.com/search", 1)),
+            None
+        );
+        assert_eq!(
+            code(check_rules(&p, reviewer, "api.openai.com/v1/chat", 1)),
+            Some("ENDPOINT_NOT_ALLOWED")
+        );
+        let r = check_rules(&p, reviewer, "api.tavily.com/search", 150_000).unwrap_err();
+        assert_eq!(r.code.as_str(), "PER_REQUEST_LIMIT_EXCEEDED");
+        assert!(r.to_json().contains("\"scope\":\"agent\""));
+    }
+
+    #[test]
+    fn non_inheriting_agent_replaces_the_lists_and_cap() {
+        let p = policy();
+        let scout = p.agent_rule("scout-1");
+        assert_eq!(
+            code(check_rules(
+                &p,
+                scout,
+                "api.deepl.com/v2/translate",
+                900_000
+            )),
+            None
+        );
+        assert_eq!(
+            code(check_rules(&p, scout, "api.openai.com/v1/chat", 1)),
+            Some("ENDPOINT_NOT_ALLOWED")
+        );
+    }
+
+    #[test]
+    fn session_cap_applies_to_unmatched_agents() {
+        let p = policy();
+        let r = check_rules(
+            &p,
+            p.agent_rule("executor-1"),
+            "api.openai.com/v1/chat",
+            500_001,
+        )
+        .unwrap_err();
+        assert_eq!(r.code, ErrorCode::PerRequestLimitExceeded);
+        assert!(r.to_json().contains("\"scope\":\"session\""));
+        assert!(check_rules(&p, None, "api.openai.com/v1/chat", 500_000).is_ok());
+    }
+}

@@ -1,0 +1,360 @@
+//! Each tenant has a fixed table of session slots in shared data, so that an endless
+//! stream of session ids uses a bounded set of keys (shared data has no delete).
+//!
+//! A session hashes to a home slot and may live in any of the [`PROBE`] slots from
+//! there. Finding it is lock-free; claiming a slot for a new session happens under the
+//! tenant's claim lock, so one session can never hold two slots. A slot is reused once
+//! its session has been idle for `idleTimeoutSeconds` with nothing reserved. When all
+//! the slots a new session can use are held by live sessions, the call is refused with
+//! 503 `CAPACITY_EXCEEDED`: the firewall fails closed.
+
+use crate::core::compile::SessionLimits;
+use crate::core::errors::{ErrorCode, Refusal};
+use crate::core::ledger::{Charge, SessionRecord};
+use crate::core::store::{
+    claim_lock_key, read, session_slot_key, update, with_lock, SharedStore, Step,
+};
+
+/// Slots a session may occupy, starting from its home slot.
+pub const PROBE: u32 = 16;
+
+/// FNV-1a: stable across workers and restarts (no per-process seed).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in *part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The slots a session may live in, home slot first.
+pub fn probe_slots(session_id: &str, max_sessions: u32) -> impl Iterator<Item = u32> {
+    let max = max_sessions.max(1);
+    let home = (fnv1a(&[session_id.as_bytes()]) % u64::from(max)) as u32;
+    (0..PROBE.min(max)).map(move |i| (home + i) % max)
+}
+
+fn decode(bytes: &[u8]) -> Result<SessionRecord, Refusal> {
+    SessionRecord::decode(bytes).map_err(|_| {
+        Refusal::new(
+            ErrorCode::InternalError,
+            "corrupt session record in shared data",
+        )
+    })
+}
+
+/// Finds a session's slot and record without changing anything.
+pub fn lookup<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+) -> Result<Option<(u32, SessionRecord)>, Refusal> {
+    for slot in probe_slots(session_id, limits.max_sessions) {
+        let record = decode(&read(store, &session_slot_key(tenant, slot))?)?;
+        if record.session_id == session_id {
+            return Ok(Some((slot, record)));
+        }
+    }
+    Ok(None)
+}
+
+enum Attempt {
+    Done(SessionRecord),
+    /// The slot changed hands between lookup and update: look again.
+    Moved,
+}
+
+/// Applies `change` to the session's record, claiming a slot for a new session when
+/// `create` is set. Returns the slot and the record as written, or `None` when the
+/// session has no slot and `create` is false.
+pub fn modify<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+    now: u64,
+    create: bool,
+    change: &dyn Fn(&mut SessionRecord) -> Result<(), Refusal>,
+) -> Result<Option<(u32, SessionRecord)>, Refusal> {
+    for _ in 0..64 {
+        let found = lookup(store, tenant, session_id, limits)?;
+        let slot = match found {
+            Some((slot, _)) => slot,
+            None if !create => return Ok(None),
+            None => match claim(store, tenant, session_id, limits, now, change)? {
+                Claim::Claimed(slot, record) => return Ok(Some((slot, record))),
+                Claim::Exists => continue,
+            },
+        };
+        let outcome = update(store, &session_slot_key(tenant, slot), |bytes| {
+            let mut record = decode(bytes)?;
+            if record.session_id != session_id {
+                return Ok(Step::Keep(Attempt::Moved));
+            }
+            change(&mut record)?;
+            record.last_active = record.last_active.max(now);
+            Ok(Step::Write(record.encode(), Attempt::Done(record)))
+        })?;
+        match outcome {
+            Attempt::Done(record) => return Ok(Some((slot, record))),
+            Attempt::Moved => continue,
+        }
+    }
+    Err(Refusal::new(
+        ErrorCode::InternalError,
+        "session slot kept moving",
+    ))
+}
+
+enum Claim {
+    Claimed(u32, SessionRecord),
+    /// Another worker claimed a slot for this session first.
+    Exists,
+}
+
+fn claim<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+    now: u64,
+    change: &dyn Fn(&mut SessionRecord) -> Result<(), Refusal>,
+) -> Result<Claim, Refusal> {
+    // Build the new record first: a call the fresh session refuses claims nothing.
+    let mut fresh = SessionRecord::new(session_id, now);
+    change(&mut fresh)?;
+    with_lock(store, &claim_lock_key(tenant), || {
+        let mut free_slot = None;
+        for slot in probe_slots(session_id, limits.max_sessions) {
+            let record = decode(&read(store, &session_slot_key(tenant, slot))?)?;
+            if record.session_id == session_id {
+                return Ok(Claim::Exists);
+            }
+            if free_slot.is_none() && record.is_claimable(now, limits.idle_timeout_secs) {
+                free_slot = Some(slot);
+            }
+        }
+        let Some(slot) = free_slot else {
+            return Err(Refusal::new(
+                ErrorCode::CapacityExceeded,
+                "no free session slot: every slot this session can use holds a live session",
+            )
+            .with_fields(vec![("limit", "sessions.maxSessions".to_string())]));
+        };
+        let written = update(store, &session_slot_key(tenant, slot), |bytes| {
+            let current = decode(bytes)?;
+            if !current.is_claimable(now, limits.idle_timeout_secs) {
+                // A live session's update landed between scan and claim.
+                return Ok(Step::Keep(false));
+            }
+            Ok(Step::Write(fresh.encode(), true))
+        })?;
+        Ok(if written {
+            Claim::Claimed(slot, fresh.clone())
+        } else {
+            Claim::Exists
+        })
+    })
+}
+
+/// Reserves a priced call for the session and its agent.
+pub fn reserve<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+    now: u64,
+    charge: &Charge,
+) -> Result<(u32, SessionRecord), Refusal> {
+    modify(store, tenant, session_id, limits, now, true, &|r| {
+        r.try_reserve(charge)
+    })?
+    .ok_or_else(|| Refusal::new(ErrorCode::InternalError, "session vanished"))
+}
+
+/// Commits or releases a reservation made by [`reserve`].
+pub fn settle<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+    now: u64,
+    agent: &str,
+    price: u64,
+    commit: bool,
+) -> Result<Option<SessionRecord>, Refusal> {
+    let settled = modify(store, tenant, session_id, limits, now, false, &|r| {
+        r.settle(agent, price, commit);
+        Ok(())
+    })?;
+    Ok(settled.map(|(_, record)| record))
+}
+
+/// Sets or clears the manual kill switch (creating the session if needed).
+pub fn set_killed<S: SharedStore + ?Sized>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    limits: &SessionLimits,
+    now: u64,
+    killed: bool,
+) -> Result<Option<SessionRecord>, Refusal> {
+    let changed = modify(store, tenant, session_id, limits, now, killed, &|r| {
+        r.killed = killed;
+        Ok(())
+    })?;
+    Ok(changed.map(|(_, record)| record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::store::MemoryStore;
+    use std::sync::Arc;
+
+    fn limits(max_sessions: u32) -> SessionLimits {
+        SessionLimits {
+            max_sessions,
+            max_agents: 8,
+            idle_timeout_secs: 60,
+        }
+    }
+
+    fn charge(price: u64) -> Charge<'static> {
+        Charge {
+            agent: "a-1",
+            price,
+            session_limit: Some(1_000_000),
+            agent_limit: None,
+            kill_ppm: None,
+            max_agents: 8,
+        }
+    }
+
+    #[test]
+    fn a_session_keeps_its_slot_and_its_budget() {
+        let store = MemoryStore::new();
+        let l = limits(64);
+        let (slot, _) = reserve(&store, "t", "s1", &l, 10, &charge(400_000)).unwrap();
+        settle(&store, "t", "s1", &l, 11, "a-1", 400_000, true).unwrap();
+        let (slot2, rec) = reserve(&store, "t", "s1", &l, 12, &charge(400_000)).unwrap();
+        assert_eq!(slot, slot2);
+        assert_eq!((rec.spent, rec.reserved), (400_000, 400_000));
+        let refused = reserve(&store, "t", "s1", &l, 13, &charge(400_000)).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::SessionBudgetExceeded);
+    }
+
+    #[test]
+    fn tenants_never_share_slots() {
+        let store = MemoryStore::new();
+        let l = limits(64);
+        reserve(&store, "t1", "s", &l, 0, &charge(1_000_000)).unwrap();
+        assert!(reserve(&store, "t2", "s", &l, 0, &charge(1_000_000)).is_ok());
+    }
+
+    #[test]
+    fn a_full_table_fails_closed_and_idle_slots_are_reused() {
+        let store = MemoryStore::new();
+        let l = limits(4);
+        for i in 0..4 {
+            let id = format!("s{i}");
+            reserve(&store, "t", &id, &l, 0, &charge(1)).unwrap();
+            settle(&store, "t", &id, &l, 0, "a-1", 1, true).unwrap();
+        }
+        let full = reserve(&store, "t", "s-new", &l, 30, &charge(1)).unwrap_err();
+        assert_eq!(full.code, ErrorCode::CapacityExceeded);
+        // After the idle timeout, the new session takes an old one's slot, fresh.
+        let (_, rec) = reserve(&store, "t", "s-new", &l, 61, &charge(1)).unwrap();
+        assert_eq!((rec.spent, rec.reserved), (0, 1));
+        assert_eq!(store.key_count(), 4 + 1); // 4 slots + the claim lock
+    }
+
+    #[test]
+    fn a_refused_first_call_claims_no_slot() {
+        let store = MemoryStore::new();
+        let l = limits(4);
+        let err = reserve(&store, "t", "s", &l, 0, &charge(2_000_000)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::SessionBudgetExceeded);
+        assert!(lookup(&store, "t", "s", &l).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_million_sessions_stay_in_a_fixed_number_of_keys() {
+        let store = MemoryStore::new();
+        let l = SessionLimits {
+            max_sessions: 256,
+            max_agents: 4,
+            idle_timeout_secs: 1,
+        };
+        let mut refused = 0;
+        for i in 0..1_000_000u64 {
+            let id = format!("session-{i}");
+            // 64 new sessions per second of simulated time: slots turn over.
+            match reserve(&store, "t", &id, &l, i / 64, &charge(1)) {
+                Ok(_) => {
+                    settle(&store, "t", &id, &l, i / 64, "a-1", 1, true).unwrap();
+                }
+                Err(e) => {
+                    assert_eq!(e.code, ErrorCode::CapacityExceeded);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(store.key_count() <= 256 + 1);
+        assert!(store.total_bytes() < 256 * 200);
+        assert!(refused < 1_000_000 / 100, "{refused} refused");
+    }
+
+    #[test]
+    fn concurrent_first_calls_of_one_session_share_one_slot_and_stay_exact() {
+        let store = Arc::new(MemoryStore::new());
+        let l = limits(32);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0u64;
+                    for i in 0..500u64 {
+                        let session = format!("s{}", i % 5);
+                        let agent = format!("a-{t}");
+                        let c = Charge {
+                            agent: &agent,
+                            price: 1000,
+                            session_limit: Some(200_000),
+                            agent_limit: Some(30_000),
+                            kill_ppm: None,
+                            max_agents: 8,
+                        };
+                        if reserve(&*store, "t", &session, &l, 0, &c).is_ok() {
+                            settle(&*store, "t", &session, &l, 0, &agent, 1000, true).unwrap();
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let mut spent = 0;
+        for s in 0..5 {
+            let (_, rec) = lookup(&*store, "t", &format!("s{s}"), &l).unwrap().unwrap();
+            assert_eq!(rec.reserved, 0);
+            assert!(rec.spent <= 200_000);
+            for a in &rec.agents {
+                assert!(a.spent <= 30_000);
+            }
+            assert_eq!(rec.spent, rec.agents.iter().map(|a| a.spent).sum::<u64>());
+            spent += rec.spent;
+        }
+        assert_eq!(spent, total * 1000);
+        // 8 agents × 30 calls each fit in each session's agent budgets, and every
+        // session sees every agent: 8 × 5 × 30 = 1200 > 5 × 200 = 1000 → session-bound.
+        assert_eq!(total, 5 * 200);
+    }
+}

@@ -1,0 +1,64 @@
+//! The root context: reads and compiles the plugin configuration once per VM, and
+//! hands each HTTP stream a shared handle to it.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+
+use crate::core::compile::{compile_json, Config};
+use crate::host::http::Pag0Http;
+use crate::host::log;
+
+#[derive(Default)]
+pub struct Pag0Root {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Pag0Root {}
+
+impl RootContext for Pag0Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log(
+                    LogLevel::Critical,
+                    &format!("pag0: cannot read the plugin configuration: {status:?}"),
+                );
+                return false;
+            }
+        };
+        match compile_json(&bytes) {
+            Ok(config) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "pag0: configuration loaded: {} policies, {} tenants",
+                        config.policies.len(),
+                        config.tenants.len()
+                    ),
+                );
+                self.config = Some(Rc::new(config));
+                true
+            }
+            Err(reason) => {
+                log(
+                    LogLevel::Critical,
+                    &format!("pag0: invalid configuration: {reason}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Always a context: returning None would panic inside the SDK.
+        Some(Box::new(Pag0Http::new(self.config.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
