@@ -1,0 +1,40 @@
+# pag0 — the front door. Every target installs what it needs.
+SHELL := /bin/bash
+WASM := target/wasm32-wasip1/release/pag0.wasm
+CARGO ?= cargo
+
+.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+build: wasm-target
+	$(CARGO) build --release --target wasm32-wasip1
+	@ls -l $(WASM) | awk '{print "built $(WASM): " $$5 " bytes"}'
+
+envoy:
+	@scripts/ensure-envoy.sh
+
+run: build envoy
+	scripts/run.sh
+
+demo: build envoy
+	scripts/demo.sh
+
+# Every test: native core, the core in wasm, Envoy integration and load tests.
+test: build envoy lint test-native test-wasm
+
+test-native:
+	$(CARGO) test --all-targets
+
+test-wasm:
+	scripts/wasm-test.sh
+
+lint: wasm-target
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release --target wasm32-wasip1 --lib -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf out

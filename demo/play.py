@@ -1,0 +1,904 @@
+#!/usr/bin/env python3
+"""The pag0 demo: plays the scenarios of PRODUCT.md against a running Envoy with pag0.
+
+It talks to the real listener (default http://127.0.0.1:10000, started by `make run`,
+with the demo APIs of demo/upstream.py behind it) and tells what each agent spent and
+why each refusal happened:
+
+  1. autopilot loop          an agent loops on an LLM; the session's kill switch stops it
+  2. ralph loop              a runaway agent hits its own budget; the others go on
+  3. researcher and friends  three subagents in parallel, each within its budget
+  4. the contract            requests pag0 refuses before any budget is looked at
+
+Every outcome is also checked against what the reference config (envoy/reference.yaml)
+must produce, so `make demo` doubles as a smoke test: the exit status is 0 when all
+checks pass, 1 when an outcome differs, 2 when the listener cannot be used at all.
+
+Usage: play.py [--listener URL] [--wait SECONDS] [--verbose] [--no-color]
+Python 3.11, standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import socket
+import sys
+import textwrap
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+# --- the reference session (envoy/reference.yaml, PRODUCT.md) -------------------------
+
+API_KEY = "demo-key"
+SESSION_BUDGET = 5_000_000
+DAILY_BUDGET = 20_000_000
+ALERT_PPM = 700_000
+KILL_PPM = 900_000
+AGENT_BUDGETS = {  # by role, the part of the agent id before the first "-"
+    "executor": 2_000_000,
+    "researcher": 1_500_000,
+    "debugger": 1_000_000,
+    "reviewer": 500_000,
+    "ralph": 3_000_000,
+    "ultrawork": 1_000_000,
+}
+LLM_PRICE = 150_000
+SEARCH_PRICE = 20_000
+TRANSLATE_PRICE = 50_000
+
+EXIT_OK, EXIT_MISMATCH, EXIT_UNUSABLE = 0, 1, 2
+
+# What a full run spends (all in fresh sessions, all against the tenant's day):
+# autopilot 30 x LLM; ralph 20 x LLM + executor 5 x search + 3 x LLM;
+# researcher 5 x search, reviewer 10 x translate, debugger 2 x LLM.
+RUN_COST = (30 * LLM_PRICE) + (20 * LLM_PRICE + 5 * SEARCH_PRICE + 3 * LLM_PRICE) + (
+    5 * SEARCH_PRICE + 10 * TRANSLATE_PRICE + 2 * LLM_PRICE
+)
+
+# --- presentation ----------------------------------------------------------------------
+
+COLOR = {"red": "31", "green": "32", "yellow": "33", "bold": "1", "dim": "2", "cyan": "36"}
+_use_color = False
+
+
+def paint(text: str, *styles: str) -> str:
+    if not _use_color or not styles:
+        return text
+    codes = ";".join(COLOR[s] for s in styles)
+    return f"\033[{codes}m{text}\033[0m"
+
+
+def usd(amount: int | None) -> str:
+    """6-decimal USDC as dollars: 150000 -> $0.15, 1000 -> $0.001."""
+    if amount is None:
+        return "-"
+    text = f"{Decimal(amount) / Decimal(1_000_000):.6f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    frac = frac.ljust(2, "0")
+    sign = "-" if whole.startswith("-") else ""
+    return f"{sign}${whole.lstrip('-')}.{frac}"
+
+
+def amount(value: int) -> str:
+    """Both spellings: 150000 ($0.15)."""
+    return f"{value} ({usd(value)})"
+
+
+def percent(used: int, limit: int) -> str:
+    return f"{used * 100 / limit:.0f}%" if limit else "-"
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# --- HTTP --------------------------------------------------------------------------------
+
+
+class Unreachable(Exception):
+    pass
+
+
+@dataclass
+class Reply:
+    method: str
+    host: str
+    path: str
+    request_headers: dict[str, str]
+    status: int
+    headers: dict[str, str]  # lowercased names
+    body: bytes
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}{self.path}"
+
+    @property
+    def cost(self) -> int | None:
+        value = self.headers.get("x-pag0-cost")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def remaining(self) -> dict[str, int]:
+        return parse_dictionary(self.headers.get("x-pag0-budget-remaining", ""), int)
+
+    @property
+    def alert(self) -> dict[str, str]:
+        return parse_dictionary(self.headers.get("x-pag0-budget-alert", ""), str)
+
+    @property
+    def error_header(self) -> str | None:
+        return self.headers.get("x-pag0-error")
+
+    @property
+    def error(self) -> dict:
+        try:
+            doc = json.loads(self.body)
+        except ValueError:
+            return {}
+        err = doc.get("error") if isinstance(doc, dict) else None
+        return err if isinstance(err, dict) else {}
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def code(self) -> str | None:
+        """The pag0 refusal code, or None for an answer pag0 let through."""
+        return self.error_header or self.error.get("code")
+
+    def describe(self) -> str:
+        """The exact request and response, for a report of a mismatch."""
+        sent = {k: v for k, v in self.request_headers.items() if k.lower() != "content-type"}
+        got = {k: v for k, v in self.headers.items() if k.startswith("x-pag0-")}
+        body = self.body.decode("utf-8", "replace")
+        if len(body) > 400:
+            body = body[:400] + "..."
+        return (
+            f"request: {self.method} {self.path} host={self.host} headers={sent}\n"
+            f"          response: {self.status} {got} body={body}"
+        )
+
+
+def parse_dictionary(text: str, kind):
+    """An RFC 8941 dictionary of plain values: `session=4850000, agent=2850000`."""
+    result = {}
+    for member in text.split(","):
+        name, sep, value = member.strip().partition("=")
+        if not sep or not name:
+            continue
+        try:
+            result[name.strip()] = kind(value.strip())
+        except ValueError:
+            continue
+    return result
+
+
+class Client:
+    """Keep-alive HTTP/1.1 connections to the listener, one per thread."""
+
+    def __init__(self, listener: str, timeout: float = 10.0):
+        parsed = urllib.parse.urlsplit(listener if "://" in listener else f"http://{listener}")
+        if parsed.scheme != "http":
+            raise SystemExit(f"play.py: --listener must be an http:// URL, not {listener!r}")
+        self.listener = f"http://{parsed.hostname}:{parsed.port or 80}"
+        self.address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(*self.address, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def request(self, method: str, host: str, path: str, headers: dict[str, str],
+                body: dict | None = None) -> Reply:
+        data = json.dumps(body).encode() if body is not None else None
+        sent = {"Host": host, **headers}
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=data, headers=sent)
+                resp = conn.getresponse()
+                payload = resp.read()
+                reply = Reply(method, host, path, sent, resp.status,
+                              {k.lower(): v for k, v in resp.getheaders()}, payload)
+                if resp.will_close:
+                    self._drop()
+                return reply
+            except (ConnectionRefusedError, socket.gaierror) as exc:
+                self._drop()
+                raise Unreachable(str(exc)) from exc
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                # A keep-alive connection the server closed between two calls: retry once
+                # on a new connection. (A refused or reset connection twice is fatal.)
+                self._drop()
+                if attempt == 2:
+                    raise Unreachable(str(exc)) from exc
+            except (socket.timeout, OSError) as exc:
+                self._drop()
+                raise Unreachable(str(exc)) from exc
+        raise Unreachable("no answer")
+
+    def port_open(self) -> bool:
+        try:
+            with socket.create_connection(self.address, timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+
+# --- the calls agents make -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Api:
+    label: str
+    method: str
+    host: str
+    path: str
+    price: int
+
+    def body(self, i: int, topic: str) -> dict | None:
+        # Each call asks something new: a loop's iterations are different prompts, and
+        # a cache (keyed on the request) must not turn them into free repeats.
+        if self.host == "api.openai.com" and self.path.startswith("/v1/chat"):
+            return {"model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": f"{topic} (step {i})"}]}
+        if self.host == "api.anthropic.com":
+            return {"model": "claude-sonnet-4-5", "max_tokens": 512,
+                    "messages": [{"role": "user", "content": f"{topic} (attempt {i})"}]}
+        if self.host in ("api.tavily.com", "api.exa.ai"):
+            return {"query": f"{topic} #{i}", "max_results": 5}
+        if self.host == "api.deepl.com":
+            return {"text": [f"{topic}, paragraph {i}"], "target_lang": "DE"}
+        return None
+
+
+OPENAI = Api("OpenAI chat", "POST", "api.openai.com", "/v1/chat/completions", LLM_PRICE)
+ANTHROPIC = Api("Anthropic messages", "POST", "api.anthropic.com", "/v1/messages", LLM_PRICE)
+TAVILY = Api("Tavily search", "POST", "api.tavily.com", "/search", SEARCH_PRICE)
+EXA = Api("Exa search", "POST", "api.exa.ai", "/search", SEARCH_PRICE)
+DEEPL = Api("DeepL translate", "POST", "api.deepl.com", "/v2/translate", TRANSLATE_PRICE)
+FREE = Api("OpenAI models (free)", "GET", "api.openai.com", "/v1/models", 0)
+
+
+def new_session_id(name: str) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"demo-{name}-{stamp}-{secrets.token_hex(3)}"
+
+
+def role_of(agent: str) -> str:
+    return agent.split("-", 1)[0]
+
+
+def alert_decimal(used: int, limit: int) -> str:
+    """What pag0 writes in x-pag0-budget-alert: used/limit, 3 digits, rounded down."""
+    thousandths = used * 1000 // limit
+    text = f"{thousandths // 1000}.{thousandths % 1000:03d}"
+    while text.endswith("0") and not text.endswith(".0"):
+        text = text[:-1]
+    return text
+
+
+def reaches(used: int, limit: int, ppm: int) -> bool:
+    return used * 1_000_000 >= limit * ppm
+
+
+# --- checks --------------------------------------------------------------------------
+
+
+class Checks:
+    def __init__(self):
+        self.passed = 0
+        self.failures: list[tuple[str, Reply | None, bool]] = []
+        self._lock = threading.Lock()
+
+    def expect(self, condition: bool, what: str, reply: Reply | None = None,
+               major: bool = False) -> bool:
+        """Counts a check; `major` ones (a scenario's outcome) are reported first."""
+        with self._lock:
+            if condition:
+                self.passed += 1
+            elif major:
+                self.failures.insert(sum(1 for f in self.failures if f[2]), (what, reply, True))
+            else:
+                self.failures.append((what, reply, False))
+        return condition
+
+    def report(self, detailed: int = 5, listed: int = 25) -> None:
+        """The first failures with the exact request and response, then one line each."""
+        for i, (what, reply, _) in enumerate(self.failures):
+            if i == listed:
+                out(paint(f"  ... and {len(self.failures) - listed} more", "red"))
+                break
+            out(paint(f"  - {what}", "red"))
+            if reply is not None and i < detailed:
+                out(f"          {reply.describe()}")
+
+
+# --- sessions, agents, narrative -------------------------------------------------------
+
+
+@dataclass
+class Event:
+    n: int  # the agent's call number, from 1
+    api: Api
+    reply: Reply
+    new_alerts: list[str] = field(default_factory=list)  # scopes alerting for the first time
+
+
+@dataclass
+class AgentTally:
+    ok: int = 0
+    refused: Counter = field(default_factory=Counter)
+    other: Counter = field(default_factory=Counter)  # non-pag0 failures, by status
+    spent: int = 0
+
+
+class Session:
+    """One scenario's session: sends the calls, keeps the expected ledger, checks replies.
+
+    `sequential` means one call at a time, so every reply's session numbers can be
+    predicted exactly; in parallel play only per-agent numbers are (each agent is one
+    thread), and the session's are checked at the end.
+    """
+
+    def __init__(self, title: str, client: Client, checks: Checks, sequential: bool = True):
+        self.title = title
+        self.id = new_session_id(title.split()[0].lower())
+        self.client = client
+        self.checks = checks
+        self.sequential = sequential
+        self.spent = 0
+        self.agent_spent: Counter = Counter()
+        self.tallies: dict[str, AgentTally] = {}
+        self.min_session_remaining: int | None = None
+        self.seen_alert: set[tuple[str, str]] = set()  # (agent, scope)
+        self._lock = threading.Lock()
+
+    def tally(self, agent: str) -> AgentTally:
+        with self._lock:
+            return self.tallies.setdefault(agent, AgentTally())
+
+    def call(self, agent: str, api: Api, n: int, topic: str) -> Event:
+        headers = {"x-pag0-api-key": API_KEY, "x-pag0-session": self.id, "x-pag0-agent": agent}
+        reply = self.client.request(api.method, api.host, api.path, headers, api.body(n, topic))
+        event = Event(n, api, reply)
+        self._account(agent, event)
+        return event
+
+    def _account(self, agent: str, event: Event) -> None:
+        reply, api, checks = event.reply, event.api, self.checks
+        tally = self.tally(agent)
+        label = f"{self.title}: {agent} call #{event.n} ({api.host}{api.path})"
+        if reply.ok and reply.code is None:
+            cost = reply.cost
+            checks.expect(cost == api.price,
+                          f"{label}: x-pag0-cost {cost}, expected the route price {api.price}",
+                          reply)
+            charged = cost or 0
+            with self._lock:
+                tally.ok += 1
+                tally.spent += charged
+                self.spent += charged
+                self.agent_spent[agent] += charged
+                session_used = self.spent
+                agent_used = self.agent_spent[agent]
+            remaining = reply.remaining
+            budget = AGENT_BUDGETS.get(role_of(agent))
+            if budget is None:
+                checks.expect("agent" not in remaining,
+                              f"{label}: agent {agent} has no budget in the config, but "
+                              f"x-pag0-budget-remaining names one", reply)
+            else:
+                checks.expect(remaining.get("agent") == budget - agent_used,
+                              f"{label}: agent remaining {remaining.get('agent')}, expected "
+                              f"{budget - agent_used}", reply)
+            if "session" in remaining:
+                with self._lock:
+                    low = self.min_session_remaining
+                    self.min_session_remaining = (remaining["session"] if low is None
+                                                  else min(low, remaining["session"]))
+            if self.sequential:
+                checks.expect(remaining.get("session") == SESSION_BUDGET - session_used,
+                              f"{label}: session remaining {remaining.get('session')}, "
+                              f"expected {SESSION_BUDGET - session_used}", reply)
+            # The alert: a scope is named once its use reaches 70% of its limit.
+            alert = reply.alert
+            scopes = [("agent", agent_used, budget)] if budget else []
+            if self.sequential:
+                scopes.append(("session", session_used, SESSION_BUDGET))
+            for scope, used, limit in scopes:
+                want = alert_decimal(used, limit) if reaches(used, limit, ALERT_PPM) else None
+                checks.expect(alert.get(scope) == want,
+                              f"{label}: x-pag0-budget-alert {scope}={alert.get(scope)}, "
+                              f"expected {want or 'no ' + scope + ' alert'} "
+                              f"({used} of {limit} used)", reply)
+            with self._lock:
+                for scope in alert:
+                    key = (agent if scope == "agent" else "", scope)
+                    if key not in self.seen_alert:
+                        self.seen_alert.add(key)
+                        event.new_alerts.append(scope)
+        elif reply.code is not None:
+            with self._lock:
+                tally.refused[reply.code] += 1
+            checks.expect(reply.cost == 0, f"{label}: a refusal must cost 0, x-pag0-cost is "
+                                           f"{reply.headers.get('x-pag0-cost')}", reply)
+            contract_shape(checks, label, reply)
+        else:
+            with self._lock:
+                tally.other[reply.status] += 1
+
+    # -- narrative --
+
+    def show(self, events: list[Event], agent: str, verbose: bool) -> None:
+        """Prints an agent's calls: all with --verbose, else the first ones, the ones
+        where something changes (first alert, a refusal) and the last ones."""
+        keep = set(range(min(3, len(events))))
+        for i, e in enumerate(events):
+            if e.new_alerts or not e.reply.ok or e.reply.code:
+                keep.update({i - 1, i})
+        ok_idx = [i for i, e in enumerate(events) if e.reply.ok and not e.reply.code]
+        keep.update(ok_idx[-2:])
+        keep = {i for i in keep if 0 <= i < len(events)}
+        i = 0
+        while i < len(events):
+            if verbose or i in keep:
+                for line in render(agent, events[i]):
+                    out(line)
+                i += 1
+                continue
+            j = i
+            while j < len(events) and j not in keep:
+                j += 1
+            if j - i == 1:
+                keep.add(i)
+                continue
+            gap = events[i:j]
+            cost = sum(e.reply.cost or 0 for e in gap)
+            each = {e.reply.cost for e in gap}
+            each_text = f", {usd(each.pop())} each" if len(each) == 1 else ""
+            out(paint(f"      ... calls {gap[0].n}-{gap[-1].n}: {len(gap)} more ok{each_text}, "
+                      f"{usd(cost)} in all ...", "dim"))
+            i = j
+
+
+def contract_shape(checks: Checks, label: str, reply: Reply) -> None:
+    """Every refusal: JSON {"error": {code, message, details}}, same code in x-pag0-error."""
+    err = reply.error
+    checks.expect(bool(err) and {"code", "message"} <= set(err),
+                  f"{label}: refusal body is not {{\"error\": {{\"code\", \"message\", ...}}}}",
+                  reply)
+    checks.expect(reply.error_header is not None and err.get("code") == reply.error_header,
+                  f"{label}: x-pag0-error {reply.error_header!r} and body code "
+                  f"{err.get('code')!r} differ", reply)
+
+
+def left_text(remaining: dict[str, int]) -> str:
+    order = ["session", "agent", "daily", "monthly"]
+    parts = [f"{k} {usd(remaining[k])}" for k in order if k in remaining]
+    return "left: " + ", ".join(parts) if parts else ""
+
+
+def why(reply: Reply, agent: str) -> str:
+    """A sentence a person reads, from the refusal's code and details."""
+    err = reply.error
+    code = reply.code or "?"
+    d = err.get("details") or {}
+
+    def num(key):
+        try:
+            return int(d.get(key))
+        except (TypeError, ValueError):
+            return None
+
+    limit, spent = num("limit"), num("spent")
+    reserved, requested = num("reserved"), num("requested")
+    used = (spent or 0) + (reserved or 0)
+    if code == "KILL_SWITCH_ACTIVE":
+        if d.get("reason") == "manual":
+            return "the session's kill switch was turned on by hand: no more paid calls"
+        if limit:
+            return (f"the session has used {usd(used)} of its {usd(limit)} budget "
+                    f"({percent(used, limit)}), the kill switch threshold is "
+                    f"{KILL_PPM // 10_000}%: the session makes no more paid calls")
+    if code.endswith("_BUDGET_EXCEEDED") and limit is not None:
+        scope = d.get("scope") or code.split("_")[0].lower()
+        who = {"agent": f"agent {agent}", "session": "the session",
+               "daily": "the tenant today", "monthly": "the tenant this month"}.get(scope, scope)
+        return (f"{who} has used {usd(used)} of its {usd(limit)} {scope} budget; this call "
+                f"({usd(requested)}) would take it to {usd(used + (requested or 0))}")
+    return err.get("message") or f"HTTP {reply.status}"
+
+
+def render(agent: str, e: Event) -> list[str]:
+    r = e.reply
+    head = f"    {agent:<13} #{e.n:<3} {r.method:<4} {r.endpoint:<36}"
+    if r.ok and not r.code:
+        lines = [f"{head} {paint(str(r.status), 'green')}  cost {usd(r.cost):<6} "
+                 f"{paint(left_text(r.remaining), 'dim')}"]
+        if e.new_alerts:
+            who = {"agent": f"agent {agent}", "session": "the session",
+                   "daily": "the tenant's day", "monthly": "the tenant's month"}
+            crossed = " and ".join(who.get(scope, scope) for scope in e.new_alerts)
+            lines.append(paint(f"{'':>20}! x-pag0-budget-alert: "
+                               f"{r.headers.get('x-pag0-budget-alert')}  ({crossed} passed "
+                               f"the {ALERT_PPM // 10_000}% alert threshold)", "yellow"))
+        return lines
+    if r.code:
+        return [f"{head} {paint(f'{r.status} {r.code}', 'red', 'bold')}  cost {usd(r.cost)}",
+                paint(f"{'':>20}why: {why(r, agent)}", "red")]
+    return [f"{head} {paint(str(r.status), 'red')}  (not a pag0 refusal: "
+            f"{r.body[:120].decode('utf-8', 'replace')!r})"]
+
+
+def loop(session: Session, agent: str, api: Api, topic: str, max_calls: int) -> list[Event]:
+    """Calls `api` until the first answer that is not a success, or max_calls."""
+    events = []
+    for n in range(1, max_calls + 1):
+        event = session.call(agent, api, n, topic)
+        events.append(event)
+        if not event.reply.ok or event.reply.code:
+            break
+    return events
+
+
+def run_calls(session: Session, agent: str, plan: list[tuple[Api, str]]) -> list[Event]:
+    return [session.call(agent, api, n, topic) for n, (api, topic) in enumerate(plan, 1)]
+
+
+def expect_stop(checks: Checks, session: Session, agent: str, events: list[Event],
+                ok: int, code: str, status: int = 403) -> None:
+    """The loop made exactly `ok` paid calls, then the next one was refused with `code`."""
+    oks = sum(1 for e in events if e.reply.ok and not e.reply.code)
+    last = events[-1].reply
+    where = f"{session.title}: {agent}"
+    checks.expect(oks == ok, f"{where}: {oks} calls succeeded, expected {ok}", last,
+                  major=True)
+    checks.expect(len(events) == ok + 1 and last.status == status and last.code == code,
+                  f"{where}: call #{len(events)} answered {last.status} {last.code}, expected "
+                  f"call #{ok + 1} to be refused {status} {code}", last, major=True)
+
+
+def expect_all_ok(checks: Checks, session: Session, agent: str, events: list[Event]) -> None:
+    for e in events:
+        checks.expect(e.reply.ok and not e.reply.code,
+                      f"{session.title}: {agent} call #{e.n} answered {e.reply.status} "
+                      f"{e.reply.code or ''}, expected a paid success", e.reply, major=True)
+
+
+# --- the scenarios ---------------------------------------------------------------------
+
+
+def banner(number: int, title: str, story: str, session: Session | None) -> None:
+    out()
+    out(paint(f"== {number}. {title} " + "=" * max(3, 70 - len(title)), "bold", "cyan"))
+    text = " ".join(line.strip() for line in story.strip().splitlines())
+    for line in textwrap.wrap(text, 86):
+        out(f"   {line}")
+    if session is not None:
+        out(paint(f"   session {session.id}", "dim"))
+    out()
+
+
+def scenario_autopilot(client: Client, checks: Checks, verbose: bool) -> Session:
+    s = Session("autopilot loop", client, checks)
+    banner(1, "autopilot loop", f"""
+        autopilot-1 calls OpenAI in a loop (up to 50 iterations, {usd(LLM_PRICE)} each:
+        {usd(50 * LLM_PRICE)} without pag0). Session budget {usd(SESSION_BUDGET)}: alert at 70%,
+        kill switch at 90%.""", s)
+    events = loop(s, "autopilot-1", OPENAI, "make the failing test pass", 50)
+    s.show(events, "autopilot-1", verbose)
+    expect_stop(checks, s, "autopilot-1", events, 30, "KILL_SWITCH_ACTIVE")
+    first = next((e for e in events if "session" in e.reply.alert), None)
+    checks.expect(first is not None and first.n == 24,
+                  f"{s.title}: the session alert first appeared on call "
+                  f"#{first.n if first else None}, expected #24 (3600000 of 5000000 = 72%)",
+                  first.reply if first else events[-1].reply, major=True)
+    last = events[-1].reply
+    if last.code == "KILL_SWITCH_ACTIVE":
+        d = last.error.get("details") or {}
+        checks.expect(d.get("scope") == "session" and str(d.get("limit")) == str(SESSION_BUDGET),
+                      f"{s.title}: kill switch details should name scope session, limit "
+                      f"{SESSION_BUDGET}", last)
+    out()
+    if first:
+        out(f"   The alert came with call #{first.n} "
+            f"({first.reply.headers.get('x-pag0-budget-alert')}); the loop kept going.")
+    out(f"   The kill switch stopped it after {sum(1 for e in events if e.reply.ok)} calls: "
+        f"{usd(s.spent)} spent instead of {usd(50 * LLM_PRICE)}.")
+    return s
+
+
+def scenario_ralph(client: Client, checks: Checks, verbose: bool) -> Session:
+    s = Session("ralph loop", client, checks)
+    ralph_budget = AGENT_BUDGETS["ralph"]
+    banner(2, "ralph loop", f"""
+        ralph-1 retries Anthropic until the goal is met (it never is). Its own budget is
+        {usd(ralph_budget)}; the session's is {usd(SESSION_BUDGET)}. Then executor-1 works in the
+        same session: a runaway agent does not take the others down with it.""", s)
+    events = loop(s, "ralph-1", ANTHROPIC, "retry until all tests are green", 40)
+    s.show(events, "ralph-1", verbose)
+    expect_stop(checks, s, "ralph-1", events, 20, "AGENT_BUDGET_EXCEEDED")
+    last = events[-1].reply
+    if last.code == "AGENT_BUDGET_EXCEEDED":
+        d = last.error.get("details") or {}
+        want = {"scope": "agent", "limit": str(ralph_budget), "spent": str(ralph_budget),
+                "requested": str(LLM_PRICE)}
+        got = {k: str(d.get(k)) for k in want}
+        checks.expect(got == want, f"{s.title}: refusal details {got}, expected {want}", last,
+                      major=True)
+    out()
+    plan = [(TAVILY, "pag0 budget headers"), (TAVILY, "envoy wasm shared data"),
+            (OPENAI, "plan the fix"), (TAVILY, "rfc 8941 dictionary"),
+            (TAVILY, "proxy-wasm rust sdk"), (OPENAI, "write the patch"),
+            (TAVILY, "x402 exact scheme"), (OPENAI, "review the patch")]
+    ex = run_calls(s, "executor-1", plan)
+    s.show(ex, "executor-1", verbose)
+    expect_all_ok(checks, s, "executor-1", ex)
+    out()
+    out(f"   ralph-1 was stopped at {usd(s.agent_spent['ralph-1'])}; executor-1 went on: "
+        f"{len([e for e in ex if e.reply.ok])} calls, {usd(s.agent_spent['executor-1'])}.")
+    return s
+
+
+def scenario_friends(client: Client, checks: Checks, verbose: bool) -> Session:
+    s = Session("researcher and friends", client, checks, sequential=False)
+    banner(3, "researcher and friends", f"""
+        Three subagents work in parallel in one session: researcher-1 searches (Tavily, Exa;
+        budget {usd(AGENT_BUDGETS['researcher'])}), reviewer-1 translates with DeepL until its
+        {usd(AGENT_BUDGETS['reviewer'])} budget stops it, debugger-1 asks two LLMs
+        ({usd(AGENT_BUDGETS['debugger'])}).""", s)
+
+    for name in ("researcher-1", "reviewer-1", "debugger-1"):
+        s.tally(name)
+
+    def researcher():
+        return run_calls(s, "researcher-1", [
+            (TAVILY, "spend limits for ai agents"), (EXA, "agent payment firewall"),
+            (TAVILY, "x402 payment protocol"), (EXA, "eip-3009 transferWithAuthorization"),
+            (TAVILY, "envoy proxy-wasm filters")])
+
+    def reviewer():
+        return loop(s, "reviewer-1", DEEPL, "Release notes", 20)
+
+    def debugger():
+        return run_calls(s, "debugger-1", [(OPENAI, "why does the test hang"),
+                                           (ANTHROPIC, "explain this stack trace")])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(fn) for name, fn in
+                   [("researcher-1", researcher), ("reviewer-1", reviewer),
+                    ("debugger-1", debugger)]}
+        results = {name: f.result() for name, f in futures.items()}
+    for name, events in results.items():
+        s.show(events, name, verbose)
+    expect_all_ok(checks, s, "researcher-1", results["researcher-1"])
+    expect_all_ok(checks, s, "debugger-1", results["debugger-1"])
+    expect_stop(checks, s, "reviewer-1", results["reviewer-1"], 10, "AGENT_BUDGET_EXCEEDED")
+    total = 5 * SEARCH_PRICE + 10 * TRANSLATE_PRICE + 2 * LLM_PRICE
+    checks.expect(s.spent == total, f"{s.title}: the session spent {s.spent}, expected {total}",
+                  major=True)
+    checks.expect(s.min_session_remaining == SESSION_BUDGET - total,
+                  f"{s.title}: after the last call the session had "
+                  f"{s.min_session_remaining} left, expected {SESSION_BUDGET - total}", major=True)
+    out()
+    out(f"   reviewer-1 stopped at its budget; the others finished. The session spent "
+        f"{usd(s.spent)} of {usd(SESSION_BUDGET)}.")
+    return s
+
+
+def scenario_contract(client: Client, checks: Checks, verbose: bool) -> Session:
+    s = Session("contract refusals", client, checks)
+    banner(4, "the contract", """
+        Who a request belongs to is checked before any budget: no key, no way in; a
+        malformed session id is a 400, never a way around a budget. (A price above the
+        $0.50 per-request cap cannot be reached with the demo prices, so it is not shown.)""",
+        None)
+    good = {"x-pag0-api-key": API_KEY, "x-pag0-session": new_session_id("contract"),
+            "x-pag0-agent": "intruder-1"}
+    long_ok = ("demo-contract-" + secrets.token_hex(64))[:128]
+    cases = [
+        ("no API key", {k: v for k, v in good.items() if k != "x-pag0-api-key"},
+         OPENAI, 401, "UNAUTHORIZED"),
+        ("unknown API key", {**good, "x-pag0-api-key": "not-a-key"}, OPENAI, 401, "UNAUTHORIZED"),
+        ("session id with a space", {**good, "x-pag0-session": "my session"},
+         OPENAI, 400, "INVALID_REQUEST"),
+        ("session id of 129 chars", {**good, "x-pag0-session": "s" * 129},
+         OPENAI, 400, "INVALID_REQUEST"),
+        ("session id of 128 chars (the limit; a free call)",
+         {**good, "x-pag0-session": long_ok}, FREE, 200, None),
+    ]
+    for n, (what, headers, api, status, code) in enumerate(cases, 1):
+        reply = client.request(api.method, api.host, api.path, headers, api.body(n, "contract"))
+        tally = s.tally(what)
+        label = f"{s.title}: {what}"
+        if reply.code:
+            tally.refused[reply.code] += 1
+            contract_shape(checks, label, reply)
+        elif reply.ok:
+            tally.ok += 1
+            tally.spent += reply.cost or 0
+        else:
+            tally.other[reply.status] += 1
+        checks.expect(reply.status == status and reply.code == code,
+                      f"{label}: answered {reply.status} {reply.code}, expected {status} "
+                      f"{code or '(no refusal)'}", reply, major=True)
+        checks.expect(reply.cost == 0, f"{label}: x-pag0-cost {reply.cost}, expected 0", reply)
+        outcome = (paint(f"{reply.status} {reply.code}", "red", "bold") if reply.code
+                   else paint(str(reply.status), "green" if reply.ok else "red"))
+        out(f"    {what:<50} {outcome}  cost {usd(reply.cost)}")
+        if reply.code:
+            out(paint(f"{'':>20}{reply.error.get('message', '')}", "dim"))
+    return s
+
+
+# --- summary ---------------------------------------------------------------------------
+
+
+def summary(sessions: list[Session]) -> None:
+    out()
+    out(paint("== summary " + "=" * 70, "bold", "cyan"))
+    for s in sessions:
+        out()
+        out(paint(f"  {s.title}", "bold") + paint(f"   {s.id}" if s.title != "contract refusals"
+                                                  else "", "dim"))
+        first = "agent" if s.title != "contract refusals" else "request"
+        w = max([len(first), len("session total")] + [len(a) for a in s.tallies])
+        out(f"    {first:<{w}} {'calls ok':>8}  {'refused (by code)':<28} {'spent':>8}")
+        for agent, t in s.tallies.items():
+            refused = ", ".join(f"{n} {c}" for c, n in sorted(t.refused.items())) or "-"
+            if t.other:
+                refused += "; " + ", ".join(f"{n} x HTTP {c}" for c, n in t.other.items())
+            out(f"    {agent:<{w}} {t.ok:>8}  {refused:<28} {usd(t.spent):>8}")
+        total = sum(t.spent for t in s.tallies.values())
+        if s.title != "contract refusals":
+            out(paint(f"    {'session total':<{w}} {sum(t.ok for t in s.tallies.values()):>8}  "
+                      f"{'':<28} {usd(total):>8}  of {usd(SESSION_BUDGET)}", "bold"))
+
+
+# --- start-up ---------------------------------------------------------------------------
+
+
+def wait_for(client: Client, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    said = False
+    while True:
+        if client.port_open():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        if not said:
+            out(f"waiting up to {seconds:g}s for the listener at {client.listener} ...")
+            said = True
+        time.sleep(0.25)
+
+
+def preflight(client: Client, wait: float) -> int | None:
+    """Checks that the listener answers, that pag0 is in its chain and that the demo
+    APIs are behind it, and that the tenant's day has room for a full run. Returns an
+    exit status to stop with, or None to go on."""
+    not_running = (f"play.py: nothing answers at {client.listener}.\n"
+                   f"  Start Envoy with pag0 first: `make run` (and the demo APIs, "
+                   f"demo/upstream.py),\n  or pass --wait SECONDS to wait for it, or "
+                   f"--listener URL if it listens elsewhere.")
+    if wait > 0 and not wait_for(client, wait):
+        out(not_running + f"\n  (waited {wait:g}s)")
+        return EXIT_UNUSABLE
+    headers = {"x-pag0-api-key": API_KEY, "x-pag0-session": new_session_id("preflight"),
+               "x-pag0-agent": "demo-preflight"}
+    deadline = time.monotonic() + max(wait, 0)
+    while True:
+        try:
+            reply = client.request(FREE.method, FREE.host, FREE.path, headers)
+        except Unreachable as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.25)
+                continue
+            out(not_running + f"\n  ({exc})")
+            return EXIT_UNUSABLE
+        # Right after start-up Envoy may answer before the upstream is reachable.
+        if reply.status == 503 and reply.code is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+            continue
+        break
+    if "x-pag0-cost" not in reply.headers:
+        out(f"play.py: {client.listener} answered {reply.status} without pag0's headers: "
+            f"is this Envoy running envoy/reference.yaml (`make run`)?")
+        return EXIT_UNUSABLE
+    if reply.code is not None:
+        out(f"play.py: pag0 refused the demo's first, free call: {reply.status} {reply.code}: "
+            f"{reply.error.get('message')}\n  Is Envoy running envoy/reference.yaml "
+            f"(`make run`)? The demo uses the API key {API_KEY!r}.")
+        return EXIT_UNUSABLE
+    if not reply.ok:
+        out(f"play.py: the demo APIs behind Envoy did not answer (HTTP {reply.status}: "
+            f"{reply.body[:100].decode('utf-8', 'replace')!r}).\n  Start them: "
+            f"`python3 demo/upstream.py` (127.0.0.1:18080), or `make run`.")
+        return EXIT_UNUSABLE
+    daily = reply.remaining.get("daily")
+    if daily is not None and daily < RUN_COST:
+        out(f"play.py: the demo tenant has {usd(daily)} left of its {usd(DAILY_BUDGET)} daily "
+            f"budget, and a full run spends {usd(RUN_COST)}:\n  the scenarios would end in "
+            f"DAILY_BUDGET_EXCEEDED. Budgets live in Envoy's memory: restart it (`make run`)"
+            f"\n  to start afresh, or wait for the next UTC day.")
+        return EXIT_UNUSABLE
+    out(f"pag0 at {client.listener}: the demo tenant has {usd(daily)} of its "
+        f"{usd(DAILY_BUDGET)} daily budget left; this run spends {usd(RUN_COST)}.")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Plays the pag0 demo scenarios against a running Envoy (`make run`).")
+    parser.add_argument("--listener", default="http://127.0.0.1:10000",
+                        help="Envoy's listener (default %(default)s)")
+    parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="wait up to SECONDS for the listener to come up (default: don't)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print every call, not only the telling ones")
+    parser.add_argument("--no-color", action="store_true", help="plain text output")
+    args = parser.parse_args(argv)
+
+    global _use_color
+    _use_color = (not args.no_color and sys.stdout.isatty()
+                  and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb")
+
+    client = Client(args.listener)
+    stop = preflight(client, args.wait)
+    if stop is not None:
+        return stop
+
+    checks = Checks()
+    sessions = []
+    try:
+        for scenario in (scenario_autopilot, scenario_ralph, scenario_friends, scenario_contract):
+            sessions.append(scenario(client, checks, args.verbose))
+    except Unreachable as exc:
+        out()
+        out(f"play.py: lost the listener at {client.listener} in the middle of the demo "
+            f"({exc}).\n  Is Envoy still running? Start it with `make run`.")
+        return EXIT_UNUSABLE
+
+    summary(sessions)
+    out()
+    if checks.failures:
+        out(paint(f"FAILED: {len(checks.failures)} of {checks.passed + len(checks.failures)} "
+                  f"checks differ from the reference session:", "red", "bold"))
+        checks.report()
+        return EXIT_MISMATCH
+    out(paint(f"OK: all {checks.passed} checks match the reference session of PRODUCT.md.",
+              "green", "bold"))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

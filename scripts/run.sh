@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make run`: the demo APIs on 127.0.0.1:18080 and Envoy with pag0 on 127.0.0.1:10000
+# (admin 127.0.0.1:9901), playing envoy/reference.yaml. Runs in the foreground until
+# interrupted, then stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+envoy_bin="$(scripts/ensure-envoy.sh)"
+config="${PAG0_CONFIG:-envoy/reference.yaml}"
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+python3 demo/upstream.py --port 18080 &
+pids+=($!)
+"$envoy_bin" -c "$config" --concurrency 2 --disable-hot-restart -l "${ENVOY_LOG_LEVEL:-warning}" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  if curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1; then break; fi
+  sleep 0.1
+done
+cat <<MSG
+pag0 is up: agents -> http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
+  try: curl -s -i -H 'host: api.tavily.com' -H 'x-pag0-api-key: demo-key' \\
+         -H 'x-pag0-session: my-session' -H 'x-pag0-agent: researcher-1' \\
+         -X POST http://127.0.0.1:10000/search -d '{"query":"pag0"}'
+  play the scenarios: make demo        stop: Ctrl-C
+MSG
+wait -n "${pids[@]}"

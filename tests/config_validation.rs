@@ -1,0 +1,129 @@
+//! Configuration: every example under envoy/ is accepted by the real Envoy, the
+//! reference session says exactly what PRODUCT.md says, and broken configurations make
+//! Envoy refuse to start with a log line naming the field.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use pag0::core::compile::{compile_json, Config};
+use support::envoy::{route, validate, EnvoyConfig};
+use support::repo_root;
+
+/// The JSON under `value: |` of the first wasm `configuration` in an Envoy YAML.
+fn plugin_json_of_envoy_yaml(text: &str) -> String {
+    let start = text.find("value: |").expect("no `value: |` block") + "value: |".len();
+    let block: Vec<&str> = text[start..].lines().skip(1).collect();
+    let indent = block[0].len() - block[0].trim_start().len();
+    block
+        .iter()
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The flow-style JSON after `pluginConfig:` in the Istio manifest.
+fn plugin_json_of_istio(text: &str) -> String {
+    let start = text.find("pluginConfig:").unwrap() + "pluginConfig:".len();
+    text[start..].to_string()
+}
+
+fn compiled(path: &str) -> Config {
+    let text = std::fs::read_to_string(repo_root().join(path)).unwrap();
+    let json = if path.contains("istio") { plugin_json_of_istio(&text) } else { plugin_json_of_envoy_yaml(&text) };
+    compile_json(json.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn every_envoy_yaml_under_envoy_passes_envoy_validate() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo_root().join("envoy")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if path.extension().is_some_and(|e| e == "yaml") && text.contains("static_resources:") {
+            let (ok, log) = validate(&text);
+            assert!(ok, "{} refused:\n{log}", path.display());
+            assert!(log.contains("pag0: configuration loaded"), "{}: filter not configured", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "expected the reference and minimal configs");
+}
+
+#[test]
+fn the_reference_session_is_exactly_the_product_one() {
+    for path in ["envoy/reference.yaml", "envoy/istio-wasmplugin.yaml"] {
+        let cfg = compiled(path);
+        let p = cfg.policy(None).unwrap();
+        assert_eq!(p.session_budget, Some(5_000_000), "{path}");
+        assert_eq!(p.daily_budget, Some(20_000_000));
+        assert_eq!(p.max_per_request, Some(500_000));
+        assert_eq!(p.alert_ppm, Some(700_000));
+        assert_eq!(p.kill_ppm, Some(900_000));
+        let budgets: Vec<(String, Option<u64>)> = p
+            .agents
+            .iter()
+            .map(|a| (a.pattern.source().to_string(), a.agent_budget))
+            .collect();
+        let expected = [
+            ("executor-*", 2_000_000),
+            ("researcher-*", 1_500_000),
+            ("debugger-*", 1_000_000),
+            ("reviewer-*", 500_000),
+            ("ralph-*", 3_000_000),
+            ("ultrawork-*", 1_000_000),
+        ];
+        assert_eq!(budgets, expected.iter().map(|(p, b)| (p.to_string(), Some(*b))).collect::<Vec<_>>(), "{path}");
+        assert_eq!(cfg.tenant_for_key(b"demo-key"), Some(0));
+    }
+}
+
+#[test]
+fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
+    let cases: &[(&str, &str)] = &[
+        ("", "configuration is empty"),
+        ("{", "configuration is not valid"),
+        (r#"{"policies": {"p": {"sessionBudgt": "1"}}}"#, "unknown field `sessionBudgt`"),
+        (r#"{"policies": {}}"#, "policies: at least one policy is needed"),
+        (r#"{"policies": {"p": {"sessionBudget": 5000000}}}"#, "policies.p.sessionBudget: amounts are decimal strings"),
+        (r#"{"policies": {"p": {"sessionBudget": "5.5"}}}"#, "policies.p.sessionBudget: \"5.5\" is not a decimal integer"),
+        (r#"{"policies": {"p": {"sessionBudget": "0"}}}"#, "policies.p.sessionBudget: must be a positive amount"),
+        (r#"{"policies": {"p": {"sessionBudget": "99999999999999999999"}}}"#, "amount too large"),
+        (r#"{"policies": {"p": {"sessionBudget": "100", "maxPerRequest": "200"}}}"#, "policies.p.maxPerRequest: 200 is above sessionBudget 100"),
+        (r#"{"policies": {"p": {"sessionBudget": "100", "dailyBudget": "50"}}}"#, "policies.p.sessionBudget: 100 is above dailyBudget 50"),
+        (r#"{"policies": {"p": {"dailyBudget": "100", "monthlyBudget": "50"}}}"#, "policies.p.dailyBudget: 100 is above monthlyBudget 50"),
+        (r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 1.5}}}"#, "policies.p.alertOnThreshold: 1.5 must be a number in (0, 1]"),
+        (r#"{"policies": {"p": {"sessionBudget": "100", "killSwitchThreshold": 0}}}"#, "policies.p.killSwitchThreshold: 0 must be a number in (0, 1]"),
+        (r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 0.9, "killSwitchThreshold": 0.5}}}"#, "policies.p.alertOnThreshold: above killSwitchThreshold"),
+        (r#"{"policies": {"p": {"allowedEndpoints": ["api.x.com/a b"]}}}"#, "policies.p.allowedEndpoints[0]: pattern"),
+        (r#"{"policies": {"p": {"agents": {"exec/*": {}}}}}"#, "policies.p.agents.exec/*: agent pattern"),
+        (r#"{"policies": {"p": {"agents": {"a-*": {"agentBudget": "10", "maxPerRequest": "20"}}}}}"#, "agents.a-*.maxPerRequest: 20 is above agentBudget 10"),
+        (r#"{"policies": {"p": {}, "q": {}}}"#, "defaultPolicy: required when there is more than one policy"),
+        (r#"{"defaultPolicy": "z", "policies": {"p": {}}}"#, "defaultPolicy: no policy named \"z\""),
+        (r#"{"tenants": [{"id": "t", "apiKeySha256": "abc"}], "policies": {"p": {}}}"#, "tenants[0].apiKeySha256: must be 64 hex digits"),
+        (r#"{"tenants": [], "policies": {"p": {}}}"#, "tenants: empty list"),
+        (r#"{"policies": {"p": {"chargeOn": "sometimes"}}}"#, "policies.p.chargeOn: \"sometimes\" must be"),
+        (r#"{"sessions": {"maxSessions": 0}, "policies": {"p": {}}}"#, "sessions.maxSessions: 0 must be between"),
+        (r#"{"identity": {"sessionHeader": "bad header"}, "policies": {"p": {}}}"#, "identity.sessionHeader: \"bad header\" is not a valid header name"),
+        (r#"{"policies": {"p": {}}, "endpoints": [{"pattern": "x.com/*", "price": "-1"}]}"#, "endpoints[0].price"),
+        (r#"{"policies": {"p": {}, "p": {}}}"#, "duplicate key \"p\""),
+    ];
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|(json, expected)| {
+            let yaml = EnvoyConfig::new(&json.replace('\'', "''"), vec![route("h", "/", &[])]).render(1, 2, 3);
+            let expected = expected.to_string();
+            let json = json.to_string();
+            std::thread::spawn(move || {
+                let (ok, log) = validate(&yaml);
+                assert!(!ok, "Envoy accepted {json}");
+                let line = log.lines().find(|l| l.contains("pag0: invalid configuration")).unwrap_or_else(|| panic!("no pag0 error for {json}:\n{log}"));
+                let line = line.replace("\\\"", "\"");
+                assert!(line.contains(&expected), "for {json}\nexpected {expected:?}\nin {line}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}

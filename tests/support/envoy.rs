@@ -1,0 +1,258 @@
+//! Starts a real Envoy with the built pag0.wasm, on free loopback ports.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, repo_root};
+
+pub fn envoy_bin() -> String {
+    let out = Command::new(repo_root().join("scripts/ensure-envoy.sh"))
+        .output()
+        .expect("scripts/ensure-envoy.sh");
+    assert!(out.status.success(), "ensure-envoy failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+pub fn wasm_path() -> PathBuf {
+    let path = repo_root().join("target/wasm32-wasip1/release/pag0.wasm");
+    assert!(path.exists(), "{} is missing: run `make build` first", path.display());
+    path
+}
+
+/// A route of a test config: requests for `domain` with a path starting with
+/// `prefix` go to the test upstream (or to a dead port when `dead`).
+#[derive(Clone)]
+pub struct RouteSpec {
+    pub domain: String,
+    pub prefix: String,
+    pub metadata: Vec<(String, String)>,
+    pub dead: bool,
+}
+
+pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec {
+    RouteSpec {
+        domain: domain.to_string(),
+        prefix: prefix.to_string(),
+        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        dead: false,
+    }
+}
+
+pub struct EnvoyConfig {
+    pub plugin_json: String,
+    pub routes: Vec<RouteSpec>,
+}
+
+impl EnvoyConfig {
+    pub fn new(plugin_json: &str, routes: Vec<RouteSpec>) -> EnvoyConfig {
+        EnvoyConfig { plugin_json: plugin_json.to_string(), routes }
+    }
+
+    pub fn render(&self, listener: u16, admin: u16, upstream: u16) -> String {
+        let dead = free_port();
+        let mut hosts: Vec<String> = Vec::new();
+        for r in &self.routes {
+            if !hosts.contains(&r.domain) {
+                hosts.push(r.domain.clone());
+            }
+        }
+        let mut vhosts = String::new();
+        for (i, host) in hosts.iter().enumerate() {
+            vhosts.push_str(&format!(
+                "            - name: vh{i}\n              domains: [\"{host}\", \"{host}:*\"]\n              routes:\n"
+            ));
+            for r in self.routes.iter().filter(|r| &r.domain == host) {
+                let meta: Vec<String> = r.metadata.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+                let cluster = if r.dead { "dead" } else { "upstream" };
+                vhosts.push_str(&format!(
+                    "              - match: {{ prefix: \"{}\" }}\n                route: {{ cluster: {cluster}, timeout: 5s }}\n                metadata: {{ filter_metadata: {{ pag0: {{ {} }} }} }}\n",
+                    r.prefix,
+                    meta.join(", ")
+                ));
+            }
+        }
+        let plugin = self.plugin_json.replace('\n', " ");
+        format!(
+            r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: agents
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listener} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: agents
+          normalize_path: true
+          merge_slashes: true
+          route_config:
+            name: test
+            virtual_hosts:
+{vhosts}          http_filters:
+          - name: pag0
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: pag0
+                root_id: pag0
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: pag0
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{plugin}'
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }} }}] }}]
+  - name: dead
+    type: STATIC
+    connect_timeout: 0.5s
+    load_assignment:
+      cluster_name: dead
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {dead} }} }} }} }}] }}]
+"#,
+            wasm = wasm_path().display(),
+        )
+    }
+}
+
+/// envoy/reference.yaml with its ports and the .wasm path rewritten for a test.
+pub fn reference_yaml(listener: u16, admin: u16, upstream: u16) -> String {
+    let text = std::fs::read_to_string(repo_root().join("envoy/reference.yaml")).unwrap();
+    text.replace("port_value: 10000", &format!("port_value: {listener}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("port_value: 18080", &format!("port_value: {upstream}"))
+        .replace(
+            "filename: target/wasm32-wasip1/release/pag0.wasm",
+            &format!("filename: {}", wasm_path().display()),
+        )
+}
+
+pub struct Envoy {
+    pub port: u16,
+    pub admin: u16,
+    child: Child,
+    pub log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with 2 workers and waits until it is ready.
+    pub fn start(render: impl Fn(u16, u16) -> String) -> Envoy {
+        let port = free_port();
+        let admin = free_port();
+        let dir = TempDir::new();
+        let config = dir.0.join("envoy.yaml");
+        std::fs::write(&config, render(port, admin)).unwrap();
+        let log_path = dir.0.join("envoy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(envoy_bin())
+            .args(["-c", config.to_str().unwrap(), "--concurrency", "2", "--disable-hot-restart", "-l", "info"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut envoy = Envoy { port, admin, child, log_path, _dir: dir };
+        envoy.wait_ready();
+        envoy
+    }
+
+    pub fn with_config(config: &EnvoyConfig, upstream: u16) -> Envoy {
+        Envoy::start(|port, admin| config.render(port, admin, upstream))
+    }
+
+    pub fn reference(upstream: u16) -> Envoy {
+        Envoy::start(|port, admin| reference_yaml(port, admin, upstream))
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("envoy exited with {status}:\n{}", self.log());
+            }
+            if let Ok(text) = admin_get(self.admin, "/ready") {
+                if text.trim() == "LIVE" {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("envoy not ready after 20 s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn admin_get(&self, path: &str) -> String {
+        admin_get(self.admin, path).unwrap()
+    }
+
+    /// Resident memory of the Envoy process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn admin_get(port: u16, path: &str) -> std::io::Result<String> {
+    std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let response = super::Client::new(port).get("admin", path, &[]);
+    Ok(String::from_utf8_lossy(&response.body).into_owned())
+}
+
+/// Runs `envoy --mode validate` on a YAML text: (accepted, log output).
+pub fn validate(yaml: &str) -> (bool, String) {
+    let dir = TempDir::new();
+    let config = dir.0.join("envoy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c", config.to_str().unwrap(), "--disable-hot-restart", "-l", "info"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(super::unique("pag0-test"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,44 @@
+//! Test harness: a real Envoy with the built pag0.wasm on free loopback ports, an
+//! in-process upstream that records what reaches it, and a small HTTP/1.1 client.
+//! Everything a test starts is stopped when its handle drops.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod client;
+pub mod envoy;
+pub mod upstream;
+
+pub use client::{Client, Response};
+pub use envoy::{Envoy, EnvoyConfig};
+pub use upstream::Upstream;
+
+use std::path::PathBuf;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Headers of a pag0 call: API key, session, agent.
+pub fn agent_headers<'a>(key: &'a str, session: &'a str, agent: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("x-pag0-api-key", key),
+        ("x-pag0-session", session),
+        ("x-pag0-agent", agent),
+    ]
+}
+
+/// A session id unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
