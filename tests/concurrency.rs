@@ -47,8 +47,16 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
     let config = EnvoyConfig::new(
         &plugin,
         vec![
-            route("api.load.test", "/day", &[("price", "100"), ("policy", "day")]),
-            route("api.load.test", "/sess", &[("price", "100"), ("policy", "sessions")]),
+            route(
+                "api.load.test",
+                "/day",
+                &[("price", "100"), ("policy", "day")],
+            ),
+            route(
+                "api.load.test",
+                "/sess",
+                &[("price", "100"), ("policy", "sessions")],
+            ),
             route("api.load.test", "/free-sess", &[("policy", "sessions")]),
             route("api.load.test", "/", &[]),
         ],
@@ -82,7 +90,10 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
                                 200 => local.0 += 1,
                                 503 => assert_eq!(r.cost(), 0),
                                 403 => *local.2.entry(r.error_code().unwrap()).or_default() += 1,
-                                other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.body)),
+                                other => panic!(
+                                    "unexpected {other}: {}",
+                                    String::from_utf8_lossy(&r.body)
+                                ),
                             }
                         }
                         let mut all = tallies.lock().unwrap();
@@ -103,7 +114,11 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
     }
     let tallies = tallies.lock().unwrap();
     let sum = |tenant: &str, f: &dyn Fn(&Tally) -> u64| -> u64 {
-        tallies.iter().filter(|(k, _)| k.0 == tenant).map(|(_, t)| f(t)).sum()
+        tallies
+            .iter()
+            .filter(|(k, _)| k.0 == tenant)
+            .map(|(_, t)| f(t))
+            .sum()
     };
     let mut refusals: HashMap<String, u64> = HashMap::new();
     for t in tallies.values() {
@@ -111,7 +126,11 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
             *refusals.entry(code.clone()).or_default() += n;
         }
     }
-    let calls = (2 * SESSIONS_PER_TENANT * AGENTS_PER_SESSION * CONNECTIONS_PER_AGENT * CALLS_PER_CONNECTION) as u64;
+    let calls = (2
+        * SESSIONS_PER_TENANT
+        * AGENTS_PER_SESSION
+        * CONNECTIONS_PER_AGENT
+        * CALLS_PER_CONNECTION) as u64;
     eprintln!(
         "{calls} calls: 2xx day {} sess {}; refusals {refusals:?}; upstream calls {}",
         sum("day", &|t| t.0),
@@ -119,26 +138,43 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
         up.count()
     );
     assert!(calls >= 10_000);
-    for code in ["DAILY_BUDGET_EXCEEDED", "SESSION_BUDGET_EXCEEDED", "AGENT_BUDGET_EXCEEDED"] {
+    for code in [
+        "DAILY_BUDGET_EXCEEDED",
+        "SESSION_BUDGET_EXCEEDED",
+        "AGENT_BUDGET_EXCEEDED",
+    ] {
         assert!(refusals.contains_key(code), "no {code} in {refusals:?}");
     }
     // Every 2xx was charged its price, and only those.
     for tenant in ["day", "sess"] {
-        assert_eq!(sum(tenant, &|t| t.1), sum(tenant, &|t| t.0) * PRICE, "{tenant}");
+        assert_eq!(
+            sum(tenant, &|t| t.1),
+            sum(tenant, &|t| t.0) * PRICE,
+            "{tenant}"
+        );
     }
     // The binding budgets run out exactly: budget / price successful calls.
     assert_eq!(sum("day", &|t| t.0), DAILY_BUDGET / PRICE);
-    assert_eq!(sum("sess", &|t| t.0), SESSIONS_PER_TENANT as u64 * SESSION_BUDGET / PRICE);
+    assert_eq!(
+        sum("sess", &|t| t.0),
+        SESSIONS_PER_TENANT as u64 * SESSION_BUDGET / PRICE
+    );
 
     // The ledger, read back through free calls, holds exactly what was charged.
     let mut client = Client::new(port);
     let mut day_total = 0;
     for s in 0..SESSIONS_PER_TENANT {
         let session = format!("load-day-{s}");
-        let r = client.get("api.load.test", "/free", &agent_headers("key-day", &session, "agent-0"));
+        let r = client.get(
+            "api.load.test",
+            "/free",
+            &agent_headers("key-day", &session, "agent-0"),
+        );
         assert_eq!((r.status, r.cost()), (200, 0));
         let spent = DAY_SESSION_BUDGET - r.remaining("session").unwrap();
-        let charged: u64 = (0..AGENTS_PER_SESSION).map(|a| tallies[&("day", s, a)].1).sum();
+        let charged: u64 = (0..AGENTS_PER_SESSION)
+            .map(|a| tallies[&("day", s, a)].1)
+            .sum();
         assert_eq!(spent, charged, "day session {s}");
         assert_eq!(r.remaining("daily"), Some(0));
         day_total += spent;
@@ -146,12 +182,18 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
     assert_eq!(day_total, DAILY_BUDGET);
     for s in 0..SESSIONS_PER_TENANT {
         let session = format!("load-sess-{s}");
-        let r = client.get("api.load.test", "/free-sess/x", &agent_headers("key-sess", &session, "agent-0"));
+        let r = client.get(
+            "api.load.test",
+            "/free-sess/x",
+            &agent_headers("key-sess", &session, "agent-0"),
+        );
         assert_eq!(r.remaining("session"), Some(0), "sess session {s}");
         let agent0_spent = AGENT0_BUDGET - r.remaining("agent").unwrap();
         assert_eq!(agent0_spent, tallies[&("sess", s, 0)].1);
         assert!(agent0_spent <= AGENT0_BUDGET);
-        let charged: u64 = (0..AGENTS_PER_SESSION).map(|a| tallies[&("sess", s, a)].1).sum();
+        let charged: u64 = (0..AGENTS_PER_SESSION)
+            .map(|a| tallies[&("sess", s, a)].1)
+            .sum();
         assert_eq!(charged, SESSION_BUDGET, "sess session {s}");
     }
 }

@@ -30,7 +30,11 @@ fn plugin_json_of_istio(text: &str) -> String {
 
 fn compiled(path: &str) -> Config {
     let text = std::fs::read_to_string(repo_root().join(path)).unwrap();
-    let json = if path.contains("istio") { plugin_json_of_istio(&text) } else { plugin_json_of_envoy_yaml(&text) };
+    let json = if path.contains("istio") {
+        plugin_json_of_istio(&text)
+    } else {
+        plugin_json_of_envoy_yaml(&text)
+    };
     compile_json(json.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -43,7 +47,11 @@ fn every_envoy_yaml_under_envoy_passes_envoy_validate() {
         if path.extension().is_some_and(|e| e == "yaml") && text.contains("static_resources:") {
             let (ok, log) = validate(&text);
             assert!(ok, "{} refused:\n{log}", path.display());
-            assert!(log.contains("pag0: configuration loaded"), "{}: filter not configured", path.display());
+            assert!(
+                log.contains("pag0: configuration loaded"),
+                "{}: filter not configured",
+                path.display()
+            );
             checked += 1;
         }
     }
@@ -73,7 +81,14 @@ fn the_reference_session_is_exactly_the_product_one() {
             ("ralph-*", 3_000_000),
             ("ultrawork-*", 1_000_000),
         ];
-        assert_eq!(budgets, expected.iter().map(|(p, b)| (p.to_string(), Some(*b))).collect::<Vec<_>>(), "{path}");
+        assert_eq!(
+            budgets,
+            expected
+                .iter()
+                .map(|(p, b)| (p.to_string(), Some(*b)))
+                .collect::<Vec<_>>(),
+            "{path}"
+        );
         assert_eq!(cfg.tenant_for_key(b"demo-key"), Some(0));
     }
 }
@@ -83,43 +98,119 @@ fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
     let cases: &[(&str, &str)] = &[
         ("", "configuration is empty"),
         ("{", "configuration is not valid"),
-        (r#"{"policies": {"p": {"sessionBudgt": "1"}}}"#, "unknown field `sessionBudgt`"),
-        (r#"{"policies": {}}"#, "policies: at least one policy is needed"),
-        (r#"{"policies": {"p": {"sessionBudget": 5000000}}}"#, "policies.p.sessionBudget: amounts are decimal strings"),
-        (r#"{"policies": {"p": {"sessionBudget": "5.5"}}}"#, "policies.p.sessionBudget: \"5.5\" is not a decimal integer"),
-        (r#"{"policies": {"p": {"sessionBudget": "0"}}}"#, "policies.p.sessionBudget: must be a positive amount"),
-        (r#"{"policies": {"p": {"sessionBudget": "99999999999999999999"}}}"#, "amount too large"),
-        (r#"{"policies": {"p": {"sessionBudget": "100", "maxPerRequest": "200"}}}"#, "policies.p.maxPerRequest: 200 is above sessionBudget 100"),
-        (r#"{"policies": {"p": {"sessionBudget": "100", "dailyBudget": "50"}}}"#, "policies.p.sessionBudget: 100 is above dailyBudget 50"),
-        (r#"{"policies": {"p": {"dailyBudget": "100", "monthlyBudget": "50"}}}"#, "policies.p.dailyBudget: 100 is above monthlyBudget 50"),
-        (r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 1.5}}}"#, "policies.p.alertOnThreshold: 1.5 must be a number in (0, 1]"),
-        (r#"{"policies": {"p": {"sessionBudget": "100", "killSwitchThreshold": 0}}}"#, "policies.p.killSwitchThreshold: 0 must be a number in (0, 1]"),
-        (r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 0.9, "killSwitchThreshold": 0.5}}}"#, "policies.p.alertOnThreshold: above killSwitchThreshold"),
-        (r#"{"policies": {"p": {"allowedEndpoints": ["api.x.com/a b"]}}}"#, "policies.p.allowedEndpoints[0]: pattern"),
-        (r#"{"policies": {"p": {"agents": {"exec/*": {}}}}}"#, "policies.p.agents.exec/*: agent pattern"),
-        (r#"{"policies": {"p": {"agents": {"a-*": {"agentBudget": "10", "maxPerRequest": "20"}}}}}"#, "agents.a-*.maxPerRequest: 20 is above agentBudget 10"),
-        (r#"{"policies": {"p": {}, "q": {}}}"#, "defaultPolicy: required when there is more than one policy"),
-        (r#"{"defaultPolicy": "z", "policies": {"p": {}}}"#, "defaultPolicy: no policy named \"z\""),
-        (r#"{"tenants": [{"id": "t", "apiKeySha256": "abc"}], "policies": {"p": {}}}"#, "tenants[0].apiKeySha256: must be 64 hex digits"),
-        (r#"{"tenants": [], "policies": {"p": {}}}"#, "tenants: empty list"),
-        (r#"{"policies": {"p": {"chargeOn": "sometimes"}}}"#, "policies.p.chargeOn: \"sometimes\" must be"),
-        (r#"{"sessions": {"maxSessions": 0}, "policies": {"p": {}}}"#, "sessions.maxSessions: 0 must be between"),
-        (r#"{"identity": {"sessionHeader": "bad header"}, "policies": {"p": {}}}"#, "identity.sessionHeader: \"bad header\" is not a valid header name"),
-        (r#"{"policies": {"p": {}}, "endpoints": [{"pattern": "x.com/*", "price": "-1"}]}"#, "endpoints[0].price"),
+        (
+            r#"{"policies": {"p": {"sessionBudgt": "1"}}}"#,
+            "unknown field `sessionBudgt`",
+        ),
+        (
+            r#"{"policies": {}}"#,
+            "policies: at least one policy is needed",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": 5000000}}}"#,
+            "policies.p.sessionBudget: amounts are decimal strings",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "5.5"}}}"#,
+            "policies.p.sessionBudget: \"5.5\" is not a decimal integer",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "0"}}}"#,
+            "policies.p.sessionBudget: must be a positive amount",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "99999999999999999999"}}}"#,
+            "amount too large",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "100", "maxPerRequest": "200"}}}"#,
+            "policies.p.maxPerRequest: 200 is above sessionBudget 100",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "100", "dailyBudget": "50"}}}"#,
+            "policies.p.sessionBudget: 100 is above dailyBudget 50",
+        ),
+        (
+            r#"{"policies": {"p": {"dailyBudget": "100", "monthlyBudget": "50"}}}"#,
+            "policies.p.dailyBudget: 100 is above monthlyBudget 50",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 1.5}}}"#,
+            "policies.p.alertOnThreshold: 1.5 must be a number in (0, 1]",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "100", "killSwitchThreshold": 0}}}"#,
+            "policies.p.killSwitchThreshold: 0 must be a number in (0, 1]",
+        ),
+        (
+            r#"{"policies": {"p": {"sessionBudget": "100", "alertOnThreshold": 0.9, "killSwitchThreshold": 0.5}}}"#,
+            "policies.p.alertOnThreshold: above killSwitchThreshold",
+        ),
+        (
+            r#"{"policies": {"p": {"allowedEndpoints": ["api.x.com/a b"]}}}"#,
+            "policies.p.allowedEndpoints[0]: pattern",
+        ),
+        (
+            r#"{"policies": {"p": {"agents": {"exec/*": {}}}}}"#,
+            "policies.p.agents.exec/*: agent pattern",
+        ),
+        (
+            r#"{"policies": {"p": {"agents": {"a-*": {"agentBudget": "10", "maxPerRequest": "20"}}}}}"#,
+            "agents.a-*.maxPerRequest: 20 is above agentBudget 10",
+        ),
+        (
+            r#"{"policies": {"p": {}, "q": {}}}"#,
+            "defaultPolicy: required when there is more than one policy",
+        ),
+        (
+            r#"{"defaultPolicy": "z", "policies": {"p": {}}}"#,
+            "defaultPolicy: no policy named \"z\"",
+        ),
+        (
+            r#"{"tenants": [{"id": "t", "apiKeySha256": "abc"}], "policies": {"p": {}}}"#,
+            "tenants[0].apiKeySha256: must be 64 hex digits",
+        ),
+        (
+            r#"{"tenants": [], "policies": {"p": {}}}"#,
+            "tenants: empty list",
+        ),
+        (
+            r#"{"policies": {"p": {"chargeOn": "sometimes"}}}"#,
+            "policies.p.chargeOn: \"sometimes\" must be",
+        ),
+        (
+            r#"{"sessions": {"maxSessions": 0}, "policies": {"p": {}}}"#,
+            "sessions.maxSessions: 0 must be between",
+        ),
+        (
+            r#"{"identity": {"sessionHeader": "bad header"}, "policies": {"p": {}}}"#,
+            "identity.sessionHeader: \"bad header\" is not a valid header name",
+        ),
+        (
+            r#"{"policies": {"p": {}}, "endpoints": [{"pattern": "x.com/*", "price": "-1"}]}"#,
+            "endpoints[0].price",
+        ),
         (r#"{"policies": {"p": {}, "p": {}}}"#, "duplicate key \"p\""),
     ];
     let handles: Vec<_> = cases
         .iter()
         .map(|(json, expected)| {
-            let yaml = EnvoyConfig::new(&json.replace('\'', "''"), vec![route("h", "/", &[])]).render(1, 2, 3);
+            let yaml = EnvoyConfig::new(&json.replace('\'', "''"), vec![route("h", "/", &[])])
+                .render(1, 2, 3);
             let expected = expected.to_string();
             let json = json.to_string();
             std::thread::spawn(move || {
                 let (ok, log) = validate(&yaml);
                 assert!(!ok, "Envoy accepted {json}");
-                let line = log.lines().find(|l| l.contains("pag0: invalid configuration")).unwrap_or_else(|| panic!("no pag0 error for {json}:\n{log}"));
+                let line = log
+                    .lines()
+                    .find(|l| l.contains("pag0: invalid configuration"))
+                    .unwrap_or_else(|| panic!("no pag0 error for {json}:\n{log}"));
                 let line = line.replace("\\\"", "\"");
-                assert!(line.contains(&expected), "for {json}\nexpected {expected:?}\nin {line}");
+                assert!(
+                    line.contains(&expected),
+                    "for {json}\nexpected {expected:?}\nin {line}"
+                );
             })
         })
         .collect();

@@ -10,8 +10,18 @@ use support::{agent_headers, unique, Client, Envoy, Upstream};
 const DEMO_KEY: &str = "demo-key";
 const LLM: (&str, &str) = ("api.anthropic.com", "/v1/messages");
 
-fn call(client: &mut Client, session: &str, agent: &str, (host, path): (&str, &str)) -> support::Response {
-    client.post(host, path, &agent_headers(DEMO_KEY, session, agent), "{\"q\":1}")
+fn call(
+    client: &mut Client,
+    session: &str,
+    agent: &str,
+    (host, path): (&str, &str),
+) -> support::Response {
+    client.post(
+        host,
+        path,
+        &agent_headers(DEMO_KEY, session, agent),
+        "{\"q\":1}",
+    )
 }
 
 #[test]
@@ -30,7 +40,10 @@ fn ralph_stops_at_its_three_dollars_and_the_executor_goes_on() {
     }
     let refused = call(&mut c, &session, "ralph-1", LLM);
     assert_eq!(refused.status, 403);
-    assert_eq!(refused.error_code().as_deref(), Some("AGENT_BUDGET_EXCEEDED"));
+    assert_eq!(
+        refused.error_code().as_deref(),
+        Some("AGENT_BUDGET_EXCEEDED")
+    );
     assert_eq!(refused.cost(), 0);
     let details = &refused.json()["error"]["details"];
     assert_eq!(details["scope"], "agent");
@@ -42,7 +55,12 @@ fn ralph_stops_at_its_three_dollars_and_the_executor_goes_on() {
 
     // The executor of the same session goes on, within its own $2.
     for i in 1..=5u64 {
-        let r = call(&mut c, &session, "executor-1", ("api.tavily.com", "/search"));
+        let r = call(
+            &mut c,
+            &session,
+            "executor-1",
+            ("api.tavily.com", "/search"),
+        );
         assert_eq!(r.status, 200);
         assert_eq!(r.cost(), 20_000);
         assert_eq!(r.remaining("agent"), Some(2_000_000 - i * 20_000));
@@ -61,7 +79,12 @@ fn autopilot_loop_is_stopped_by_the_kill_switch_after_an_alert() {
     let mut first_alert = None;
     let mut ok = 0;
     for i in 1..=50u64 {
-        let r = call(&mut c, &session, "autopilot-1", ("api.openai.com", "/v1/chat/completions"));
+        let r = call(
+            &mut c,
+            &session,
+            "autopilot-1",
+            ("api.openai.com", "/v1/chat/completions"),
+        );
         if r.status != 200 {
             assert_eq!(r.status, 403);
             assert_eq!(r.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
@@ -80,11 +103,20 @@ fn autopilot_loop_is_stopped_by_the_kill_switch_after_an_alert() {
     assert_eq!(first_alert, Some((24, "session=0.72".to_string())));
     assert_eq!(up.count(), 30);
     // Free calls still pass; priced ones stay refused.
-    let free = c.get("api.openai.com", "/v1/models", &agent_headers(DEMO_KEY, &session, "autopilot-1"));
+    let free = c.get(
+        "api.openai.com",
+        "/v1/models",
+        &agent_headers(DEMO_KEY, &session, "autopilot-1"),
+    );
     assert_eq!(free.status, 200);
     assert_eq!(free.cost(), 0);
     assert_eq!(free.remaining("session"), Some(500_000));
-    let again = call(&mut c, &session, "executor-1", ("api.tavily.com", "/search"));
+    let again = call(
+        &mut c,
+        &session,
+        "executor-1",
+        ("api.tavily.com", "/search"),
+    );
     assert_eq!(again.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
 }
 
@@ -127,20 +159,43 @@ fn rules_config() -> EnvoyConfig {
         sha("globex-key")
     );
     let routes: Vec<RouteSpec> = vec![
-        route("api.openai.com", "/v1/chat/completions", &[("price", "250000"), ("tool", "llm")]),
+        route(
+            "api.openai.com",
+            "/v1/chat/completions",
+            &[("price", "250000"), ("tool", "llm")],
+        ),
         route("api.openai.com", "/v1/images/", &[("price", "250000")]),
         route("api.openai.com", "/v1/big", &[("price", "300001")]),
         route("api.openai.com", "/status/", &[("price", "100000")]),
-        route("api.openai.com", "/lenient/", &[("price", "100000"), ("policy", "lenient")]),
-        route("api.openai.com", "/monthly/", &[("price", "1000000"), ("policy", "monthly")]),
-        route("api.openai.com", "/nosuchpolicy", &[("price", "1"), ("policy", "nope")]),
+        route(
+            "api.openai.com",
+            "/lenient/",
+            &[("price", "100000"), ("policy", "lenient")],
+        ),
+        route(
+            "api.openai.com",
+            "/monthly/",
+            &[("price", "1000000"), ("policy", "monthly")],
+        ),
+        route(
+            "api.openai.com",
+            "/nosuchpolicy",
+            &[("price", "1"), ("policy", "nope")],
+        ),
         route("api.openai.com", "/badprice", &[("price", "1.5")]),
         route("api.openai.com", "/", &[]),
         route("api.tavily.com", "/", &[]),
         route("api.exa.ai", "/", &[]),
         route("api.deepl.com", "/", &[("price", "1000")]),
         route("free.example", "/", &[]),
-        RouteSpec { dead: true, ..route("dead.example", "/", &[("price", "1000"), ("policy", "lenient")]) },
+        RouteSpec {
+            dead: true,
+            ..route(
+                "dead.example",
+                "/",
+                &[("price", "1000"), ("policy", "lenient")],
+            )
+        },
     ];
     EnvoyConfig::new(&plugin, routes)
 }
@@ -157,32 +212,81 @@ fn endpoint_lists_caps_and_inheritance() {
     let envoy = Envoy::with_config(&rules_config(), up.port);
     let mut c = Client::new(envoy.port);
     let s = unique("rules");
-    let h = |agent: &'static str| agent_headers("acme-key", Box::leak(s.clone().into_boxed_str()), agent);
+    let h = |agent: &'static str| {
+        agent_headers("acme-key", Box::leak(s.clone().into_boxed_str()), agent)
+    };
     let code = |r: support::Response| (r.status, r.error_code());
 
     // Session level: block wins over allow; off the allow list is refused.
-    assert_eq!(code(c.post("api.openai.com", "/v1/images/gen", &h("main"), "")), (403, Some("ENDPOINT_BLOCKED".into())));
-    assert_eq!(code(c.post("api.openai.com", "/v1/%69mages/gen", &h("main"), "")), (403, Some("ENDPOINT_BLOCKED".into())));
-    assert_eq!(code(c.post("api.openai.com", "/v1/x/../images/gen", &h("main"), "")), (403, Some("ENDPOINT_BLOCKED".into())));
-    assert_eq!(code(c.post("api.exa.ai", "/search", &h("main"), "")), (403, Some("ENDPOINT_NOT_ALLOWED".into())));
-    assert_eq!(code(c.post("api.deepl.com", "/v2/translate", &h("main"), "")), (200, None));
-    assert_eq!(code(c.post("api.deepl.com", "/v1/translate", &h("main"), "")), (403, Some("ENDPOINT_NOT_ALLOWED".into())));
+    assert_eq!(
+        code(c.post("api.openai.com", "/v1/images/gen", &h("main"), "")),
+        (403, Some("ENDPOINT_BLOCKED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.openai.com", "/v1/%69mages/gen", &h("main"), "")),
+        (403, Some("ENDPOINT_BLOCKED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.openai.com", "/v1/x/../images/gen", &h("main"), "")),
+        (403, Some("ENDPOINT_BLOCKED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.exa.ai", "/search", &h("main"), "")),
+        (403, Some("ENDPOINT_NOT_ALLOWED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.deepl.com", "/v2/translate", &h("main"), "")),
+        (200, None)
+    );
+    assert_eq!(
+        code(c.post("api.deepl.com", "/v1/translate", &h("main"), "")),
+        (403, Some("ENDPOINT_NOT_ALLOWED".into()))
+    );
     // Per-request cap.
     let big = c.post("api.openai.com", "/v1/big", &h("main"), "");
-    assert_eq!(big.error_code().as_deref(), Some("PER_REQUEST_LIMIT_EXCEEDED"));
+    assert_eq!(
+        big.error_code().as_deref(),
+        Some("PER_REQUEST_LIMIT_EXCEEDED")
+    );
     assert_eq!(big.json()["error"]["details"]["requested"], "300001");
     assert_eq!(big.json()["error"]["details"]["limit"], "300000");
 
     // An inheriting agent only narrows: its own list, its own lower cap.
-    assert_eq!(code(c.post("api.tavily.com", "/search", &h("reviewer-1"), "")), (200, None));
-    assert_eq!(code(c.post("api.openai.com", "/v1/chat/completions", &h("reviewer-1"), "")), (403, Some("ENDPOINT_NOT_ALLOWED".into())));
-    assert_eq!(code(c.post("api.openai.com", "/v1/images/x", &h("reviewer-1"), "")), (403, Some("ENDPOINT_BLOCKED".into())));
+    assert_eq!(
+        code(c.post("api.tavily.com", "/search", &h("reviewer-1"), "")),
+        (200, None)
+    );
+    assert_eq!(
+        code(c.post(
+            "api.openai.com",
+            "/v1/chat/completions",
+            &h("reviewer-1"),
+            ""
+        )),
+        (403, Some("ENDPOINT_NOT_ALLOWED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.openai.com", "/v1/images/x", &h("reviewer-1"), "")),
+        (403, Some("ENDPOINT_BLOCKED".into()))
+    );
     // Executor: parent's allow list plus its own block list.
-    assert_eq!(code(c.post("api.tavily.com", "/extract", &h("executor-1"), "")), (403, Some("ENDPOINT_BLOCKED".into())));
-    assert_eq!(code(c.post("api.tavily.com", "/search", &h("executor-1"), "")), (200, None));
+    assert_eq!(
+        code(c.post("api.tavily.com", "/extract", &h("executor-1"), "")),
+        (403, Some("ENDPOINT_BLOCKED".into()))
+    );
+    assert_eq!(
+        code(c.post("api.tavily.com", "/search", &h("executor-1"), "")),
+        (200, None)
+    );
     // A non-inheriting agent's list replaces the parent's...
-    assert_eq!(code(c.post("api.exa.ai", "/search", &h("scout-1"), "")), (200, None));
-    assert_eq!(code(c.post("api.tavily.com", "/search", &h("scout-1"), "")), (403, Some("ENDPOINT_NOT_ALLOWED".into())));
+    assert_eq!(
+        code(c.post("api.exa.ai", "/search", &h("scout-1"), "")),
+        (200, None)
+    );
+    assert_eq!(
+        code(c.post("api.tavily.com", "/search", &h("scout-1"), "")),
+        (403, Some("ENDPOINT_NOT_ALLOWED".into()))
+    );
     // ...but never its budgets: scout spends from the same session.
     let r = c.post("api.exa.ai", "/search", &h("scout-1"), "");
     assert_eq!(r.status, 200);
@@ -199,7 +303,12 @@ fn session_daily_and_monthly_budgets_are_named_most_specific_first() {
     let run = |c: &mut Client, session: &str, n: usize| -> Vec<(u16, Option<String>)> {
         (0..n)
             .map(|_| {
-                let r = c.post(chat.0, chat.1, &agent_headers("acme-key", session, "main"), "");
+                let r = c.post(
+                    chat.0,
+                    chat.1,
+                    &agent_headers("acme-key", session, "main"),
+                    "",
+                );
                 (r.status, r.error_code())
             })
             .collect()
@@ -218,10 +327,22 @@ fn session_daily_and_monthly_budgets_are_named_most_specific_first() {
     assert_eq!(third[2], (403, Some("DAILY_BUDGET_EXCEEDED".into())));
     let refused = c.post(chat.0, chat.1, &agent_headers("acme-key", &s3, "main"), "");
     let d = &refused.json()["error"]["details"];
-    assert_eq!((d["scope"].as_str(), d["limit"].as_str(), d["spent"].as_str()), (Some("daily"), Some("2500000"), Some("2500000")));
+    assert_eq!(
+        (
+            d["scope"].as_str(),
+            d["limit"].as_str(),
+            d["spent"].as_str()
+        ),
+        (Some("daily"), Some("2500000"), Some("2500000"))
+    );
     // Globex is another tenant: its own windows, the same session id is another session.
     assert_eq!(run(&mut c, &s1, 1)[0].0, 403);
-    let g = c.post(chat.0, chat.1, &agent_headers("globex-key", &s1, "main"), "");
+    let g = c.post(
+        chat.0,
+        chat.1,
+        &agent_headers("globex-key", &s1, "main"),
+        "",
+    );
     assert_eq!(g.status, 200);
     assert_eq!(g.remaining("session"), Some(750_000));
     assert_eq!(g.remaining("daily"), Some(2_250_000));
@@ -229,11 +350,21 @@ fn session_daily_and_monthly_budgets_are_named_most_specific_first() {
     // spend 2 × $1 more, then refuses with the monthly scope.
     let s4 = unique("m");
     let monthly: Vec<_> = (0..3)
-        .map(|_| c.post("api.openai.com", "/monthly/x", &agent_headers("globex-key", &s4, "main"), ""))
+        .map(|_| {
+            c.post(
+                "api.openai.com",
+                "/monthly/x",
+                &agent_headers("globex-key", &s4, "main"),
+                "",
+            )
+        })
         .collect();
     assert_eq!(monthly[0].status, 200);
     assert_eq!(monthly[1].status, 200);
-    assert_eq!(monthly[2].error_code().as_deref(), Some("MONTHLY_BUDGET_EXCEEDED"));
+    assert_eq!(
+        monthly[2].error_code().as_deref(),
+        Some("MONTHLY_BUDGET_EXCEEDED")
+    );
 }
 
 #[test]
@@ -273,7 +404,10 @@ fn bad_route_metadata_fails_closed() {
         assert_eq!(r.error_code().as_deref(), Some("CONFIG_ERROR"));
     }
     assert_eq!(up.count(), 0);
-    assert!(envoy.log().contains("unknown policy \\\"nope\\\"") || envoy.log().contains("unknown policy"));
+    assert!(
+        envoy.log().contains("unknown policy \\\"nope\\\"")
+            || envoy.log().contains("unknown policy")
+    );
 }
 
 #[test]
@@ -288,30 +422,85 @@ fn identity_is_checked_and_never_a_way_around_a_budget() {
         assert_eq!(r.error_code().as_deref(), Some(code));
         assert_eq!(r.cost(), 0);
     };
-    expect(c.post(host, path, &[("x-pag0-session", "s")], ""), 401, "UNAUTHORIZED");
-    expect(c.post(host, path, &[("x-pag0-api-key", "wrong"), ("x-pag0-session", "s")], ""), 401, "UNAUTHORIZED");
-    expect(c.post(host, path, &[("x-pag0-api-key", DEMO_KEY)], ""), 400, "INVALID_REQUEST");
+    expect(
+        c.post(host, path, &[("x-pag0-session", "s")], ""),
+        401,
+        "UNAUTHORIZED",
+    );
+    expect(
+        c.post(
+            host,
+            path,
+            &[("x-pag0-api-key", "wrong"), ("x-pag0-session", "s")],
+            "",
+        ),
+        401,
+        "UNAUTHORIZED",
+    );
+    expect(
+        c.post(host, path, &[("x-pag0-api-key", DEMO_KEY)], ""),
+        400,
+        "INVALID_REQUEST",
+    );
     let long = "s".repeat(129);
     for bad in ["a b", "a/b", "a,b", "", long.as_str(), "é"] {
-        expect(c.post(host, path, &agent_headers(DEMO_KEY, bad, "main"), ""), 400, "INVALID_REQUEST");
-        expect(c.post(host, path, &agent_headers(DEMO_KEY, "s", bad), ""), 400, "INVALID_REQUEST");
+        expect(
+            c.post(host, path, &agent_headers(DEMO_KEY, bad, "main"), ""),
+            400,
+            "INVALID_REQUEST",
+        );
+        expect(
+            c.post(host, path, &agent_headers(DEMO_KEY, "s", bad), ""),
+            400,
+            "INVALID_REQUEST",
+        );
     }
     let ok_id = "s".repeat(128);
-    assert_eq!(c.post(host, path, &agent_headers(DEMO_KEY, &ok_id, "a.b_c:d@e-f"), "").status, 200);
+    assert_eq!(
+        c.post(
+            host,
+            path,
+            &agent_headers(DEMO_KEY, &ok_id, "a.b_c:d@e-f"),
+            ""
+        )
+        .status,
+        200
+    );
     // A second session header could pick whichever budget suits: refused.
-    let dup = [("x-pag0-api-key", DEMO_KEY), ("x-pag0-session", "s1"), ("x-pag0-session", "s2")];
+    let dup = [
+        ("x-pag0-api-key", DEMO_KEY),
+        ("x-pag0-session", "s1"),
+        ("x-pag0-session", "s2"),
+    ];
     expect(c.post(host, path, &dup, ""), 400, "INVALID_REQUEST");
     // Bytes that are not UTF-8 in an id header: a 400, not a panic.
     let raw = b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\nx-pag0-api-key: demo-key\r\nx-pag0-session: s\xff\xfe\r\ncontent-length: 0\r\n\r\n";
     let r = c.send_raw(raw);
-    assert_eq!((r.status, r.error_code().as_deref()), (400, Some("INVALID_REQUEST")));
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (400, Some("INVALID_REQUEST"))
+    );
     // An oversized header is Envoy's 431, before anything is charged.
     let huge = "x".repeat(70 * 1024);
     let mut fresh = Client::new(envoy.port);
-    let r = fresh.post(host, path, &[("x-pag0-api-key", DEMO_KEY), ("x-pag0-session", "s"), ("x-big", huge.as_str())], "");
+    let r = fresh.post(
+        host,
+        path,
+        &[
+            ("x-pag0-api-key", DEMO_KEY),
+            ("x-pag0-session", "s"),
+            ("x-big", huge.as_str()),
+        ],
+        "",
+    );
     assert_eq!(r.status, 431);
     // The filter is still healthy after all that.
-    assert_eq!(Client::new(envoy.port).post(host, path, &agent_headers(DEMO_KEY, "s-after", "main"), "").status, 200);
+    assert_eq!(
+        Client::new(envoy.port)
+            .post(host, path, &agent_headers(DEMO_KEY, "s-after", "main"), "")
+            .status,
+        200
+    );
     assert_eq!(up.count(), 2);
 }
 
@@ -331,8 +520,15 @@ fn pag0_headers_never_reach_the_upstream() {
     let r = c.post("api.tavily.com", "/search", &headers, "{\"query\":\"q\"}");
     assert_eq!(r.status, 200);
     let seen = up.last();
-    assert!(seen.headers.iter().all(|(k, _)| !k.starts_with("x-pag0-")), "{:?}", seen.headers);
-    assert!(seen.headers.iter().any(|(k, v)| k == "authorization" && v == "Bearer upstream-token"));
+    assert!(
+        seen.headers.iter().all(|(k, _)| !k.starts_with("x-pag0-")),
+        "{:?}",
+        seen.headers
+    );
+    assert!(seen
+        .headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v == "Bearer upstream-token"));
     assert_eq!(seen.body, b"{\"query\":\"q\"}");
 }
 
@@ -342,9 +538,18 @@ fn endpoint_rules_price_calls_the_route_leaves_unpriced() {
     let envoy = Envoy::with_config(&rules_config(), up.port);
     let mut c = Client::new(envoy.port);
     let s = unique("price");
-    let r = c.post("api.tavily.com", "/search", &agent_headers("acme-key", &s, "main"), "");
+    let r = c.post(
+        "api.tavily.com",
+        "/search",
+        &agent_headers("acme-key", &s, "main"),
+        "",
+    );
     assert_eq!((r.status, r.cost()), (200, 100_000));
-    let free = c.get("free.example", "/anything", &agent_headers("acme-key", &s, "main"));
+    let free = c.get(
+        "free.example",
+        "/anything",
+        &agent_headers("acme-key", &s, "main"),
+    );
     assert_eq!((free.status, free.cost()), (200, 0));
     assert_eq!(free.remaining("session"), Some(900_000));
     assert_eq!(free.remaining("daily"), Some(2_400_000));

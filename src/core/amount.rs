@@ -49,7 +49,7 @@ pub fn parse_amount(text: &str) -> Result<Amount, AmountError> {
 /// Parses a threshold such as 0.7 into parts per million, so that comparisons against
 /// amounts stay in integer arithmetic. Must be in (0, 1].
 pub fn threshold_ppm(value: f64) -> Option<u64> {
-    if !(value > 0.0 && value <= 1.0) || !value.is_finite() {
+    if !(value > 0.0 && value <= 1.0 && value.is_finite()) {
         return None;
     }
     let ppm = (value * 1_000_000.0).round();

@@ -11,7 +11,7 @@ use crate::core::headers::{BudgetView, ScopeState};
 use crate::core::identity::valid_id;
 use crate::core::ledger::{Charge, SessionRecord, TenantRecord};
 use crate::core::policy::{check_rules, ChargeOn, Policy};
-use crate::core::sessions;
+use crate::core::sessions::{self, Settlement};
 use crate::core::store::{read, tenant_windows_key, update, SharedStore, Step};
 
 /// A request header as the host found it.
@@ -265,9 +265,11 @@ pub fn admit<S: SharedStore + ?Sized>(
                     &caller.session,
                     &cfg.sessions,
                     now,
-                    &caller.agent,
-                    call.price,
-                    false,
+                    Settlement {
+                        agent: &caller.agent,
+                        price: call.price,
+                        commit: false,
+                    },
                 );
                 if let Err(e) = released {
                     return Err(plain(e));
@@ -331,9 +333,11 @@ pub fn settle<S: SharedStore + ?Sized>(
         &reservation.session,
         &cfg.sessions,
         now,
-        &reservation.agent,
-        reservation.price,
-        commit,
+        Settlement {
+            agent: &reservation.agent,
+            price: reservation.price,
+            commit,
+        },
     )?;
     let agent_budget = policy
         .agent_rule(&reservation.agent)

@@ -178,6 +178,14 @@ pub fn reserve<S: SharedStore + ?Sized>(
     .ok_or_else(|| Refusal::new(ErrorCode::InternalError, "session vanished"))
 }
 
+/// How a reservation ends: committed as spend, or released.
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement<'a> {
+    pub agent: &'a str,
+    pub price: u64,
+    pub commit: bool,
+}
+
 /// Commits or releases a reservation made by [`reserve`].
 pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
@@ -185,12 +193,10 @@ pub fn settle<S: SharedStore + ?Sized>(
     session_id: &str,
     limits: &SessionLimits,
     now: u64,
-    agent: &str,
-    price: u64,
-    commit: bool,
+    how: Settlement,
 ) -> Result<Option<SessionRecord>, Refusal> {
     let settled = modify(store, tenant, session_id, limits, now, false, &|r| {
-        r.settle(agent, price, commit);
+        r.settle(how.agent, how.price, how.commit);
         Ok(())
     })?;
     Ok(settled.map(|(_, record)| record))
@@ -242,7 +248,19 @@ mod tests {
         let store = MemoryStore::new();
         let l = limits(64);
         let (slot, _) = reserve(&store, "t", "s1", &l, 10, &charge(400_000)).unwrap();
-        settle(&store, "t", "s1", &l, 11, "a-1", 400_000, true).unwrap();
+        settle(
+            &store,
+            "t",
+            "s1",
+            &l,
+            11,
+            Settlement {
+                agent: "a-1",
+                price: 400_000,
+                commit: true,
+            },
+        )
+        .unwrap();
         let (slot2, rec) = reserve(&store, "t", "s1", &l, 12, &charge(400_000)).unwrap();
         assert_eq!(slot, slot2);
         assert_eq!((rec.spent, rec.reserved), (400_000, 400_000));
@@ -265,7 +283,19 @@ mod tests {
         for i in 0..4 {
             let id = format!("s{i}");
             reserve(&store, "t", &id, &l, 0, &charge(1)).unwrap();
-            settle(&store, "t", &id, &l, 0, "a-1", 1, true).unwrap();
+            settle(
+                &store,
+                "t",
+                &id,
+                &l,
+                0,
+                Settlement {
+                    agent: "a-1",
+                    price: 1,
+                    commit: true,
+                },
+            )
+            .unwrap();
         }
         let full = reserve(&store, "t", "s-new", &l, 30, &charge(1)).unwrap_err();
         assert_eq!(full.code, ErrorCode::CapacityExceeded);
@@ -298,7 +328,19 @@ mod tests {
             // 64 new sessions per second of simulated time: slots turn over.
             match reserve(&store, "t", &id, &l, i / 64, &charge(1)) {
                 Ok(_) => {
-                    settle(&store, "t", &id, &l, i / 64, "a-1", 1, true).unwrap();
+                    settle(
+                        &store,
+                        "t",
+                        &id,
+                        &l,
+                        i / 64,
+                        Settlement {
+                            agent: "a-1",
+                            price: 1,
+                            commit: true,
+                        },
+                    )
+                    .unwrap();
                 }
                 Err(e) => {
                     assert_eq!(e.code, ErrorCode::CapacityExceeded);
@@ -332,7 +374,19 @@ mod tests {
                             max_agents: 8,
                         };
                         if reserve(&*store, "t", &session, &l, 0, &c).is_ok() {
-                            settle(&*store, "t", &session, &l, 0, &agent, 1000, true).unwrap();
+                            settle(
+                                &*store,
+                                "t",
+                                &session,
+                                &l,
+                                0,
+                                Settlement {
+                                    agent: &agent,
+                                    price: 1000,
+                                    commit: true,
+                                },
+                            )
+                            .unwrap();
                             ok += 1;
                         }
                     }

@@ -21,7 +21,10 @@ impl Response {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -29,7 +32,11 @@ impl Response {
     pub fn error_code(&self) -> Option<String> {
         let header = self.header("x-pag0-error")?.to_string();
         let body = self.json();
-        assert_eq!(body["error"]["code"], header.as_str(), "body and header disagree");
+        assert_eq!(
+            body["error"]["code"],
+            header.as_str(),
+            "body and header disagree"
+        );
         Some(header)
     }
 
@@ -42,7 +49,9 @@ impl Response {
 
     /// One entry of `x-pag0-budget-remaining`.
     pub fn remaining(&self, scope: &str) -> Option<u64> {
-        dict_value(self.header("x-pag0-budget-remaining")?, scope)?.parse().ok()
+        dict_value(self.header("x-pag0-budget-remaining")?, scope)?
+            .parse()
+            .ok()
     }
 }
 
@@ -66,7 +75,9 @@ impl Client {
     fn connect(&mut self) -> &mut BufReader<TcpStream> {
         if self.stream.is_none() {
             let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
             stream.set_nodelay(true).unwrap();
             self.stream = Some(BufReader::new(stream));
         }
@@ -75,8 +86,19 @@ impl Client {
 
     /// Sends a request with `host` as the Host header; retries once on a stale
     /// keep-alive connection.
-    pub fn send(&mut self, method: &str, host: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-        let mut raw = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n", body.len()).into_bytes();
+    pub fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let mut raw = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .into_bytes();
         for (k, v) in headers {
             raw.extend_from_slice(k.as_bytes());
             raw.extend_from_slice(b": ");
@@ -115,7 +137,13 @@ impl Client {
         self.send("GET", host, path, headers, b"")
     }
 
-    pub fn post(&mut self, host: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+    pub fn post(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Response {
         self.send("POST", host, path, headers, body.as_bytes())
     }
 }
@@ -143,7 +171,12 @@ fn read_response(stream: &mut BufReader<TcpStream>) -> std::io::Result<Response>
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if let Some(len) = find("content-length") {
         let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
@@ -162,5 +195,9 @@ fn read_response(stream: &mut BufReader<TcpStream>) -> std::io::Result<Response>
             body.extend_from_slice(&chunk[..size]);
         }
     }
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }

@@ -10,13 +10,21 @@ pub fn envoy_bin() -> String {
     let out = Command::new(repo_root().join("scripts/ensure-envoy.sh"))
         .output()
         .expect("scripts/ensure-envoy.sh");
-    assert!(out.status.success(), "ensure-envoy failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ensure-envoy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 pub fn wasm_path() -> PathBuf {
     let path = repo_root().join("target/wasm32-wasip1/release/pag0.wasm");
-    assert!(path.exists(), "{} is missing: run `make build` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` first",
+        path.display()
+    );
     path
 }
 
@@ -34,7 +42,10 @@ pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec
     RouteSpec {
         domain: domain.to_string(),
         prefix: prefix.to_string(),
-        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         dead: false,
     }
 }
@@ -46,7 +57,10 @@ pub struct EnvoyConfig {
 
 impl EnvoyConfig {
     pub fn new(plugin_json: &str, routes: Vec<RouteSpec>) -> EnvoyConfig {
-        EnvoyConfig { plugin_json: plugin_json.to_string(), routes }
+        EnvoyConfig {
+            plugin_json: plugin_json.to_string(),
+            routes,
+        }
     }
 
     pub fn render(&self, listener: u16, admin: u16, upstream: u16) -> String {
@@ -63,7 +77,11 @@ impl EnvoyConfig {
                 "            - name: vh{i}\n              domains: [\"{host}\", \"{host}:*\"]\n              routes:\n"
             ));
             for r in self.routes.iter().filter(|r| &r.domain == host) {
-                let meta: Vec<String> = r.metadata.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+                let meta: Vec<String> = r
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v:?}"))
+                    .collect();
                 let cluster = if r.dead { "dead" } else { "upstream" };
                 vhosts.push_str(&format!(
                     "              - match: {{ prefix: \"{}\" }}\n                route: {{ cluster: {cluster}, timeout: 5s }}\n                metadata: {{ filter_metadata: {{ pag0: {{ {} }} }} }}\n",
@@ -159,12 +177,26 @@ impl Envoy {
         let log_path = dir.0.join("envoy.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(envoy_bin())
-            .args(["-c", config.to_str().unwrap(), "--concurrency", "2", "--disable-hot-restart", "-l", "info"])
+            .args([
+                "-c",
+                config.to_str().unwrap(),
+                "--concurrency",
+                "2",
+                "--disable-hot-restart",
+                "-l",
+                "info",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut envoy = Envoy { port, admin, child, log_path, _dir: dir };
+        let mut envoy = Envoy {
+            port,
+            admin,
+            child,
+            log_path,
+            _dir: dir,
+        };
         envoy.wait_ready();
         envoy
     }
@@ -232,11 +264,23 @@ pub fn validate(yaml: &str) -> (bool, String) {
     let config = dir.0.join("envoy.yaml");
     std::fs::write(&config, yaml).unwrap();
     let out = Command::new(envoy_bin())
-        .args(["--mode", "validate", "-c", config.to_str().unwrap(), "--disable-hot-restart", "-l", "info"])
+        .args([
+            "--mode",
+            "validate",
+            "-c",
+            config.to_str().unwrap(),
+            "--disable-hot-restart",
+            "-l",
+            "info",
+        ])
         .current_dir(repo_root())
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 

@@ -1,7 +1,7 @@
 //! Test harness: a real Envoy with the built pag0.wasm on free loopback ports, an
 //! in-process upstream that records what reaches it, and a small HTTP/1.1 client.
 //! Everything a test starts is stopped when its handle drops.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod client;
 pub mod envoy;
@@ -27,7 +27,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Headers of a pag0 call: API key, session, agent.
-pub fn agent_headers<'a>(key: &'a str, session: &'a str, agent: &'a str) -> Vec<(&'a str, &'a str)> {
+pub fn agent_headers<'a>(
+    key: &'a str,
+    session: &'a str,
+    agent: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     vec![
         ("x-pag0-api-key", key),
         ("x-pag0-session", session),

@@ -34,7 +34,12 @@ impl Upstream {
             stop: Arc::new(AtomicBool::new(false)),
             record: Arc::new(AtomicBool::new(true)),
         };
-        let (count, seen, stop, record) = (up.count.clone(), up.seen.clone(), up.stop.clone(), up.record.clone());
+        let (count, seen, stop, record) = (
+            up.count.clone(),
+            up.seen.clone(),
+            up.stop.clone(),
+            up.record.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop.load(Ordering::Relaxed) {
@@ -121,7 +126,12 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
             .and_then(|s| s.parse().ok())
             .unwrap_or(200);
         if record.load(Ordering::Relaxed) {
-            seen.lock().unwrap().push(Seen { method, path: path.clone(), headers, body });
+            seen.lock().unwrap().push(Seen {
+                method,
+                path: path.clone(),
+                headers,
+                body,
+            });
         }
         let payload = format!("{{\"ok\":true,\"path\":{path:?}}}");
         let response = format!(
