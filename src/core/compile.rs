@@ -59,6 +59,23 @@ pub struct Config {
     /// Some policy has a daily or monthly budget: every priced call counts in the
     /// tenant's windows.
     pub track_windows: bool,
+    pub admin: Admin,
+    pub alerts: Option<AlertSink>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub key_hash: Option<[u8; 32]>,
+    pub path_prefix: String,
+    pub dashboard_path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertSink {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub timeout_ms: u64,
 }
 
 impl Config {
@@ -208,6 +225,40 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         });
     }
 
+    let admin = Admin {
+        key_hash: match &raw.admin.api_key_sha256 {
+            None => None,
+            Some(hex) => Some(parse_sha256(hex).ok_or_else(|| {
+                "admin.apiKeySha256: must be 64 hex digits (the SHA-256 of the key)".to_string()
+            })?),
+        },
+        path_prefix: url_path(raw.admin.path_prefix, "/_pag0/v1", "admin.pathPrefix")?,
+        dashboard_path: url_path(
+            raw.admin.dashboard_path,
+            "/_pag0/dashboard",
+            "admin.dashboardPath",
+        )?,
+    };
+    let alerts = match raw.alerts {
+        None => None,
+        Some(a) => {
+            if a.cluster.is_empty() {
+                return Err("alerts.cluster: must name an Envoy cluster".to_string());
+            }
+            let timeout_ms = a.timeout_ms.unwrap_or(2000);
+            if !(1..=60_000).contains(&timeout_ms) {
+                return Err(format!(
+                    "alerts.timeoutMs: {timeout_ms} must be between 1 and 60000"
+                ));
+            }
+            Some(AlertSink {
+                path: url_path(a.path, "/", "alerts.path")?,
+                authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
+                cluster: a.cluster,
+                timeout_ms,
+            })
+        }
+    };
     let track_windows = policies
         .iter()
         .any(|p| p.daily_budget.is_some() || p.monthly_budget.is_some());
@@ -221,6 +272,24 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         default_policy,
         endpoints,
         track_windows,
+        admin,
+        alerts,
+    })
+}
+
+fn url_path(value: Option<String>, default: &str, field: &str) -> Result<String, String> {
+    let path = value.unwrap_or_else(|| default.to_string());
+    let valid = path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+    if !valid {
+        return Err(format!("{field}: {path:?} must be a path starting with /"));
+    }
+    Ok(if path.len() > 1 {
+        path.trim_end_matches('/').to_string()
+    } else {
+        path
     })
 }
 

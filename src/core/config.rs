@@ -26,6 +26,36 @@ pub struct RawConfig {
     /// over these.
     #[serde(default)]
     pub endpoints: Vec<RawEndpointRule>,
+    /// Report API, dashboard and kill switch.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Webhook for alerts.
+    #[serde(default)]
+    pub alerts: Option<RawAlerts>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Hex SHA-256 of the admin key (reads and controls every tenant's sessions).
+    pub api_key_sha256: Option<String>,
+    /// Default `/_pag0/v1`.
+    pub path_prefix: Option<String>,
+    /// Default `/_pag0/dashboard`.
+    pub dashboard_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Envoy cluster of the webhook.
+    pub cluster: String,
+    /// Default `/`.
+    pub path: Option<String>,
+    /// Host header of the webhook call; default the cluster name.
+    pub authority: Option<String>,
+    /// Default 2000.
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -26,6 +26,10 @@ pub enum ErrorCode {
     ConfigError,
     /// The ledger could not be updated (corrupt record, endless contention).
     InternalError,
+    /// Report API: no such session (or not this tenant's).
+    NotFound,
+    /// Report API: wrong method for the path.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -50,6 +54,8 @@ impl ErrorCode {
             ErrorCode::CapacityExceeded => "CAPACITY_EXCEEDED",
             ErrorCode::ConfigError => "CONFIG_ERROR",
             ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
         }
     }
 
@@ -71,6 +77,8 @@ impl ErrorCode {
             ErrorCode::SignerUnavailable | ErrorCode::CapacityExceeded => 503,
             ErrorCode::ApprovalTimeout => 504,
             ErrorCode::ConfigError | ErrorCode::InternalError => 500,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
         }
     }
 }

@@ -3,13 +3,14 @@
 //! settling it when the upstream answers. The host layer only gathers facts and applies
 //! the decisions.
 
+use crate::core::alerts::{after_spend, raise_once, Alert, AlertKind};
 use crate::core::amount::Amount;
 use crate::core::compile::{check_route_price, check_route_tool, parse_charge_on, Config};
 use crate::core::endpoint::endpoint;
 use crate::core::errors::{ErrorCode, Refusal, Scope};
 use crate::core::headers::{BudgetView, ScopeState};
 use crate::core::identity::valid_id;
-use crate::core::ledger::{Charge, SessionRecord, TenantRecord};
+use crate::core::ledger::{CallStats, Charge, SessionRecord, TenantRecord};
 use crate::core::policy::{check_rules, ChargeOn, Policy};
 use crate::core::sessions::{self, Settlement};
 use crate::core::store::{read, tenant_windows_key, update, SharedStore, Step};
@@ -108,6 +109,8 @@ pub struct RouteSettings {
     pub price: Option<String>,
     pub tool: Option<String>,
     pub charge_on: Option<String>,
+    /// Label for reports and metrics (`api.tavily.com/search`).
+    pub endpoint: Option<String>,
 }
 
 /// What this call is: where it goes, its policy, price and tool.
@@ -118,6 +121,11 @@ pub struct Call {
     pub price: Amount,
     pub tool: Option<String>,
     pub charge_on: ChargeOn,
+    /// The endpoint as reports group it: the matching `endpoints` rule's pattern, else
+    /// the route's `endpoint` label, else the host.
+    pub endpoint_label: String,
+    /// The same for metrics, where an unlabelled endpoint is `other` (bounded).
+    pub metric_endpoint: String,
 }
 
 /// Resolves endpoint, policy, price and tool. A price comes from the route, else the
@@ -158,7 +166,13 @@ pub fn describe_call(
             .get(policy)
             .map_or(ChargeOn::Success, |p| p.charge_on),
     };
+    let labelled = rule
+        .map(|r| r.glob.source().to_string())
+        .or_else(|| route.endpoint.clone());
+    let host = endpoint.split('/').next().unwrap_or("").to_string();
     Ok(Call {
+        endpoint_label: labelled.clone().unwrap_or(host),
+        metric_endpoint: labelled.unwrap_or_else(|| "other".to_string()),
         endpoint,
         policy,
         price,
@@ -167,22 +181,24 @@ pub fn describe_call(
     })
 }
 
-/// A reservation held while the call is upstream.
+/// An admitted call, held until it ends: its reservation (none when free) and what
+/// the report will count.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
+pub struct Ticket {
     pub tenant: usize,
     pub session: String,
     pub agent: String,
     pub price: Amount,
     pub windows: bool,
     pub policy: usize,
+    pub tool: Option<String>,
+    pub endpoint_label: String,
 }
 
 /// The firewall let the call through.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    /// Held for priced calls; `None` for free ones.
-    pub reservation: Option<Reservation>,
+    pub ticket: Ticket,
     pub view: BudgetView,
 }
 
@@ -229,12 +245,19 @@ pub fn admit<S: SharedStore + ?Sized>(
         Refused { refusal, view }
     };
     check_rules(policy, agent_rule, &call.endpoint, call.price).map_err(refuse_with_view)?;
+    let ticket = Ticket {
+        tenant: caller.tenant,
+        session: caller.session.clone(),
+        agent: caller.agent.clone(),
+        price: call.price,
+        windows: cfg.track_windows && call.price > 0,
+        policy: call.policy,
+        tool: call.tool.clone(),
+        endpoint_label: call.endpoint_label.clone(),
+    };
     if call.price == 0 {
         let view = current_view(cfg, store, caller, call, now).map_err(plain)?;
-        return Ok(Admission {
-            reservation: None,
-            view,
-        });
+        return Ok(Admission { ticket, view });
     }
     let charge = Charge {
         agent: &caller.agent,
@@ -248,7 +271,7 @@ pub fn admit<S: SharedStore + ?Sized>(
         sessions::reserve(store, tenant, &caller.session, &cfg.sessions, now, &charge)
             .map_err(refuse_with_view)?;
     let mut tenant_record = None;
-    if cfg.track_windows {
+    if ticket.windows {
         let reserved = update(store, &tenant_windows_key(tenant), |bytes| {
             let mut record = decode_tenant(bytes)?;
             record.roll(now);
@@ -259,43 +282,29 @@ pub fn admit<S: SharedStore + ?Sized>(
             Ok(record) => tenant_record = Some(record),
             Err(refusal) => {
                 // Give back the session part, then refuse with the window's code.
-                let released = sessions::settle(
-                    store,
-                    tenant,
-                    &caller.session,
-                    &cfg.sessions,
-                    now,
-                    Settlement {
-                        agent: &caller.agent,
-                        price: call.price,
-                        commit: false,
-                    },
-                );
-                if let Err(e) = released {
+                let how = Settlement {
+                    agent: &caller.agent,
+                    price: call.price,
+                    commit: false,
+                };
+                if let Err(e) =
+                    sessions::settle(store, tenant, &caller.session, &cfg.sessions, now, how)
+                {
                     return Err(plain(e));
                 }
                 return Err(refuse_with_view(refusal));
             }
         }
     }
+    let agent_budget = agent_rule.and_then(|a| a.agent_budget);
     let view = view_of(
         policy,
-        agent_rule.and_then(|a| a.agent_budget),
+        agent_budget,
         &caller.agent,
         Some(&session_record),
         tenant_record.as_ref(),
     );
-    Ok(Admission {
-        reservation: Some(Reservation {
-            tenant: caller.tenant,
-            session: caller.session.clone(),
-            agent: caller.agent.clone(),
-            price: call.price,
-            windows: cfg.track_windows,
-            policy: call.policy,
-        }),
-        view,
-    })
+    Ok(Admission { ticket, view })
 }
 
 /// Whether a response commits the reservation.
@@ -307,48 +316,268 @@ pub fn should_commit(charge_on: ChargeOn, upstream_status: Option<u32>) -> bool 
     }
 }
 
-/// Commits or releases a reservation, in the windows and in the session, and returns
-/// the budgets as they now stand.
+/// How an admitted call ended.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub view: BudgetView,
+    pub cost: Amount,
+    pub alerts: Vec<Alert>,
+}
+
+/// Ends an admitted call: commits or releases its reservation in the windows and the
+/// session, counts it in the session's report, and raises the alerts this spend
+/// crossed. One CAS per record.
 pub fn settle<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
-    reservation: &Reservation,
+    ticket: &Ticket,
     commit: bool,
     now: u64,
-) -> Result<BudgetView, Refusal> {
-    let tenant = tenant_id(cfg, reservation.tenant)?;
-    let policy = policy_of(cfg, reservation.policy)?;
+) -> Result<Settled, Refusal> {
+    let tenant = tenant_id(cfg, ticket.tenant)?;
+    let policy = policy_of(cfg, ticket.policy)?;
+    let cost = if commit { ticket.price } else { 0 };
+    let mut alerts = Vec::new();
     let mut tenant_record = None;
-    if reservation.windows {
-        tenant_record = Some(update(store, &tenant_windows_key(tenant), |bytes| {
+    if ticket.windows {
+        let (record, window_alerts) = update(store, &tenant_windows_key(tenant), |bytes| {
             let mut record = decode_tenant(bytes)?;
             record.roll(now);
-            record.settle(reservation.price, commit);
-            Ok(Step::Write(record.encode(), record))
-        })?);
+            record.settle(ticket.price, commit);
+            let mut raised = Vec::new();
+            for (scope, limit, counter) in [
+                (Scope::Daily, policy.daily_budget, &mut record.day),
+                (Scope::Monthly, policy.monthly_budget, &mut record.month),
+            ] {
+                if let (Some(limit), true) = (limit, commit) {
+                    raised.extend(after_spend(
+                        &mut counter.alerts,
+                        scope,
+                        None,
+                        counter.spent,
+                        limit,
+                        policy.alert_ppm,
+                        None,
+                    ));
+                }
+            }
+            Ok(Step::Write(record.encode(), (record, raised)))
+        })?;
+        tenant_record = Some(record);
+        alerts.extend(window_alerts);
+    } else if policy.daily_budget.is_some() || policy.monthly_budget.is_some() {
+        let mut record = decode_tenant(&read(store, &tenant_windows_key(tenant))?)?;
+        record.roll(now);
+        tenant_record = Some(record);
     }
-    let session_record = sessions::settle(
+    let agent_budget = policy
+        .agent_rule(&ticket.agent)
+        .and_then(|a| a.agent_budget);
+    let stats = CallStats {
+        agent: &ticket.agent,
+        tool: ticket.tool.as_deref(),
+        endpoint: &ticket.endpoint_label,
+        cost,
+        cache_hit: false,
+        savings: 0,
+    };
+    let max_agents = cfg.sessions.max_agents;
+    let changed = sessions::modify(
         store,
         tenant,
-        &reservation.session,
+        &ticket.session,
         &cfg.sessions,
         now,
-        Settlement {
-            agent: &reservation.agent,
-            price: reservation.price,
-            commit,
+        true,
+        &|r| {
+            let mut raised = Vec::new();
+            if ticket.price > 0 {
+                r.settle(&ticket.agent, ticket.price, commit);
+            }
+            r.record_call(&stats, max_agents);
+            if commit && ticket.price > 0 {
+                if let Some(limit) = policy.session_budget {
+                    let spent = r.spent;
+                    raised.extend(after_spend(
+                        &mut r.alerts,
+                        Scope::Session,
+                        None,
+                        spent,
+                        limit,
+                        policy.alert_ppm,
+                        policy.kill_ppm,
+                    ));
+                }
+                if let (Some(limit), Some(agent)) = (agent_budget, r.agent_mut(&ticket.agent)) {
+                    let spent = agent.spent;
+                    raised.extend(after_spend(
+                        &mut agent.alerts,
+                        Scope::Agent,
+                        Some(&ticket.agent),
+                        spent,
+                        limit,
+                        policy.alert_ppm,
+                        None,
+                    ));
+                }
+            }
+            Ok(raised)
         },
-    )?;
-    let agent_budget = policy
-        .agent_rule(&reservation.agent)
-        .and_then(|a| a.agent_budget);
-    Ok(view_of(
+    );
+    // A free call that finds the session table full is still answered; it just
+    // is not counted in a session report.
+    let session_record = match changed {
+        Ok(Some((_, record, raised))) => {
+            alerts.extend(raised);
+            Some(record)
+        }
+        Ok(None) => None,
+        Err(e) if ticket.price == 0 && e.code == ErrorCode::CapacityExceeded => None,
+        Err(e) => return Err(e),
+    };
+    let view = view_of(
         policy,
         agent_budget,
-        &reservation.agent,
+        &ticket.agent,
         session_record.as_ref(),
         tenant_record.as_ref(),
-    ))
+    );
+    let alerts = alerts
+        .into_iter()
+        .map(|alert| Alert {
+            tenant: tenant.to_string(),
+            session: ticket.session.clone(),
+            at: now,
+            alert,
+        })
+        .collect();
+    Ok(Settled { view, cost, alerts })
+}
+
+/// Counts a refusal in the session's report (creating the session's record if there
+/// is room), and raises the alert the refusal means: a budget exhausted, or the kill
+/// switch thrown by its threshold.
+pub fn record_refusal<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    caller: &Caller,
+    call: &Call,
+    refusal: &Refusal,
+    now: u64,
+) -> Result<Vec<Alert>, Refusal> {
+    if matches!(
+        refusal.code,
+        ErrorCode::CapacityExceeded | ErrorCode::InternalError
+    ) {
+        return Ok(Vec::new());
+    }
+    let tenant = tenant_id(cfg, caller.tenant)?;
+    let policy = policy_of(cfg, call.policy)?;
+    let code = refusal.code;
+    let budget_of = |scope: Scope| match scope {
+        Scope::Agent => policy
+            .agent_rule(&caller.agent)
+            .and_then(|a| a.agent_budget),
+        Scope::Session => policy.session_budget,
+        Scope::Daily => policy.daily_budget,
+        Scope::Monthly => policy.monthly_budget,
+    };
+    let changed = sessions::modify(
+        store,
+        tenant,
+        &caller.session,
+        &cfg.sessions,
+        now,
+        true,
+        &|r| {
+            r.record_refusal(&caller.agent, code.as_str(), now);
+            let mut raised = Vec::new();
+            match code {
+                ErrorCode::AgentBudgetExceeded => {
+                    let limit = budget_of(Scope::Agent).unwrap_or(0);
+                    if let Some(agent) = r.agent_mut(&caller.agent) {
+                        let spent = agent.spent;
+                        raised.extend(raise_once(
+                            &mut agent.alerts,
+                            AlertKind::BudgetExhausted,
+                            Scope::Agent,
+                            Some(&caller.agent),
+                            spent,
+                            limit,
+                        ));
+                    }
+                }
+                ErrorCode::SessionBudgetExceeded => {
+                    let (spent, limit) = (r.spent, budget_of(Scope::Session).unwrap_or(0));
+                    raised.extend(raise_once(
+                        &mut r.alerts,
+                        AlertKind::BudgetExhausted,
+                        Scope::Session,
+                        None,
+                        spent,
+                        limit,
+                    ));
+                }
+                ErrorCode::KillSwitchActive if !r.killed => {
+                    let (spent, limit) = (r.spent, budget_of(Scope::Session).unwrap_or(0));
+                    raised.extend(raise_once(
+                        &mut r.alerts,
+                        AlertKind::KillSwitch,
+                        Scope::Session,
+                        None,
+                        spent,
+                        limit,
+                    ));
+                }
+                _ => {}
+            }
+            Ok(raised)
+        },
+    );
+    let mut alerts = match changed {
+        Ok(Some((_, _, raised))) => raised,
+        Ok(None) => Vec::new(),
+        Err(e) if e.code == ErrorCode::CapacityExceeded => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let window = match code {
+        ErrorCode::DailyBudgetExceeded => Some(Scope::Daily),
+        ErrorCode::MonthlyBudgetExceeded => Some(Scope::Monthly),
+        _ => None,
+    };
+    if let (Some(scope), Some(limit)) = (window, window.and_then(budget_of)) {
+        let raised = update(store, &tenant_windows_key(tenant), |bytes| {
+            let mut record = decode_tenant(bytes)?;
+            record.roll(now);
+            let counter = if scope == Scope::Daily {
+                &mut record.day
+            } else {
+                &mut record.month
+            };
+            let spent = counter.spent;
+            match raise_once(
+                &mut counter.alerts,
+                AlertKind::BudgetExhausted,
+                scope,
+                None,
+                spent,
+                limit,
+            ) {
+                Some(alert) => Ok(Step::Write(record.encode(), Some(alert))),
+                None => Ok(Step::Keep(None)),
+            }
+        })?;
+        alerts.extend(raised);
+    }
+    Ok(alerts
+        .into_iter()
+        .map(|alert| Alert {
+            tenant: tenant.to_string(),
+            session: caller.session.clone(),
+            at: now,
+            alert,
+        })
+        .collect())
 }
 
 /// The budgets that apply to this caller and call, read without changing anything.
@@ -387,7 +616,7 @@ pub fn current_view<S: SharedStore + ?Sized>(
     ))
 }
 
-fn view_of(
+pub fn view_of(
     policy: &Policy,
     agent_budget: Option<Amount>,
     agent: &str,

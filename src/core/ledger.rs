@@ -9,8 +9,16 @@ use crate::core::amount::{reaches, Amount};
 use crate::core::errors::{BudgetDetails, ErrorCode, Refusal, Scope};
 use crate::core::window::{day_index, month_index};
 
-const SESSION_VERSION: u8 = 1;
-const TENANT_VERSION: u8 = 1;
+const SESSION_VERSION: u8 = 2;
+/// Tools and endpoint labels kept per session; more fold into `other`.
+pub const MAX_LABELS: usize = 32;
+/// Recent refusals kept per session, newest last.
+pub const MAX_RECENT_REFUSALS: usize = 10;
+/// Alert flags: each alert goes out once per scope (per window for day and month).
+pub const ALERT_THRESHOLD: u8 = 1;
+pub const ALERT_EXHAUSTED: u8 = 2;
+pub const ALERT_KILL: u8 = 4;
+const TENANT_VERSION: u8 = 2;
 const FLAG_KILLED: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -18,6 +26,40 @@ pub struct AgentEntry {
     pub id: String,
     pub spent: Amount,
     pub reserved: Amount,
+    pub requests: u64,
+    pub cache_hits: u64,
+    pub savings: Amount,
+    /// `ALERT_*` flags already sent for this agent's budget.
+    pub alerts: u8,
+}
+
+/// Requests, cost and cache use under one label (a tool or an endpoint pattern).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tally {
+    pub name: String,
+    pub requests: u64,
+    pub cost: Amount,
+    pub cache_hits: u64,
+    pub savings: Amount,
+}
+
+/// A refusal, for the dashboard's "recent refusals".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecentRefusal {
+    pub at: u64,
+    pub agent: String,
+    pub code: String,
+}
+
+/// What one finished call adds to the session's report.
+#[derive(Debug, Clone, Copy)]
+pub struct CallStats<'a> {
+    pub agent: &'a str,
+    pub tool: Option<&'a str>,
+    pub endpoint: &'a str,
+    pub cost: Amount,
+    pub cache_hit: bool,
+    pub savings: Amount,
 }
 
 /// One session's ledger, stored in one slot of its tenant's session table.
@@ -31,6 +73,20 @@ pub struct SessionRecord {
     /// Manual kill switch (`POST …/kill`).
     pub killed: bool,
     pub agents: Vec<AgentEntry>,
+    /// Calls counted for the report: every identified call, refused ones included.
+    pub requests: u64,
+    pub cache_hits: u64,
+    pub savings: Amount,
+    /// `ALERT_*` flags already sent for the session budget.
+    pub alerts: u8,
+    /// Payments whose outcome is unknown (sent, no answer): kept charged.
+    pub unconfirmed: u64,
+    pub unconfirmed_amount: Amount,
+    pub tools: Vec<Tally>,
+    pub endpoints: Vec<Tally>,
+    /// Refusals by code.
+    pub refusals: Vec<(String, u64)>,
+    pub recent_refusals: Vec<RecentRefusal>,
 }
 
 /// What one priced call asks of its session.
@@ -134,8 +190,7 @@ impl SessionRecord {
                 }
                 self.agents.push(AgentEntry {
                     id: charge.agent.to_string(),
-                    spent: 0,
-                    reserved: 0,
+                    ..AgentEntry::default()
                 });
                 self.agents.last_mut()
             }
@@ -174,19 +229,115 @@ impl SessionRecord {
         idle >= idle_timeout && (self.reserved == 0 || idle >= idle_timeout.saturating_add(3600))
     }
 
+    /// Counts a finished call: totals, its agent, tool and endpoint. The agent entry is
+    /// created if needed (up to `max_agents`; beyond, only the totals count).
+    pub fn record_call(&mut self, call: &CallStats, max_agents: u16) {
+        self.requests = self.requests.saturating_add(1);
+        if call.cache_hit {
+            self.cache_hits = self.cache_hits.saturating_add(1);
+            self.savings = self.savings.saturating_add(call.savings);
+        }
+        if let Some(agent) = self.agent_entry(call.agent, max_agents) {
+            agent.requests = agent.requests.saturating_add(1);
+            if call.cache_hit {
+                agent.cache_hits = agent.cache_hits.saturating_add(1);
+                agent.savings = agent.savings.saturating_add(call.savings);
+            }
+        }
+        for (list, name) in [
+            (&mut self.tools, call.tool.unwrap_or("other")),
+            (&mut self.endpoints, call.endpoint),
+        ] {
+            let tally = label_entry(list, name);
+            tally.requests = tally.requests.saturating_add(1);
+            tally.cost = tally.cost.saturating_add(call.cost);
+            if call.cache_hit {
+                tally.cache_hits = tally.cache_hits.saturating_add(1);
+                tally.savings = tally.savings.saturating_add(call.savings);
+            }
+        }
+    }
+
+    /// Counts a refused call.
+    pub fn record_refusal(&mut self, agent: &str, code: &str, now: u64) {
+        self.requests = self.requests.saturating_add(1);
+        match self.refusals.iter_mut().find(|(c, _)| c == code) {
+            Some((_, n)) => *n = n.saturating_add(1),
+            None => self.refusals.push((code.to_string(), 1)),
+        }
+        if self.recent_refusals.len() >= MAX_RECENT_REFUSALS {
+            self.recent_refusals.remove(0);
+        }
+        self.recent_refusals.push(RecentRefusal {
+            at: now,
+            agent: agent.to_string(),
+            code: code.to_string(),
+        });
+    }
+
+    fn agent_entry(&mut self, id: &str, max_agents: u16) -> Option<&mut AgentEntry> {
+        if let Some(i) = self.agents.iter().position(|a| a.id == id) {
+            return self.agents.get_mut(i);
+        }
+        if self.agents.len() >= usize::from(max_agents) {
+            return None;
+        }
+        self.agents.push(AgentEntry {
+            id: id.to_string(),
+            ..AgentEntry::default()
+        });
+        self.agents.last_mut()
+    }
+
+    pub fn agent_mut(&mut self, id: &str) -> Option<&mut AgentEntry> {
+        self.agents.iter_mut().find(|a| a.id == id)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(32 + self.session_id.len() + self.agents.len() * 40);
+        let mut w = Vec::with_capacity(96 + self.session_id.len() + self.agents.len() * 64);
         w.push(SESSION_VERSION);
         w.push(if self.killed { FLAG_KILLED } else { 0 });
-        w.extend_from_slice(&self.last_active.to_le_bytes());
-        w.extend_from_slice(&self.spent.to_le_bytes());
-        w.extend_from_slice(&self.reserved.to_le_bytes());
+        w.push(self.alerts);
+        for v in [
+            self.last_active,
+            self.spent,
+            self.reserved,
+            self.requests,
+            self.cache_hits,
+            self.savings,
+            self.unconfirmed,
+            self.unconfirmed_amount,
+        ] {
+            w.extend_from_slice(&v.to_le_bytes());
+        }
         put_str(&mut w, &self.session_id);
         w.extend_from_slice(&(self.agents.len() as u16).to_le_bytes());
         for a in &self.agents {
             put_str(&mut w, &a.id);
-            w.extend_from_slice(&a.spent.to_le_bytes());
-            w.extend_from_slice(&a.reserved.to_le_bytes());
+            w.push(a.alerts);
+            for v in [a.spent, a.reserved, a.requests, a.cache_hits, a.savings] {
+                w.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        for list in [&self.tools, &self.endpoints] {
+            w.push(list.len() as u8);
+            for t in list {
+                put_str(&mut w, &t.name);
+                for v in [t.requests, t.cost, t.cache_hits, t.savings] {
+                    w.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        w.push(self.refusals.len() as u8);
+        for (code, n) in &self.refusals {
+            put_str(&mut w, code);
+            w.extend_from_slice(&n.to_le_bytes());
+        }
+        w.push(self.recent_refusals.len() as u8);
+        for r in &self.recent_refusals {
+            w.extend_from_slice(&r.at.to_le_bytes());
+            put_str(&mut w, &r.agent);
+            put_str(&mut w, &r.code);
         }
         w
     }
@@ -201,29 +352,82 @@ impl SessionRecord {
             return Err(DecodeError);
         }
         let killed = r.u8()? & FLAG_KILLED != 0;
-        let last_active = r.u64()?;
-        let spent = r.u64()?;
-        let reserved = r.u64()?;
-        let session_id = r.string()?;
-        let count = r.u16()?;
-        let mut agents = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            agents.push(AgentEntry {
+        let alerts = r.u8()?;
+        let mut rec = SessionRecord {
+            killed,
+            alerts,
+            last_active: r.u64()?,
+            spent: r.u64()?,
+            reserved: r.u64()?,
+            requests: r.u64()?,
+            cache_hits: r.u64()?,
+            savings: r.u64()?,
+            unconfirmed: r.u64()?,
+            unconfirmed_amount: r.u64()?,
+            session_id: r.string()?,
+            ..SessionRecord::default()
+        };
+        for _ in 0..r.u16()? {
+            rec.agents.push(AgentEntry {
                 id: r.string()?,
+                alerts: r.u8()?,
                 spent: r.u64()?,
                 reserved: r.u64()?,
+                requests: r.u64()?,
+                cache_hits: r.u64()?,
+                savings: r.u64()?,
+            });
+        }
+        for which in 0..2 {
+            let mut list = Vec::new();
+            for _ in 0..r.u8()? {
+                list.push(Tally {
+                    name: r.string()?,
+                    requests: r.u64()?,
+                    cost: r.u64()?,
+                    cache_hits: r.u64()?,
+                    savings: r.u64()?,
+                });
+            }
+            if which == 0 {
+                rec.tools = list;
+            } else {
+                rec.endpoints = list;
+            }
+        }
+        for _ in 0..r.u8()? {
+            rec.refusals.push((r.string()?, r.u64()?));
+        }
+        for _ in 0..r.u8()? {
+            rec.recent_refusals.push(RecentRefusal {
+                at: r.u64()?,
+                agent: r.string()?,
+                code: r.string()?,
             });
         }
         r.end()?;
-        Ok(SessionRecord {
-            session_id,
-            last_active,
-            spent,
-            reserved,
-            killed,
-            agents,
-        })
+        Ok(rec)
     }
+}
+
+/// The tally for a label, created if there is room; past [`MAX_LABELS`], `other`.
+fn label_entry<'a>(list: &'a mut Vec<Tally>, name: &str) -> &'a mut Tally {
+    let wanted = if list.iter().any(|t| t.name == name) || list.len() < MAX_LABELS - 1 {
+        name
+    } else {
+        "other"
+    };
+    let index = match list.iter().position(|t| t.name == wanted) {
+        Some(i) => i,
+        None => {
+            list.push(Tally {
+                name: wanted.to_string(),
+                ..Tally::default()
+            });
+            list.len() - 1
+        }
+    };
+    &mut list[index]
 }
 
 /// Spent and reserved of one window (a UTC day or month).
@@ -232,6 +436,8 @@ pub struct WindowCounter {
     pub index: u32,
     pub spent: Amount,
     pub reserved: Amount,
+    /// `ALERT_*` flags already sent in this window.
+    pub alerts: u8,
 }
 
 impl WindowCounter {
@@ -241,6 +447,7 @@ impl WindowCounter {
         if index > self.index {
             self.index = index;
             self.spent = 0;
+            self.alerts = 0;
         }
     }
 }
@@ -307,9 +514,10 @@ impl TenantRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(41);
+        let mut w = Vec::with_capacity(43);
         w.push(TENANT_VERSION);
         for c in [self.day, self.month] {
+            w.push(c.alerts);
             w.extend_from_slice(&c.index.to_le_bytes());
             w.extend_from_slice(&c.spent.to_le_bytes());
             w.extend_from_slice(&c.reserved.to_le_bytes());
@@ -327,6 +535,7 @@ impl TenantRecord {
         }
         let mut counter = || -> Result<WindowCounter, DecodeError> {
             Ok(WindowCounter {
+                alerts: r.u8()?,
                 index: r.u32()?,
                 spent: r.u64()?,
                 reserved: r.u64()?,
@@ -492,6 +701,7 @@ mod tests {
             id: "a".into(),
             spent: 3_000_000,
             reserved: 0,
+            ..AgentEntry::default()
         });
         let c = Charge {
             kill_ppm: None,
@@ -553,15 +763,35 @@ mod tests {
                 index: 1,
                 spent: 2,
                 reserved: 3,
+                alerts: 1,
             },
             month: WindowCounter {
                 index: 4,
                 spent: 5,
                 reserved: 6,
+                alerts: 0,
             },
         };
         assert_eq!(TenantRecord::decode(&t.encode()).unwrap(), t);
         assert!(TenantRecord::decode(&t.encode()[..40]).is_err());
+        let mut s = SessionRecord::new("s", 1);
+        s.record_call(
+            &CallStats {
+                agent: "a",
+                tool: Some("search"),
+                endpoint: "e/x",
+                cost: 5,
+                cache_hit: true,
+                savings: 5,
+            },
+            4,
+        );
+        s.record_refusal("a", "AGENT_BUDGET_EXCEEDED", 9);
+        let bytes = s.encode();
+        assert_eq!(SessionRecord::decode(&bytes).unwrap(), s);
+        for cut in 1..bytes.len() {
+            assert!(SessionRecord::decode(&bytes[..cut]).is_err());
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The plain-Rust core of pag0. Nothing here calls the proxy-wasm host: time, shared
 //! data and headers come in as values or through the [`store::SharedStore`] trait.
 
+pub mod admin;
+pub mod alerts;
 pub mod amount;
 pub mod compile;
 pub mod config;

@@ -64,8 +64,9 @@ pub fn lookup<S: SharedStore + ?Sized>(
     Ok(None)
 }
 
-enum Attempt {
-    Done(SessionRecord),
+#[allow(clippy::large_enum_variant)] // short-lived, never stored
+enum Attempt<T> {
+    Done(SessionRecord, T),
     /// The slot changed hands between lookup and update: look again.
     Moved,
 }
@@ -73,22 +74,22 @@ enum Attempt {
 /// Applies `change` to the session's record, claiming a slot for a new session when
 /// `create` is set. Returns the slot and the record as written, or `None` when the
 /// session has no slot and `create` is false.
-pub fn modify<S: SharedStore + ?Sized>(
+pub fn modify<S: SharedStore + ?Sized, T>(
     store: &S,
     tenant: &str,
     session_id: &str,
     limits: &SessionLimits,
     now: u64,
     create: bool,
-    change: &dyn Fn(&mut SessionRecord) -> Result<(), Refusal>,
-) -> Result<Option<(u32, SessionRecord)>, Refusal> {
+    change: &dyn Fn(&mut SessionRecord) -> Result<T, Refusal>,
+) -> Result<Option<(u32, SessionRecord, T)>, Refusal> {
     for _ in 0..64 {
         let found = lookup(store, tenant, session_id, limits)?;
         let slot = match found {
             Some((slot, _)) => slot,
             None if !create => return Ok(None),
             None => match claim(store, tenant, session_id, limits, now, change)? {
-                Claim::Claimed(slot, record) => return Ok(Some((slot, record))),
+                Claim::Claimed(slot, record, out) => return Ok(Some((slot, record, out))),
                 Claim::Exists => continue,
             },
         };
@@ -97,12 +98,12 @@ pub fn modify<S: SharedStore + ?Sized>(
             if record.session_id != session_id {
                 return Ok(Step::Keep(Attempt::Moved));
             }
-            change(&mut record)?;
+            let out = change(&mut record)?;
             record.last_active = record.last_active.max(now);
-            Ok(Step::Write(record.encode(), Attempt::Done(record)))
+            Ok(Step::Write(record.encode(), Attempt::Done(record, out)))
         })?;
         match outcome {
-            Attempt::Done(record) => return Ok(Some((slot, record))),
+            Attempt::Done(record, out) => return Ok(Some((slot, record, out))),
             Attempt::Moved => continue,
         }
     }
@@ -112,23 +113,25 @@ pub fn modify<S: SharedStore + ?Sized>(
     ))
 }
 
-enum Claim {
-    Claimed(u32, SessionRecord),
+#[allow(clippy::large_enum_variant)] // short-lived, never stored
+enum Claim<T> {
+    Claimed(u32, SessionRecord, T),
     /// Another worker claimed a slot for this session first.
     Exists,
 }
 
-fn claim<S: SharedStore + ?Sized>(
+fn claim<S: SharedStore + ?Sized, T>(
     store: &S,
     tenant: &str,
     session_id: &str,
     limits: &SessionLimits,
     now: u64,
-    change: &dyn Fn(&mut SessionRecord) -> Result<(), Refusal>,
-) -> Result<Claim, Refusal> {
+    change: &dyn Fn(&mut SessionRecord) -> Result<T, Refusal>,
+) -> Result<Claim<T>, Refusal> {
     // Build the new record first: a call the fresh session refuses claims nothing.
     let mut fresh = SessionRecord::new(session_id, now);
-    change(&mut fresh)?;
+    let out = change(&mut fresh)?;
+    let mut out = Some(out);
     with_lock(store, &claim_lock_key(tenant), || {
         let mut free_slot = None;
         for slot in probe_slots(session_id, limits.max_sessions) {
@@ -155,10 +158,9 @@ fn claim<S: SharedStore + ?Sized>(
             }
             Ok(Step::Write(fresh.encode(), true))
         })?;
-        Ok(if written {
-            Claim::Claimed(slot, fresh.clone())
-        } else {
-            Claim::Exists
+        Ok(match (written, out.take()) {
+            (true, Some(out)) => Claim::Claimed(slot, fresh.clone(), out),
+            _ => Claim::Exists,
         })
     })
 }
@@ -175,6 +177,7 @@ pub fn reserve<S: SharedStore + ?Sized>(
     modify(store, tenant, session_id, limits, now, true, &|r| {
         r.try_reserve(charge)
     })?
+    .map(|(slot, record, ())| (slot, record))
     .ok_or_else(|| Refusal::new(ErrorCode::InternalError, "session vanished"))
 }
 
@@ -199,10 +202,11 @@ pub fn settle<S: SharedStore + ?Sized>(
         r.settle(how.agent, how.price, how.commit);
         Ok(())
     })?;
-    Ok(settled.map(|(_, record)| record))
+    Ok(settled.map(|(_, record, ())| record))
 }
 
-/// Sets or clears the manual kill switch (creating the session if needed).
+/// Sets or clears the manual kill switch (creating the session to kill it if needed).
+/// Returns the record and whether the switch was on before.
 pub fn set_killed<S: SharedStore + ?Sized>(
     store: &S,
     tenant: &str,
@@ -210,12 +214,13 @@ pub fn set_killed<S: SharedStore + ?Sized>(
     limits: &SessionLimits,
     now: u64,
     killed: bool,
-) -> Result<Option<SessionRecord>, Refusal> {
+) -> Result<Option<(SessionRecord, bool)>, Refusal> {
     let changed = modify(store, tenant, session_id, limits, now, killed, &|r| {
+        let was = r.killed;
         r.killed = killed;
-        Ok(())
+        Ok(was)
     })?;
-    Ok(changed.map(|(_, record)| record))
+    Ok(changed.map(|(_, record, was)| (record, was)))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! The host layer: Envoy's proxy-wasm callbacks in, the core's decisions out.
 //! Nothing here decides policy; everything here touches the host.
 
+mod alerts;
+mod callout;
 mod http;
+mod metrics;
 mod props;
 mod reply;
 mod root;

@@ -29,6 +29,7 @@ pub fn route_settings() -> RouteSettings {
         price: route_field("price"),
         tool: route_field("tool"),
         charge_on: route_field("chargeOn"),
+        endpoint: route_field("endpoint"),
     }
 }
 

@@ -32,3 +32,10 @@ pub fn send_refusal(refusal: &Refusal, view: &BudgetView) {
         );
     }
 }
+
+/// Sends a local answer (the report API, the dashboard).
+pub fn send_local(status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+    if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
+        log(LogLevel::Error, &format!("pag0: cannot send answer: {e:?}"));
+    }
+}

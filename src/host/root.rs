@@ -9,14 +9,33 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
 use crate::core::compile::{compile_json, Config};
 use crate::host::http::Pag0Http;
-use crate::host::log;
+use crate::host::{alerts, callout, log, metrics};
 
 #[derive(Default)]
 pub struct Pag0Root {
     config: Option<Rc<Config>>,
 }
 
-impl Context for Pag0Root {}
+impl Context for Pag0Root {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let status = callout::response_status(self);
+        if callout::succeeded(status) {
+            metrics::add("pag0.alerts.sent", 1);
+        } else {
+            metrics::add("pag0.alerts.failed", 1);
+            log(
+                LogLevel::Warn,
+                &format!("pag0: alert webhook answered {status:?}"),
+            );
+        }
+    }
+}
 
 impl RootContext for Pag0Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -40,6 +59,10 @@ impl RootContext for Pag0Root {
                         config.tenants.len()
                     ),
                 );
+                if config.alerts.is_some() {
+                    // Alerts queued by streams are sent from here, five times a second.
+                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(200));
+                }
                 self.config = Some(Rc::new(config));
                 true
             }
@@ -49,6 +72,24 @@ impl RootContext for Pag0Root {
                     &format!("pag0: invalid configuration: {reason}"),
                 );
                 false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(sink) = self.config.as_ref().and_then(|c| c.alerts.clone()) else {
+            return;
+        };
+        for body in alerts::take_all() {
+            if let Err(status) = callout::post_json(self, &sink, &body) {
+                metrics::add("pag0.alerts.failed", 1);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "pag0: cannot send alert to cluster {}: {status:?}",
+                        sink.cluster
+                    ),
+                );
             }
         }
     }
