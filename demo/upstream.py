@@ -3,7 +3,8 @@
 
 One server answers for every host, chosen by the Host header, with a small JSON body
 shaped like the real API's. It counts the calls it serves per host and path and shows
-them at GET /_demo/calls (on its own port, not through Envoy).
+them at GET /_demo/calls (on its own port, not through Envoy). It is also the demo's
+alert webhook: pag0 POSTs alerts to /_demo/alerts, and GET /_demo/alerts lists them.
 Usage: upstream.py [--port 18080]
 """
 import argparse
@@ -12,6 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CALLS = {}
+ALERTS = []
 LOCK = threading.Lock()
 
 
@@ -42,6 +44,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/_demo/calls":
             with LOCK:
                 payload = json.dumps(CALLS, indent=2).encode()
+        elif self.path == "/_demo/alerts":
+            # pag0's alert webhook posts here; GET lists what arrived.
+            with LOCK:
+                if self.command == "POST":
+                    try:
+                        ALERTS.append(json.loads(raw))
+                    except ValueError:
+                        pass
+                    print(f"alert: {raw.decode(errors='replace')}", flush=True)
+                payload = json.dumps(ALERTS, indent=2).encode()
         else:
             try:
                 body = json.loads(raw) if raw else {}

@@ -1,7 +1,13 @@
 //! Test harness: a real Envoy with the built pag0.wasm on free loopback ports, an
 //! in-process upstream that records what reaches it, and a small HTTP/1.1 client.
 //! Everything a test starts is stopped when its handle drops.
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 pub mod client;
 pub mod envoy;
