@@ -16,7 +16,7 @@ trap cleanup EXIT INT TERM
 
 python3 demo/upstream.py --port 18080 &
 pids+=($!)
-"$envoy_bin" -c "$config" --concurrency 2 --disable-hot-restart -l "${ENVOY_LOG_LEVEL:-warning}" &
+"$envoy_bin" -c "$config" --concurrency 2 --disable-hot-restart --file-flush-interval-msec 500 -l "${ENVOY_LOG_LEVEL:-warning}" &
 pids+=($!)
 for _ in $(seq 1 100); do
   if curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1; then break; fi

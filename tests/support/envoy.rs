@@ -176,6 +176,7 @@ impl Envoy {
         std::fs::write(&config, render(port, admin)).unwrap();
         let log_path = dir.0.join("envoy.log");
         let log = std::fs::File::create(&log_path).unwrap();
+        let stdout = std::fs::File::create(dir.0.join("stdout.log")).unwrap();
         let child = Command::new(envoy_bin())
             .args([
                 "-c",
@@ -183,10 +184,12 @@ impl Envoy {
                 "--concurrency",
                 "2",
                 "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "100",
                 "-l",
                 "info",
             ])
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .unwrap();
@@ -223,6 +226,11 @@ impl Envoy {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("envoy not ready after 20 s:\n{}", self.log());
+    }
+
+    /// What Envoy printed on stdout (the access log of the example configs).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log_path.with_file_name("stdout.log")).unwrap_or_default()
     }
 
     pub fn log(&self) -> String {
