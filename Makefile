@@ -25,6 +25,7 @@ demo: build envoy
 test: build envoy lint test-native test-wasm
 
 test-native:
+	@scripts/ensure-chromium.sh >/dev/null
 	$(CARGO) test --all-targets
 
 test-wasm:

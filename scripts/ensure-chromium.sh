@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Prints the path of a Chromium for the dashboard test, installing Debian's if needed.
+set -euo pipefail
+for candidate in "${CHROMIUM_BIN:-}" chromium chromium-browser; do
+  if [[ -n "$candidate" ]] && command -v "$candidate" >/dev/null 2>&1; then
+    command -v "$candidate"; exit 0
+  fi
+done
+if [[ "$(id -u)" == 0 ]]; then sudo=""; else sudo="sudo"; fi
+$sudo apt-get update -qq >&2
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >&2
+command -v chromium
