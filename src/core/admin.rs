@@ -432,3 +432,159 @@ pub fn report_json(
         "budget": budget_json(cfg, tenant, record, windows),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::compile::{compile_json, sha256_hex};
+    use crate::core::firewall::{
+        admit, describe_call, identify, settle, HeaderValue, RouteSettings,
+    };
+    use crate::core::store::MemoryStore;
+
+    fn config() -> Config {
+        let json = format!(
+            r#"{{"tenants": [{{"id": "demo", "apiKeySha256": "{}"}}],
+                "admin": {{"apiKeySha256": "{}"}},
+                "policies": {{"p": {{"sessionBudget": "5000000", "alertOnThreshold": 0.7,
+                    "agents": {{"ralph-*": {{"agentBudget": "3000000"}}}}}}}}}}"#,
+            sha256_hex(b"demo-key"),
+            sha256_hex(b"root")
+        );
+        compile_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn routes() {
+        let cfg = config();
+        assert_eq!(route(&cfg, "GET", "/v1/chat"), None);
+        assert_eq!(route(&cfg, "GET", "/_pag0/v1x"), None);
+        assert_eq!(
+            route(&cfg, "GET", "/_pag0/dashboard"),
+            Some(Ok(AdminRoute::Dashboard))
+        );
+        assert_eq!(
+            route(&cfg, "GET", "/_pag0/v1/sessions?tenant=x"),
+            Some(Ok(AdminRoute::Sessions))
+        );
+        assert_eq!(
+            route(&cfg, "POST", "/_pag0/v1/sessions/s-1/kill"),
+            Some(Ok(AdminRoute::Kill("s-1".into())))
+        );
+        let wrong = route(&cfg, "GET", "/_pag0/v1/sessions/s-1/kill")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(wrong.code, ErrorCode::MethodNotAllowed);
+        let bad = route(&cfg, "GET", "/_pag0/v1/sessions/a%20b/report")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(bad.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn keys() {
+        let cfg = config();
+        assert_eq!(authorize(&cfg, &[b"root".to_vec()]), Ok(Access::Admin));
+        assert_eq!(
+            authorize(&cfg, &[b"x".to_vec(), b"demo-key".to_vec()]),
+            Ok(Access::Tenant(0))
+        );
+        assert_eq!(
+            authorize(&cfg, &[]).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
+        assert_eq!(bearer(b"Bearer root"), Some(b"root".to_vec()));
+        assert_eq!(bearer(b"Basic root"), None);
+    }
+
+    #[test]
+    fn ralph_stops_at_three_dollars_and_the_report_says_so() {
+        let cfg = config();
+        let store = MemoryStore::new();
+        let headers = |agent: &'static str| {
+            move |name: &str| match name {
+                "x-pag0-api-key" => HeaderValue::One(b"demo-key".to_vec()),
+                "x-pag0-session" => HeaderValue::One(b"s1".to_vec()),
+                "x-pag0-agent" => HeaderValue::One(agent.as_bytes().to_vec()),
+                _ => HeaderValue::Missing,
+            }
+        };
+        let route_settings = RouteSettings {
+            price: Some("150000".into()),
+            tool: Some("llm".into()),
+            ..RouteSettings::default()
+        };
+        let call =
+            describe_call(&cfg, b"api.anthropic.com", b"/v1/messages", &route_settings).unwrap();
+        let ralph = identify(&cfg, &headers("ralph-1")).unwrap();
+        let mut alerts = Vec::new();
+        let mut ok = 0;
+        loop {
+            match admit(&cfg, &store, &ralph, &call, 100) {
+                Ok(admission) => {
+                    let settled = settle(&cfg, &store, &admission.ticket, true, 100).unwrap();
+                    assert_eq!(settled.cost, 150_000);
+                    alerts.extend(settled.alerts);
+                    ok += 1;
+                }
+                Err(refused) => {
+                    assert_eq!(refused.refusal.code, ErrorCode::AgentBudgetExceeded);
+                    alerts.extend(
+                        crate::core::firewall::record_refusal(
+                            &cfg,
+                            &store,
+                            &ralph,
+                            &call,
+                            &refused.refusal,
+                            100,
+                        )
+                        .unwrap(),
+                    );
+                    break;
+                }
+            }
+        }
+        assert_eq!(ok, 20);
+        let kinds: Vec<_> = alerts
+            .iter()
+            .map(|a| (a.alert.kind, a.alert.scope))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (AlertKind::ThresholdCrossed, Scope::Agent),
+                (AlertKind::BudgetExhausted, Scope::Agent)
+            ]
+        );
+        // The executor goes on.
+        let executor = identify(&cfg, &headers("executor-1")).unwrap();
+        let admission = admit(&cfg, &store, &executor, &call, 101).unwrap();
+        settle(&cfg, &store, &admission.ticket, true, 101).unwrap();
+
+        let response = handle(
+            &cfg,
+            &store,
+            Access::Tenant(0),
+            &AdminRoute::Report("s1".into()),
+            None,
+            102,
+        );
+        assert_eq!(response.status, 200);
+        let report: Value = serde_json::from_str(&response.body).unwrap();
+        assert_eq!(report["totalCost"], "3150000");
+        assert_eq!(report["totalRequests"], 22);
+        assert_eq!(report["refusals"]["AGENT_BUDGET_EXCEEDED"], 1);
+        assert_eq!(report["byAgent"][0]["agentId"], "ralph-1");
+        assert_eq!(report["byAgent"][0]["budgetUtilization"], 1.0);
+        assert_eq!(report["byTool"][0]["requests"], 21);
+        let missing = handle(
+            &cfg,
+            &store,
+            Access::Admin,
+            &AdminRoute::Budget("nope".into()),
+            None,
+            102,
+        );
+        assert_eq!(missing.status, 404);
+    }
+}
