@@ -11,8 +11,14 @@ use support::envoy::TempDir;
 use support::{agent_headers, repo_root, unique, Client, Envoy, Upstream};
 
 fn chromium() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-chromium.sh")).output().unwrap();
-    assert!(out.status.success(), "no chromium: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(repo_root().join("scripts/ensure-chromium.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "no chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -39,8 +45,15 @@ fn run_chromium(url: &str, extra: &[&str]) -> (String, String) {
         .arg(url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The `data-*` attributes of the bar row whose label is `label`.
@@ -63,21 +76,46 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
     let mut c = Client::new(envoy.port);
     let s = unique("dash");
     for _ in 0..21 {
-        c.post("api.anthropic.com", "/v1/messages", &agent_headers("demo-key", &s, "ralph-1"), "{}");
+        c.post(
+            "api.anthropic.com",
+            "/v1/messages",
+            &agent_headers("demo-key", &s, "ralph-1"),
+            "{}",
+        );
     }
     for _ in 0..3 {
-        c.post("api.tavily.com", "/search", &agent_headers("demo-key", &s, "executor-1"), "{}");
+        c.post(
+            "api.tavily.com",
+            "/search",
+            &agent_headers("demo-key", &s, "executor-1"),
+            "{}",
+        );
     }
-    c.post("api.deepl.com", "/v2/translate", &agent_headers("demo-key", &s, "reviewer-1"), "{}");
-    let url = format!("http://127.0.0.1:{}/_pag0/dashboard?key=demo-admin&session={s}", envoy.port);
+    c.post(
+        "api.deepl.com",
+        "/v2/translate",
+        &agent_headers("demo-key", &s, "reviewer-1"),
+        "{}",
+    );
+    let url = format!(
+        "http://127.0.0.1:{}/_pag0/dashboard?key=demo-admin&session={s}",
+        envoy.port
+    );
 
     let (dom, log) = run_chromium(&url, &["--dump-dom"]);
     let errors: Vec<&str> = log
         .lines()
-        .filter(|l| (l.contains("CONSOLE") && (l.contains("Uncaught") || l.contains("Error") || l.contains(":ERROR:"))) || l.contains("Failed to load"))
+        .filter(|l| {
+            (l.contains("CONSOLE")
+                && (l.contains("Uncaught") || l.contains("Error") || l.contains(":ERROR:")))
+                || l.contains("Failed to load")
+        })
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:#?}");
-    assert!(dom.contains("data-loaded=\"true\""), "the page never loaded its data:\n{dom}");
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page never loaded its data:\n{dom}"
+    );
     assert_eq!(bar(&dom, "ralph-1"), Some((3_000_000, 3_000_000)));
     assert_eq!(bar(&dom, "executor-1"), Some((60_000, 2_000_000)));
     assert_eq!(bar(&dom, "reviewer-1"), Some((50_000, 500_000)));
@@ -89,5 +127,8 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&shot);
     run_chromium(&url, &[&format!("--screenshot={}", shot.display())]);
-    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot missing or empty");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot missing or empty"
+    );
 }

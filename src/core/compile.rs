@@ -213,6 +213,9 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
     let mut endpoints = Vec::new();
     for (i, rule) in raw.endpoints.into_iter().enumerate() {
         let field = format!("endpoints[{i}]");
+        if rule.pattern.len() > 200 {
+            return Err(format!("{field}.pattern: longer than 200 characters"));
+        }
         let glob = Glob::new(&rule.pattern).map_err(|e| format!("{field}.pattern: {e}"))?;
         let price = amount(rule.price.as_ref(), &format!("{field}.price"), true)?;
         if let Some(tool) = &rule.tool {
@@ -508,6 +511,17 @@ pub fn check_route_price(text: &str) -> Result<Amount, String> {
 
 pub fn check_route_tool(text: &str) -> Result<(), String> {
     check_label(text, "route metadata pag0.tool")
+}
+
+/// A route's `endpoint` label: 1-200 printable ASCII characters.
+pub fn check_route_endpoint(text: &str) -> Result<(), String> {
+    if !text.is_empty() && text.len() <= 200 && text.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "route metadata pag0.endpoint {text:?} must be 1-200 printable ASCII characters"
+        ))
+    }
 }
 
 pub fn parse_charge_on(text: &str) -> Result<ChargeOn, String> {

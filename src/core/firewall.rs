@@ -5,7 +5,9 @@
 
 use crate::core::alerts::{after_spend, raise_once, Alert, AlertKind};
 use crate::core::amount::Amount;
-use crate::core::compile::{check_route_price, check_route_tool, parse_charge_on, Config};
+use crate::core::compile::{
+    check_route_endpoint, check_route_price, check_route_tool, parse_charge_on, Config,
+};
 use crate::core::endpoint::endpoint;
 use crate::core::errors::{ErrorCode, Refusal, Scope};
 use crate::core::headers::{BudgetView, ScopeState};
@@ -166,6 +168,9 @@ pub fn describe_call(
             .get(policy)
             .map_or(ChargeOn::Success, |p| p.charge_on),
     };
+    if let Some(label) = &route.endpoint {
+        check_route_endpoint(label).map_err(config_error)?;
+    }
     let labelled = rule
         .map(|r| r.glob.source().to_string())
         .or_else(|| route.endpoint.clone());

@@ -412,6 +412,8 @@ impl SessionRecord {
 
 /// The tally for a label, created if there is room; past [`MAX_LABELS`], `other`.
 fn label_entry<'a>(list: &'a mut Vec<Tally>, name: &str) -> &'a mut Tally {
+    // Compare as stored, so a long label stays one tally after a round trip.
+    let name = clamp_str(name, MAX_STORED_STR);
     let wanted = if list.iter().any(|t| t.name == name) || list.len() < MAX_LABELS - 1 {
         name
     } else {
@@ -568,10 +570,23 @@ fn settle_pair(spent: &mut Amount, reserved: &mut Amount, price: Amount, commit:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeError;
 
+/// The longest string a record stores; longer labels are cut (on a character boundary).
+pub const MAX_STORED_STR: usize = 255;
+
+/// `s` cut to at most `max` bytes without splitting a character.
+pub fn clamp_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn put_str(w: &mut Vec<u8>, s: &str) {
-    // Ids are at most 128 bytes (checked at the edge); clamp anyway so the length
-    // byte can never lie.
-    let bytes = &s.as_bytes()[..s.len().min(255)];
+    let bytes = clamp_str(s, MAX_STORED_STR).as_bytes();
     w.push(bytes.len() as u8);
     w.extend_from_slice(bytes);
 }
@@ -792,6 +807,29 @@ mod tests {
         for cut in 1..bytes.len() {
             assert!(SessionRecord::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn long_labels_are_cut_on_a_character_boundary_and_counted_once() {
+        let label = format!("{}é", "a".repeat(254));
+        let long_ascii = "x".repeat(300);
+        let mut s = SessionRecord::new("s", 1);
+        for _ in 0..3 {
+            for endpoint in [label.as_str(), long_ascii.as_str()] {
+                let call = CallStats {
+                    agent: "a",
+                    tool: None,
+                    endpoint,
+                    cost: 1,
+                    cache_hit: false,
+                    savings: 0,
+                };
+                s.record_call(&call, 4);
+                s = SessionRecord::decode(&s.encode()).unwrap();
+            }
+        }
+        assert_eq!(s.endpoints.len(), 2);
+        assert!(s.endpoints.iter().all(|t| t.requests == 3));
     }
 
     #[test]
