@@ -196,4 +196,36 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
             .sum();
         assert_eq!(charged, SESSION_BUDGET, "sess session {s}");
     }
+
+    // Reports count every call exactly, whichever worker served it.
+    let per_session = (AGENTS_PER_SESSION * CONNECTIONS_PER_AGENT * CALLS_PER_CONNECTION) as u64;
+    for tenant in ["day", "sess"] {
+        for s in 0..SESSIONS_PER_TENANT {
+            let key = format!("Bearer key-{tenant}");
+            let path = format!("/_pag0/v1/sessions/load-{tenant}-{s}/report");
+            let report = client
+                .get("api.load.test", &path, &[("authorization", key.as_str())])
+                .json();
+            // + the one free read-back call above
+            assert_eq!(
+                report["totalRequests"],
+                per_session + 1,
+                "{tenant} session {s}: {report}"
+            );
+            let charged: u64 = (0..AGENTS_PER_SESSION)
+                .map(|a| tallies[&(tenant, s, a)].1)
+                .sum();
+            assert_eq!(report["totalCost"], charged.to_string());
+            let refused: u64 = (0..AGENTS_PER_SESSION)
+                .map(|a| tallies[&(tenant, s, a)].2.values().sum::<u64>())
+                .sum();
+            let counted: u64 = report["refusals"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum();
+            assert_eq!(counted, refused, "{tenant} session {s}");
+        }
+    }
 }
