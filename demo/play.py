@@ -853,6 +853,40 @@ def preflight(client: Client, wait: float) -> int | None:
     return None
 
 
+ADMIN_KEY = "demo-admin"
+
+
+def show_reports(client: Client, checks: Checks, sessions: list[Session]) -> None:
+    """Reads each session's report from the report API and checks it against what the
+    agents were charged, call by call."""
+    out()
+    out(paint("== the report API " + "=" * 63, "bold", "cyan"))
+    for s in sessions:
+        if s.title == "contract refusals":
+            continue
+        path = f"/_pag0/v1/sessions/{s.id}/report"
+        reply = client.request("GET", "pag0", path, {"authorization": f"Bearer {ADMIN_KEY}"})
+        if not checks.expect(reply.status == 200, f"GET {path} answers 200", reply, major=True):
+            continue
+        report = json.loads(reply.body)
+        charged = sum(t.spent for t in s.tallies.values())
+        checks.expect(report["totalCost"] == str(charged),
+                      f"{s.title}: report totalCost {report['totalCost']} = {charged} charged", reply, major=True)
+        out(f"  {s.title}: {usd(int(report['totalCost']))} in {report['totalRequests']} requests")
+        for a in report["byAgent"]:
+            util = a["budgetUtilization"]
+            budget = f" of {usd(int(a['budget']))} ({util:.0%})" if a["budget"] else ""
+            out(f"    {a['agentId']:<14} {usd(int(a['cost'])):>8}{budget}  {a['requests']} requests")
+            t = s.tallies.get(a["agentId"])
+            if t is not None:
+                checks.expect(a["cost"] == str(t.spent), f"{s.title}: {a['agentId']} cost in report", reply)
+        for code, n in sorted(report["refusals"].items()):
+            out(f"    refused: {n} x {code}")
+    out()
+    out(f"  live page: {client.listener}/_pag0/dashboard?key={ADMIN_KEY}")
+    out(f"  JSON:      curl -s -H 'authorization: Bearer {ADMIN_KEY}' {client.listener}/_pag0/v1/sessions")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Plays the pag0 demo scenarios against a running Envoy (`make run`).")
@@ -886,6 +920,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNUSABLE
 
     summary(sessions)
+    try:
+        show_reports(client, checks, sessions)
+    except Unreachable as exc:
+        out(f"play.py: lost the listener while reading reports ({exc}).")
+        return EXIT_UNUSABLE
     out()
     if checks.failures:
         out(paint(f"FAILED: {len(checks.failures)} of {checks.passed + len(checks.failures)} "
