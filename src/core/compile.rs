@@ -61,6 +61,7 @@ pub struct Config {
     pub track_windows: bool,
     pub admin: Admin,
     pub alerts: Option<AlertSink>,
+    pub cache: Option<crate::core::cache::CacheConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +263,10 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             })
         }
     };
+    let cache = match raw.cache {
+        None => None,
+        Some(raw_cache) => crate::core::cache::compile_cache(raw_cache)?,
+    };
     let track_windows = policies
         .iter()
         .any(|p| p.daily_budget.is_some() || p.monthly_budget.is_some());
@@ -277,6 +282,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         track_windows,
         admin,
         alerts,
+        cache,
     })
 }
 
@@ -415,6 +421,7 @@ fn compile_agent(field: &str, pattern: &str, raw: RawAgentPolicy) -> Result<Agen
         allowed,
         blocked,
         inherit_parent: raw.inherit_parent_policy.unwrap_or(true),
+        inherit_cache: raw.inherit_parent_cache.unwrap_or(true),
     })
 }
 

@@ -32,6 +32,35 @@ pub struct RawConfig {
     /// Webhook for alerts.
     #[serde(default)]
     pub alerts: Option<RawAlerts>,
+    /// The shared answer cache.
+    #[serde(default)]
+    pub cache: Option<RawCache>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    /// `session` (default) or `tenant`.
+    pub scope: Option<String>,
+    #[serde(rename = "defaultTTL")]
+    pub default_ttl: Option<u64>,
+    #[serde(default)]
+    pub ttl_rules: Vec<RawTtlRule>,
+    /// Default `["GET"]`.
+    pub methods: Option<Vec<String>>,
+    pub max_entry_bytes: Option<u32>,
+    /// Number of entries (slots); memory used is at most entries × maxEntryBytes.
+    pub entries: Option<u32>,
+    /// How long an identical request waits for the first one's answer.
+    pub coalesce_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawTtlRule {
+    pub pattern: String,
+    pub ttl: u64,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -114,6 +143,8 @@ pub struct RawAgentPolicy {
     #[serde(default)]
     pub blocked_endpoints: Option<Vec<String>>,
     pub inherit_parent_policy: Option<bool>,
+    /// false: the agent's cache entries are its own (a private namespace).
+    pub inherit_parent_cache: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

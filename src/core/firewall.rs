@@ -113,6 +113,8 @@ pub struct RouteSettings {
     pub charge_on: Option<String>,
     /// Label for reports and metrics (`api.tavily.com/search`).
     pub endpoint: Option<String>,
+    /// Cache TTL override for the route, seconds ("0": never cache).
+    pub cache_ttl: Option<String>,
 }
 
 /// What this call is: where it goes, its policy, price and tool.
@@ -457,6 +459,60 @@ pub fn settle<S: SharedStore + ?Sized>(
         })
         .collect();
     Ok(Settled { view, cost, alerts })
+}
+
+/// The endpoint lists of the call's policy, for calls that will be answered from the
+/// cache (a blocked endpoint is blocked even when its answer is cached).
+pub fn check_lists(cfg: &Config, caller: &Caller, call: &Call) -> Result<(), Refusal> {
+    let policy = policy_of(cfg, call.policy)?;
+    check_rules(policy, policy.agent_rule(&caller.agent), &call.endpoint, 0)
+}
+
+/// Whether the caller's agent keeps a private cache (`inheritParentCache: false`).
+pub fn private_cache(cfg: &Config, caller: &Caller, call: &Call) -> bool {
+    cfg.policies
+        .get(call.policy)
+        .and_then(|p| p.agent_rule(&caller.agent))
+        .is_some_and(|rule| !rule.inherit_cache)
+}
+
+/// Counts a cache hit in the session's report: free, nothing reserved, and what the
+/// original call cost is saved.
+pub fn record_hit<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    caller: &Caller,
+    call: &Call,
+    savings: Amount,
+    now: u64,
+) -> Result<BudgetView, Refusal> {
+    let tenant = tenant_id(cfg, caller.tenant)?;
+    let stats = CallStats {
+        agent: &caller.agent,
+        tool: call.tool.as_deref(),
+        endpoint: &call.endpoint_label,
+        cost: 0,
+        cache_hit: true,
+        savings,
+    };
+    let max_agents = cfg.sessions.max_agents;
+    match sessions::modify(
+        store,
+        tenant,
+        &caller.session,
+        &cfg.sessions,
+        now,
+        true,
+        &|r| {
+            r.record_call(&stats, max_agents);
+            Ok(())
+        },
+    ) {
+        Ok(_) => {}
+        Err(e) if e.code == ErrorCode::CapacityExceeded => {}
+        Err(e) => return Err(e),
+    }
+    current_view(cfg, store, caller, call, now)
 }
 
 /// Counts a refusal in the session's report (creating the session's record if there

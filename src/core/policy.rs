@@ -36,6 +36,8 @@ pub struct AgentRule {
     pub allowed: Option<Vec<Glob>>,
     pub blocked: Option<Vec<Glob>>,
     pub inherit_parent: bool,
+    /// false: the agent reads and writes only its own cache entries.
+    pub inherit_cache: bool,
 }
 
 /// A glob over agent ids (`executor-*`), case-sensitive.
@@ -211,6 +213,7 @@ mod tests {
                     allowed: Some(globs(&["api.tavily.com/*"])),
                     blocked: None,
                     inherit_parent: true,
+                    inherit_cache: true,
                 },
                 AgentRule {
                     pattern: IdPattern::new("scout-*").unwrap(),
@@ -219,6 +222,7 @@ mod tests {
                     allowed: Some(globs(&["api.deepl.com/*"])),
                     blocked: None,
                     inherit_parent: false,
+                    inherit_cache: true,
                 },
             ],
         }

@@ -1,15 +1,18 @@
-//! One HTTP stream: answer the report API, or identify the caller, check and reserve on
-//! request headers; settle, count and report on response headers; give back a
-//! reservation the stream never settled.
+//! One HTTP stream: answer the report API, or identify the caller, serve a cached
+//! answer or wait for an identical call in flight, check and reserve; settle, count,
+//! fill the cache and report on the way back; give back a reservation the stream never
+//! settled.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::core::admin::{self, AdminResponse};
 use crate::core::alerts::Alert;
+use crate::core::cache::{self, Entry, EntryState, Found};
 use crate::core::compile::Config;
 use crate::core::errors::{ErrorCode, Refusal};
 use crate::core::firewall::{self, Call, Caller, HeaderValue, Ticket};
@@ -19,108 +22,62 @@ use crate::core::policy::ChargeOn;
 use crate::host::metrics::{self, label, Labels};
 use crate::host::reply::{send_local, send_refusal};
 use crate::host::shared::HostStore;
-use crate::host::{alerts, log, now_secs, props};
+use crate::host::{alerts, log, now_millis, now_secs, props, waiters};
 
 /// Request headers with this prefix are pag0's own and never reach the upstream.
 const OWN_HEADER_PREFIX: &str = "x-pag0-";
 
+/// This stream's claim on a cache key: it goes upstream and fills the entry.
+pub struct CacheFill {
+    pub slot: u32,
+    pub key: String,
+    pub ttl: u64,
+    /// Set once the answer is known to be storable; the body is then buffered.
+    pub storing: Option<(u16, String)>,
+}
+
+/// What the stream knows, shared with the root context while the stream waits for an
+/// identical call's answer (the root then serves it, or admits it and resumes it).
+#[derive(Default)]
+pub struct StreamState {
+    pub ticket: Option<Ticket>,
+    pub labels: Option<Labels>,
+    pub charge_on: Option<ChargeOn>,
+    pub view: BudgetView,
+    pub answered_locally: bool,
+    pub cost: u64,
+    pub fill: Option<CacheFill>,
+}
+
+/// A call held back until its request body is in (to key the cache on it).
+struct Deferred {
+    caller: Caller,
+    call: Call,
+    method: String,
+    query: String,
+    ttl: u64,
+}
+
 pub struct Pag0Http {
+    context_id: u32,
     config: Option<Rc<Config>>,
-    /// The admitted call, until it is settled.
-    ticket: Option<Ticket>,
-    labels: Option<Labels>,
-    charge_on: ChargeOn,
-    view: BudgetView,
-    /// This stream was answered locally (a refusal, the report API).
-    answered_locally: bool,
+    state: Rc<RefCell<StreamState>>,
+    deferred: Option<Deferred>,
 }
 
 impl Pag0Http {
-    pub fn new(config: Option<Rc<Config>>) -> Pag0Http {
+    pub fn new(context_id: u32, config: Option<Rc<Config>>) -> Pag0Http {
         Pag0Http {
+            context_id,
             config,
-            ticket: None,
-            labels: None,
-            charge_on: ChargeOn::Success,
-            view: BudgetView::default(),
-            answered_locally: false,
+            state: Rc::default(),
+            deferred: None,
         }
     }
 
     fn refuse(&mut self, refusal: &Refusal, view: &BudgetView) -> Action {
-        log(
-            LogLevel::Debug,
-            &format!(
-                "pag0: refused {}: {}",
-                refusal.code.as_str(),
-                refusal.message
-            ),
-        );
-        self.answered_locally = true;
-        set_state("pag0_cost", "0");
-        set_state("pag0_error", refusal.code.as_str());
-        send_refusal(refusal, view);
+        refuse_stream(&self.state, refusal, view);
         Action::Pause
-    }
-
-    /// A refusal after the caller is known: counted in the session and the metrics.
-    fn refuse_caller(
-        &mut self,
-        config: &Config,
-        caller: &Caller,
-        call: &Call,
-        refusal: &Refusal,
-        view: &BudgetView,
-    ) -> Action {
-        let tenant = config
-            .tenants
-            .get(caller.tenant)
-            .map_or("default", |t| t.id.as_str());
-        metrics::refusal(
-            &label(tenant),
-            &metric_role(config, call, caller),
-            refusal.code.as_str(),
-        );
-        match firewall::record_refusal(config, &HostStore, caller, call, refusal, now_secs()) {
-            Ok(raised) => queue_alerts(config, raised),
-            Err(e) => log(
-                LogLevel::Warn,
-                &format!("pag0: could not count a refusal: {}", e.message),
-            ),
-        }
-        self.refuse(refusal, view)
-    }
-
-    fn settle(&mut self, upstream_status: Option<u32>) -> u64 {
-        let (Some(config), Some(ticket)) = (self.config.clone(), self.ticket.take()) else {
-            return 0;
-        };
-        let commit = firewall::should_commit(self.charge_on, upstream_status);
-        let cost = match firewall::settle(&config, &HostStore, &ticket, commit, now_secs()) {
-            Ok(settled) => {
-                self.view = settled.view;
-                queue_alerts(&config, settled.alerts);
-                settled.cost
-            }
-            Err(e) => {
-                log(
-                    LogLevel::Error,
-                    &format!(
-                        "pag0: could not settle {} for session {}: {}",
-                        ticket.price, ticket.session, e.message
-                    ),
-                );
-                if commit {
-                    ticket.price
-                } else {
-                    0
-                }
-            }
-        };
-        if let Some(labels) = self.labels.take() {
-            metrics::call(&labels, cost, false, 0);
-        }
-        cost
     }
 
     fn serve_admin(
@@ -130,7 +87,7 @@ impl Pag0Http {
         headers: &[(String, Vec<u8>)],
         path: &[u8],
     ) -> Action {
-        self.answered_locally = true;
+        self.state.borrow_mut().answered_locally = true;
         let response = match route {
             Err(refusal) => AdminResponse::refusal(&refusal),
             Ok(admin::AdminRoute::Dashboard) => admin::dashboard(config),
@@ -177,12 +134,92 @@ impl Pag0Http {
         send_local(response.status, out_headers, response.body.as_bytes());
         Action::Pause
     }
+
+    /// Looks the call up in the cache: serve a hit, wait for an identical call in
+    /// flight, or claim the key and go upstream.
+    fn through_cache(&mut self, config: &Rc<Config>, d: Deferred, body: &[u8]) -> Action {
+        let Some(cache_cfg) = &config.cache else {
+            return admit_stream(config, &self.state, &d.caller, &d.call);
+        };
+        if let Err(refusal) = firewall::check_lists(config, &d.caller, &d.call) {
+            refuse_caller(
+                config,
+                &self.state,
+                &d.caller,
+                &d.call,
+                &refusal,
+                &BudgetView::default(),
+            );
+            return Action::Pause;
+        }
+        let tenant = config
+            .tenants
+            .get(d.caller.tenant)
+            .map_or("default", |t| t.id.as_str());
+        let private = firewall::private_cache(config, &d.caller, &d.call);
+        let namespace = cache_cfg.namespace(&d.caller.session, &d.caller.agent, private);
+        let key = cache::cache_key(
+            tenant,
+            &namespace,
+            &d.method,
+            &d.call.endpoint,
+            &d.query,
+            body,
+        );
+        match cache::find_or_claim(&HostStore, cache_cfg, &key, now_millis()) {
+            Ok(Found::Hit(entry)) => {
+                serve_hit(config, &self.state, &d.caller, &d.call, &entry);
+                Action::Pause
+            }
+            Ok(Found::Pending(slot)) => {
+                let deadline = now_millis().saturating_add(cache_cfg.coalesce_wait_ms);
+                waiters::wait(waiters::Waiter {
+                    context_id: self.context_id,
+                    config: config.clone(),
+                    state: self.state.clone(),
+                    caller: d.caller,
+                    call: d.call,
+                    slot,
+                    key,
+                    deadline_ms: deadline,
+                });
+                Action::Pause
+            }
+            Ok(Found::Claimed(slot)) => {
+                self.state.borrow_mut().fill = Some(CacheFill {
+                    slot,
+                    key,
+                    ttl: d.ttl,
+                    storing: None,
+                });
+                let action = admit_stream(config, &self.state, &d.caller, &d.call);
+                if self.state.borrow().answered_locally {
+                    self.abandon_fill();
+                }
+                action
+            }
+            Err(e) => {
+                // The cache is an optimisation: on trouble, go upstream uncached.
+                log(
+                    LogLevel::Warn,
+                    &format!("pag0: cache lookup failed: {}", e.message),
+                );
+                admit_stream(config, &self.state, &d.caller, &d.call)
+            }
+        }
+    }
+
+    fn abandon_fill(&self) {
+        if let Some(fill) = self.state.borrow_mut().fill.take() {
+            let _ = cache::abandon(&HostStore, fill.slot, &fill.key);
+        }
+    }
 }
 
 impl Context for Pag0Http {}
 
 impl HttpContext for Pag0Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(config) = self.config.clone() else {
             let refusal = Refusal::new(ErrorCode::ConfigError, "pag0 has no valid configuration");
             return self.refuse(&refusal, &BudgetView::default());
@@ -217,12 +254,8 @@ impl HttpContext for Pag0Http {
             Ok(caller) => caller,
             Err(refusal) => return self.refuse(&refusal, &BudgetView::default()),
         };
-        let call = match firewall::describe_call(
-            &config,
-            &pseudo(":authority"),
-            &path,
-            &props::route_settings(),
-        ) {
+        let route = props::route_settings();
+        let call = match firewall::describe_call(&config, &pseudo(":authority"), &path, &route) {
             Ok(call) => call,
             Err(refusal) => {
                 if refusal.code == ErrorCode::ConfigError {
@@ -234,70 +267,368 @@ impl HttpContext for Pag0Http {
         set_state("pag0_agent", &caller.agent);
         set_state("pag0_session", &caller.session);
         set_state("pag0_cached", "false");
-        self.charge_on = call.charge_on;
-        match firewall::admit(&config, &HostStore, &caller, &call, now_secs()) {
-            Ok(admission) => {
-                let tenant = config
-                    .tenants
-                    .get(caller.tenant)
-                    .map_or("default", |t| t.id.as_str());
-                self.labels = Some(Labels {
-                    tenant: label(tenant),
-                    role: metric_role(&config, &call, &caller),
-                    tool: label(call.tool.as_deref().unwrap_or("other")),
-                    endpoint: label(&call.metric_endpoint),
-                });
-                self.ticket = Some(admission.ticket);
-                self.view = admission.view;
-                Action::Continue
+        self.state.borrow_mut().charge_on = Some(call.charge_on);
+
+        let bypass = matches!(lookup("x-pag0-cache-bypass"), HeaderValue::One(v) if v.eq_ignore_ascii_case(b"true"));
+        let ttl = config.cache.as_ref().and_then(|c| {
+            if bypass || !c.caches_method(&method) {
+                return None;
             }
-            Err(refused) => {
-                self.refuse_caller(&config, &caller, &call, &refused.refusal, &refused.view)
-            }
+            let route_ttl = route
+                .cache_ttl
+                .as_deref()
+                .and_then(|t| t.parse::<u64>().ok());
+            Some(c.ttl_for(&call.endpoint, route_ttl)).filter(|ttl| *ttl > 0)
+        });
+        let Some(ttl) = ttl else {
+            return admit_stream(&config, &self.state, &caller, &call);
+        };
+        let query = String::from_utf8_lossy(&path)
+            .split_once('?')
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
+        let deferred = Deferred {
+            caller,
+            call,
+            method,
+            query,
+            ttl,
+        };
+        if end_of_stream {
+            return self.through_cache(&config, deferred, b"");
         }
+        // Key the cache on the body: wait for all of it (Envoy buffers it meanwhile).
+        self.deferred = Some(deferred);
+        Action::Pause
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.answered_locally || self.ticket.is_none() {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.deferred.is_none() {
             return Action::Continue;
         }
-        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let (Some(config), Some(deferred)) = (self.config.clone(), self.deferred.take()) else {
+            return Action::Continue;
+        };
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
             .ok()
             .flatten()
-            .and_then(|v| {
-                std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-            });
-        let upstream_status = if props::response_from_upstream() {
-            status
-        } else {
-            None
+            .unwrap_or_default();
+        self.through_cache(&config, deferred, &body)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let config = self.config.clone();
+        {
+            let state = self.state.borrow();
+            if state.answered_locally || state.ticket.is_none() {
+                return Action::Continue;
+            }
+        }
+        let header = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                .ok()
+                .flatten()
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
         };
-        let cost = self.settle(upstream_status);
+        let status = header(":status").and_then(|s| s.parse::<u32>().ok());
+        let from_upstream = props::response_from_upstream();
+        let upstream_status = if from_upstream { status } else { None };
+        let Some(config) = config else {
+            return Action::Continue;
+        };
+        let cost = settle_stream(&config, &self.state, upstream_status);
         set_state("pag0_cost", &cost.to_string());
         let set = |name: &str, value: &str| {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         };
         set("x-pag0-cost", &cost.to_string());
         set("x-pag0-cached", "false");
-        let remaining = self.view.remaining_header();
+        let (remaining, alert) = {
+            let state = self.state.borrow();
+            (state.view.remaining_header(), state.view.alert_header())
+        };
         if !remaining.is_empty() {
             set("x-pag0-budget-remaining", &remaining);
         }
-        if let Some(alert) = self.view.alert_header() {
+        if let Some(alert) = alert {
             set("x-pag0-budget-alert", &alert);
+        }
+        // Decide whether this answer fills the cache.
+        let has_fill = self.state.borrow().fill.is_some();
+        if has_fill {
+            let max = config
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.max_entry_bytes as usize);
+            let length_ok = header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_none_or(|l| l <= max);
+            let storable = from_upstream
+                && length_ok
+                && status.is_some_and(|s| cache::storable(s, header("cache-control").as_deref()));
+            if !storable {
+                self.abandon_fill();
+            } else {
+                let content_type = header("content-type").unwrap_or_default();
+                let code = status.map_or(200, |s| s as u16);
+                {
+                    let mut state = self.state.borrow_mut();
+                    if let Some(fill) = state.fill.as_mut() {
+                        fill.storing = Some((code, content_type));
+                    }
+                    state.cost = cost;
+                }
+                if end_of_stream {
+                    store_fill(&self.state, b"");
+                }
+            }
         }
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let storing = self
+            .state
+            .borrow()
+            .fill
+            .as_ref()
+            .is_some_and(|f| f.storing.is_some());
+        if !storing {
+            return Action::Continue;
+        }
+        let max = self
+            .config
+            .as_ref()
+            .and_then(|c| c.cache.as_ref())
+            .map_or(0, |c| c.max_entry_bytes as usize);
+        if body_size > max {
+            self.abandon_fill();
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        store_fill(&self.state, &body);
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        waiters::forget(self.context_id);
         // The stream ended without response headers (client gone, upstream reset):
         // nothing was answered, so nothing is charged.
-        if self.ticket.is_some() {
-            self.settle(None);
+        let held = self.state.borrow().ticket.is_some();
+        if let (true, Some(config)) = (held, self.config.clone()) {
+            settle_stream(&config, &self.state, None);
+        }
+        self.abandon_fill();
+    }
+}
+
+/// Checks and reserves; on success the stream goes upstream.
+pub fn admit_stream(
+    config: &Config,
+    state: &Rc<RefCell<StreamState>>,
+    caller: &Caller,
+    call: &Call,
+) -> Action {
+    match firewall::admit(config, &HostStore, caller, call, now_secs()) {
+        Ok(admission) => {
+            let tenant = config
+                .tenants
+                .get(caller.tenant)
+                .map_or("default", |t| t.id.as_str());
+            let mut s = state.borrow_mut();
+            s.labels = Some(Labels {
+                tenant: label(tenant),
+                role: metric_role(config, call, caller),
+                tool: label(call.tool.as_deref().unwrap_or("other")),
+                endpoint: label(&call.metric_endpoint),
+            });
+            s.ticket = Some(admission.ticket);
+            s.view = admission.view;
+            Action::Continue
+        }
+        Err(refused) => {
+            refuse_caller(config, state, caller, call, &refused.refusal, &refused.view);
+            Action::Pause
         }
     }
+}
+
+/// Answers from the cache: free, nothing reserved, the saving counted.
+pub fn serve_hit(
+    config: &Config,
+    state: &Rc<RefCell<StreamState>>,
+    caller: &Caller,
+    call: &Call,
+    entry: &Entry,
+) {
+    let now_ms = now_millis();
+    let view =
+        match firewall::record_hit(config, &HostStore, caller, call, entry.cost, now_ms / 1000) {
+            Ok(view) => view,
+            Err(e) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("pag0: could not count a cache hit: {}", e.message),
+                );
+                BudgetView::default()
+            }
+        };
+    let tenant = config
+        .tenants
+        .get(caller.tenant)
+        .map_or("default", |t| t.id.as_str());
+    metrics::call(
+        &Labels {
+            tenant: label(tenant),
+            role: metric_role(config, call, caller),
+            tool: label(call.tool.as_deref().unwrap_or("other")),
+            endpoint: label(&call.metric_endpoint),
+        },
+        0,
+        true,
+        entry.cost,
+    );
+    state.borrow_mut().answered_locally = true;
+    set_state("pag0_cost", "0");
+    set_state("pag0_cached", "true");
+    let age = entry.age_secs(now_ms).to_string();
+    let remaining = view.remaining_header();
+    let alert = view.alert_header();
+    let mut headers: Vec<(&str, &str)> = vec![
+        ("x-pag0-cost", "0"),
+        ("x-pag0-cached", "true"),
+        ("x-pag0-cache-age", &age),
+    ];
+    if !entry.content_type.is_empty() {
+        headers.push(("content-type", &entry.content_type));
+    }
+    if !remaining.is_empty() {
+        headers.push(("x-pag0-budget-remaining", &remaining));
+    }
+    if let Some(alert) = &alert {
+        headers.push(("x-pag0-budget-alert", alert));
+    }
+    send_local(u32::from(entry.status), headers, &entry.body);
+}
+
+fn store_fill(state: &Rc<RefCell<StreamState>>, body: &[u8]) {
+    let mut s = state.borrow_mut();
+    let cost = s.cost;
+    let Some(fill) = s.fill.take() else { return };
+    let Some((status, content_type)) = fill.storing else {
+        let _ = cache::abandon(&HostStore, fill.slot, &fill.key);
+        return;
+    };
+    let entry = Entry {
+        key: fill.key.clone(),
+        state: EntryState::Filled,
+        stored_ms: now_millis(),
+        ttl_secs: fill.ttl,
+        status,
+        cost,
+        content_type,
+        body: body.to_vec(),
+    };
+    if let Err(e) = cache::fill(&HostStore, fill.slot, &entry) {
+        log(
+            LogLevel::Warn,
+            &format!("pag0: could not fill the cache: {}", e.message),
+        );
+    }
+}
+
+fn refuse_stream(state: &Rc<RefCell<StreamState>>, refusal: &Refusal, view: &BudgetView) {
+    log(
+        LogLevel::Debug,
+        &format!(
+            "pag0: refused {}: {}",
+            refusal.code.as_str(),
+            refusal.message
+        ),
+    );
+    state.borrow_mut().answered_locally = true;
+    set_state("pag0_cost", "0");
+    set_state("pag0_error", refusal.code.as_str());
+    send_refusal(refusal, view);
+}
+
+/// A refusal after the caller is known: counted in the session and the metrics.
+pub fn refuse_caller(
+    config: &Config,
+    state: &Rc<RefCell<StreamState>>,
+    caller: &Caller,
+    call: &Call,
+    refusal: &Refusal,
+    view: &BudgetView,
+) {
+    let tenant = config
+        .tenants
+        .get(caller.tenant)
+        .map_or("default", |t| t.id.as_str());
+    metrics::refusal(
+        &label(tenant),
+        &metric_role(config, call, caller),
+        refusal.code.as_str(),
+    );
+    match firewall::record_refusal(config, &HostStore, caller, call, refusal, now_secs()) {
+        Ok(raised) => queue_alerts(config, raised),
+        Err(e) => log(
+            LogLevel::Warn,
+            &format!("pag0: could not count a refusal: {}", e.message),
+        ),
+    }
+    refuse_stream(state, refusal, view);
+}
+
+fn settle_stream(
+    config: &Config,
+    state: &Rc<RefCell<StreamState>>,
+    upstream_status: Option<u32>,
+) -> u64 {
+    let (ticket, charge_on, labels) = {
+        let mut s = state.borrow_mut();
+        (
+            s.ticket.take(),
+            s.charge_on.unwrap_or(ChargeOn::Success),
+            s.labels.take(),
+        )
+    };
+    let Some(ticket) = ticket else { return 0 };
+    let commit = firewall::should_commit(charge_on, upstream_status);
+    let cost = match firewall::settle(config, &HostStore, &ticket, commit, now_secs()) {
+        Ok(settled) => {
+            state.borrow_mut().view = settled.view;
+            queue_alerts(config, settled.alerts);
+            settled.cost
+        }
+        Err(e) => {
+            log(
+                LogLevel::Error,
+                &format!(
+                    "pag0: could not settle {} for session {}: {}",
+                    ticket.price, ticket.session, e.message
+                ),
+            );
+            if commit {
+                ticket.price
+            } else {
+                0
+            }
+        }
+    };
+    if let Some(labels) = labels {
+        metrics::call(&labels, cost, false, 0);
+    }
+    cost
 }
 
 /// The role label for metrics: the agent's role when a configured agent pattern
@@ -314,7 +645,7 @@ fn metric_role(config: &Config, call: &Call, caller: &Caller) -> String {
     }
 }
 
-fn queue_alerts(config: &Config, raised: Vec<Alert>) {
+pub fn queue_alerts(config: &Config, raised: Vec<Alert>) {
     if config.alerts.is_none() {
         return;
     }
@@ -324,7 +655,7 @@ fn queue_alerts(config: &Config, raised: Vec<Alert>) {
 }
 
 /// Filter state for access logs: `%FILTER_STATE(wasm.pag0_cost:PLAIN)%`.
-fn set_state(name: &str, value: &str) {
+pub fn set_state(name: &str, value: &str) {
     let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
 }
 

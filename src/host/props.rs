@@ -30,6 +30,7 @@ pub fn route_settings() -> RouteSettings {
         tool: route_field("tool"),
         charge_on: route_field("chargeOn"),
         endpoint: route_field("endpoint"),
+        cache_ttl: route_field("cacheTTL"),
     }
 }
 

@@ -9,11 +9,20 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
 use crate::core::compile::{compile_json, Config};
 use crate::host::http::Pag0Http;
-use crate::host::{alerts, callout, log, metrics};
+use crate::host::{alerts, callout, log, metrics, waiters};
 
-#[derive(Default)]
 pub struct Pag0Root {
+    context_id: u32,
     config: Option<Rc<Config>>,
+}
+
+impl Pag0Root {
+    pub fn new(context_id: u32) -> Pag0Root {
+        Pag0Root {
+            context_id,
+            config: None,
+        }
+    }
 }
 
 impl Context for Pag0Root {
@@ -59,7 +68,10 @@ impl RootContext for Pag0Root {
                         config.tenants.len()
                     ),
                 );
-                if config.alerts.is_some() {
+                if config.cache.is_some() {
+                    // Streams waiting for an identical call's answer are polled here.
+                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(10));
+                } else if config.alerts.is_some() {
                     // Alerts queued by streams are sent from here, five times a second.
                     let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(200));
                 }
@@ -77,6 +89,9 @@ impl RootContext for Pag0Root {
     }
 
     fn on_tick(&mut self) {
+        if waiters::any() {
+            waiters::poll_all(self.context_id);
+        }
         let Some(sink) = self.config.as_ref().and_then(|c| c.alerts.clone()) else {
             return;
         };
@@ -94,9 +109,9 @@ impl RootContext for Pag0Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Always a context: returning None would panic inside the SDK.
-        Some(Box::new(Pag0Http::new(self.config.clone())))
+        Some(Box::new(Pag0Http::new(context_id, self.config.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

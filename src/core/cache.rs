@@ -1,0 +1,562 @@
+//! The shared answer cache (level 1: Envoy shared data). A fixed table of `entries`
+//! slots; a key may live in any of [`WAYS`] slots from its hash, and a new entry
+//! replaces, in order: its own key's old entry, an empty slot, an expired entry or an
+//! abandoned claim, then the oldest entry. So memory stays at most
+//! `entries × maxEntryBytes` plus a small header per entry, whatever the traffic.
+//!
+//! Concurrent identical misses are coalesced: the first request claims the key (a
+//! `Pending` entry, written with CAS), goes upstream and fills it; the others see the
+//! claim and wait for the fill, up to `coalesceWaitMs`, then go upstream themselves.
+
+use regex_lite::Regex;
+use sha2::{Digest, Sha256};
+
+use crate::core::config::RawCache;
+use crate::core::errors::{ErrorCode, Refusal};
+use crate::core::store::{read, update, SharedStore, Step};
+
+/// Slots a key may use.
+pub const WAYS: u32 = 4;
+const ENTRY_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Entries are shared by the agents of one session.
+    Session,
+    /// Entries are shared by every session of a tenant.
+    Tenant,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub scope: CacheScope,
+    pub default_ttl: u64,
+    pub ttl_rules: Vec<(Regex, u64)>,
+    pub methods: Vec<String>,
+    pub max_entry_bytes: u32,
+    pub entries: u32,
+    pub coalesce_wait_ms: u64,
+}
+
+pub fn compile_cache(raw: RawCache) -> Result<Option<CacheConfig>, String> {
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let scope = match raw.scope.as_deref() {
+        None | Some("session") => CacheScope::Session,
+        Some("tenant") => CacheScope::Tenant,
+        Some(other) => {
+            return Err(format!(
+                "cache.scope: {other:?} must be \"session\" or \"tenant\""
+            ))
+        }
+    };
+    let default_ttl = raw.default_ttl.unwrap_or(300);
+    if default_ttl == 0 || default_ttl > 31_536_000 {
+        return Err("cache.defaultTTL: must be between 1 and 31536000 seconds".to_string());
+    }
+    let mut ttl_rules = Vec::new();
+    for (i, rule) in raw.ttl_rules.into_iter().enumerate() {
+        let regex = Regex::new(&rule.pattern).map_err(|e| {
+            format!(
+                "cache.ttlRules[{i}].pattern: {:?} is not a valid regex: {e}",
+                rule.pattern
+            )
+        })?;
+        if rule.ttl > 31_536_000 {
+            return Err(format!("cache.ttlRules[{i}].ttl: at most 31536000 seconds"));
+        }
+        ttl_rules.push((regex, rule.ttl));
+    }
+    let methods = match raw.methods {
+        None => vec!["GET".to_string()],
+        Some(list) if list.is_empty() => return Err("cache.methods: empty list".to_string()),
+        Some(list) => {
+            let mut out = Vec::new();
+            for m in list {
+                let upper = m.to_ascii_uppercase();
+                if !matches!(upper.as_str(), "GET" | "POST" | "HEAD" | "QUERY") {
+                    return Err(format!(
+                        "cache.methods: {m:?} is not cacheable (GET, HEAD, POST, QUERY)"
+                    ));
+                }
+                out.push(upper);
+            }
+            out
+        }
+    };
+    let max_entry_bytes = raw.max_entry_bytes.unwrap_or(256 * 1024);
+    if !(1..=16 * 1024 * 1024).contains(&max_entry_bytes) {
+        return Err("cache.maxEntryBytes: must be between 1 and 16777216".to_string());
+    }
+    let entries = raw.entries.unwrap_or(1024);
+    if !(WAYS..=1_048_576).contains(&entries) {
+        return Err(format!("cache.entries: must be between {WAYS} and 1048576"));
+    }
+    let coalesce_wait_ms = raw.coalesce_wait_ms.unwrap_or(5000);
+    if coalesce_wait_ms > 60_000 {
+        return Err("cache.coalesceWaitMs: at most 60000".to_string());
+    }
+    Ok(Some(CacheConfig {
+        scope,
+        default_ttl,
+        ttl_rules,
+        methods,
+        max_entry_bytes,
+        entries,
+        coalesce_wait_ms,
+    }))
+}
+
+impl CacheConfig {
+    pub fn caches_method(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+
+    /// TTL of an endpoint: the route's override, else the first matching rule, else
+    /// the default. 0 means "do not cache".
+    pub fn ttl_for(&self, endpoint: &str, route_ttl: Option<u64>) -> u64 {
+        if let Some(ttl) = route_ttl {
+            return ttl;
+        }
+        self.ttl_rules
+            .iter()
+            .find(|(regex, _)| regex.is_match(endpoint))
+            .map_or(self.default_ttl, |(_, ttl)| *ttl)
+    }
+
+    /// The key's namespace: the session (or the tenant), and the agent when it keeps
+    /// a private cache.
+    pub fn namespace(&self, session: &str, agent: &str, private: bool) -> String {
+        let base = match self.scope {
+            CacheScope::Session => format!("s:{session}"),
+            CacheScope::Tenant => "t".to_string(),
+        };
+        if private {
+            format!("{base}/a:{agent}")
+        } else {
+            base
+        }
+    }
+}
+
+/// The full cache key. It is stored in the entry and compared on every hit, so two
+/// requests that hash alike can never see each other's answers.
+pub fn cache_key(
+    tenant: &str,
+    namespace: &str,
+    method: &str,
+    endpoint: &str,
+    query: &str,
+    body: &[u8],
+) -> String {
+    let body_hash: String = Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{tenant}\n{namespace}\n{method}\n{endpoint}\n{query}\n{body_hash}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryState {
+    /// A request went upstream for this key; others may wait for it until the lease.
+    Pending {
+        lease_until_ms: u64,
+    },
+    Filled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub state: EntryState,
+    pub stored_ms: u64,
+    pub ttl_secs: u64,
+    pub status: u16,
+    /// What the original call cost: each hit saves that much.
+    pub cost: u64,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Entry {
+    pub fn expired(&self, now_ms: u64) -> bool {
+        match self.state {
+            EntryState::Pending { lease_until_ms } => now_ms >= lease_until_ms,
+            EntryState::Filled => {
+                now_ms
+                    >= self
+                        .stored_ms
+                        .saturating_add(self.ttl_secs.saturating_mul(1000))
+            }
+        }
+    }
+
+    pub fn age_secs(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_ms) / 1000
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(64 + self.key.len() + self.body.len());
+        w.push(ENTRY_VERSION);
+        match self.state {
+            EntryState::Pending { lease_until_ms } => {
+                w.push(0);
+                w.extend_from_slice(&lease_until_ms.to_le_bytes());
+            }
+            EntryState::Filled => {
+                w.push(1);
+                w.extend_from_slice(&0u64.to_le_bytes());
+            }
+        }
+        for v in [self.stored_ms, self.ttl_secs, self.cost] {
+            w.extend_from_slice(&v.to_le_bytes());
+        }
+        w.extend_from_slice(&self.status.to_le_bytes());
+        for part in [
+            self.key.as_bytes(),
+            self.content_type.as_bytes(),
+            &self.body,
+        ] {
+            w.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            w.extend_from_slice(part);
+        }
+        w
+    }
+
+    /// `None` for an empty slot or bytes that are not an entry.
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let slice = bytes.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(slice)
+        };
+        if take(1)?[0] != ENTRY_VERSION {
+            return None;
+        }
+        let state_tag = take(1)?[0];
+        let u64_at = |b: &[u8]| -> Option<u64> { Some(u64::from_le_bytes(b.try_into().ok()?)) };
+        let lease = u64_at(take(8)?)?;
+        let stored_ms = u64_at(take(8)?)?;
+        let ttl_secs = u64_at(take(8)?)?;
+        let cost = u64_at(take(8)?)?;
+        let status = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        let mut part = || -> Option<Vec<u8>> {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            Some(take(len)?.to_vec())
+        };
+        let key = String::from_utf8(part()?).ok()?;
+        let content_type = String::from_utf8(part()?).ok()?;
+        let body = part()?;
+        if at != bytes.len() {
+            return None;
+        }
+        let state = match state_tag {
+            0 => EntryState::Pending {
+                lease_until_ms: lease,
+            },
+            1 => EntryState::Filled,
+            _ => return None,
+        };
+        Some(Entry {
+            key,
+            state,
+            stored_ms,
+            ttl_secs,
+            status,
+            cost,
+            content_type,
+            body,
+        })
+    }
+}
+
+/// Shared-data key of a cache slot.
+pub fn slot_key(slot: u32) -> String {
+    format!("pag0/v1/c/{slot}")
+}
+
+fn slots_for(key: &str, entries: u32) -> impl Iterator<Item = u32> {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let base = (u64::from_le_bytes(first) % u64::from(entries / WAYS).max(1)) as u32 * WAYS;
+    (0..WAYS).map(move |i| (base + i) % entries)
+}
+
+/// What a request finds for its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A fresh answer.
+    Hit(Entry),
+    /// Another request is fetching it; wait on this slot.
+    Pending(u32),
+    /// This request claimed the key: it goes upstream and fills this slot.
+    Claimed(u32),
+}
+
+/// Finds the key's answer or claims the key. One CAS on the chosen slot decides who
+/// goes upstream when identical requests race.
+pub fn find_or_claim<S: SharedStore + ?Sized>(
+    store: &S,
+    cfg: &CacheConfig,
+    key: &str,
+    now_ms: u64,
+) -> Result<Found, Refusal> {
+    for _ in 0..16 {
+        let mut victim: Option<(u32, u8, u64)> = None; // (slot, rank, stored_ms): lower rank wins
+        for slot in slots_for(key, cfg.entries) {
+            let entry = Entry::decode(&read(store, &slot_key(slot))?);
+            let (rank, stored) = match &entry {
+                Some(e) if e.key == key && !e.expired(now_ms) => {
+                    return Ok(match e.state {
+                        EntryState::Filled => Found::Hit(e.clone()),
+                        EntryState::Pending { .. } => Found::Pending(slot),
+                    });
+                }
+                Some(e) if e.key == key => (0, e.stored_ms),
+                None => (1, 0),
+                Some(e) if e.expired(now_ms) => (2, e.stored_ms),
+                Some(e) if matches!(e.state, EntryState::Pending { .. }) => continue,
+                Some(e) => (3, e.stored_ms),
+            };
+            if victim.is_none_or(|(_, r, s)| (rank, stored) < (r, s)) {
+                victim = Some((slot, rank, stored));
+            }
+        }
+        let Some((slot, _, _)) = victim else {
+            // All ways hold live claims: go upstream without caching.
+            return Ok(Found::Claimed(u32::MAX));
+        };
+        let claim = Entry {
+            key: key.to_string(),
+            state: EntryState::Pending {
+                lease_until_ms: now_ms.saturating_add(cfg.coalesce_wait_ms.max(1000)),
+            },
+            stored_ms: now_ms,
+            ttl_secs: 0,
+            status: 0,
+            cost: 0,
+            content_type: String::new(),
+            body: Vec::new(),
+        };
+        let expected = read(store, &slot_key(slot))?;
+        let won = update(store, &slot_key(slot), |bytes| {
+            if bytes != expected.as_slice() {
+                return Ok(Step::Keep(false));
+            }
+            Ok(Step::Write(claim.encode(), true))
+        })?;
+        if won {
+            return Ok(Found::Claimed(slot));
+        }
+    }
+    Err(Refusal::new(
+        ErrorCode::InternalError,
+        "cache slots kept changing",
+    ))
+}
+
+/// Looks at a slot a waiter is waiting on: the answer, still pending, or gone.
+pub fn poll<S: SharedStore + ?Sized>(
+    store: &S,
+    slot: u32,
+    key: &str,
+    now_ms: u64,
+) -> Result<Found, Refusal> {
+    match Entry::decode(&read(store, &slot_key(slot))?) {
+        Some(e) if e.key == key && !e.expired(now_ms) => Ok(match e.state {
+            EntryState::Filled => Found::Hit(e),
+            EntryState::Pending { .. } => Found::Pending(slot),
+        }),
+        // Abandoned, expired or replaced: the waiter goes upstream itself.
+        _ => Ok(Found::Claimed(u32::MAX)),
+    }
+}
+
+/// Fills a claimed slot with the answer, if the claim is still ours.
+pub fn fill<S: SharedStore + ?Sized>(store: &S, slot: u32, entry: &Entry) -> Result<bool, Refusal> {
+    if slot == u32::MAX {
+        return Ok(false);
+    }
+    update(store, &slot_key(slot), |bytes| match Entry::decode(bytes) {
+        Some(e) if e.key == entry.key && matches!(e.state, EntryState::Pending { .. }) => {
+            Ok(Step::Write(entry.encode(), true))
+        }
+        _ => Ok(Step::Keep(false)),
+    })
+}
+
+/// Gives up a claim (the answer is not cacheable): waiters stop waiting at once.
+pub fn abandon<S: SharedStore + ?Sized>(store: &S, slot: u32, key: &str) -> Result<(), Refusal> {
+    if slot == u32::MAX {
+        return Ok(());
+    }
+    update(store, &slot_key(slot), |bytes| match Entry::decode(bytes) {
+        Some(e) if e.key == key && matches!(e.state, EntryState::Pending { .. }) => {
+            Ok(Step::Write(Vec::new(), ()))
+        }
+        _ => Ok(Step::Keep(())),
+    })
+}
+
+/// Whether a response may be stored: 2xx, and no `no-store` or `private`.
+pub fn storable(status: u32, cache_control: Option<&str>) -> bool {
+    if !(200..300).contains(&status) {
+        return false;
+    }
+    let directives = cache_control.unwrap_or("").to_ascii_lowercase();
+    !directives
+        .split(',')
+        .any(|d| matches!(d.trim(), "no-store" | "private"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config::RawTtlRule;
+    use crate::core::store::MemoryStore;
+
+    fn cfg(entries: u32) -> CacheConfig {
+        compile_cache(RawCache {
+            default_ttl: Some(1800),
+            ttl_rules: vec![
+                RawTtlRule {
+                    pattern: ".*docs.*".into(),
+                    ttl: 3600,
+                },
+                RawTtlRule {
+                    pattern: ".*search.*".into(),
+                    ttl: 600,
+                },
+                RawTtlRule {
+                    pattern: ".*completions.*".into(),
+                    ttl: 1800,
+                },
+            ],
+            entries: Some(entries),
+            max_entry_bytes: Some(1024),
+            coalesce_wait_ms: Some(2000),
+            ..RawCache::default()
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    fn filled(key: &str, now: u64, ttl: u64) -> Entry {
+        Entry {
+            key: key.into(),
+            state: EntryState::Filled,
+            stored_ms: now,
+            ttl_secs: ttl,
+            status: 200,
+            cost: 20_000,
+            content_type: "application/json".into(),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn ttl_rules_first_match_wins() {
+        let c = cfg(64);
+        assert_eq!(c.ttl_for("docs.example.com/search", None), 3600);
+        assert_eq!(c.ttl_for("api.tavily.com/search", None), 600);
+        assert_eq!(c.ttl_for("api.openai.com/v1/chat/completions", None), 1800);
+        assert_eq!(c.ttl_for("api.deepl.com/v2/translate", None), 1800);
+        assert_eq!(c.ttl_for("api.tavily.com/search", Some(5)), 5);
+    }
+
+    #[test]
+    fn one_claim_then_waiters_then_a_hit() {
+        let store = MemoryStore::new();
+        let c = cfg(64);
+        let key = cache_key(
+            "t",
+            "s:1",
+            "POST",
+            "api.tavily.com/search",
+            "",
+            b"{\"q\":1}",
+        );
+        let Found::Claimed(slot) = find_or_claim(&store, &c, &key, 1000).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            find_or_claim(&store, &c, &key, 1001).unwrap(),
+            Found::Pending(slot)
+        );
+        assert!(fill(&store, slot, &filled(&key, 1002, 600)).unwrap());
+        let Found::Hit(e) = poll(&store, slot, &key, 1003).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.cost, 20_000);
+        // Expired after its TTL: the next request claims again.
+        assert!(matches!(
+            find_or_claim(&store, &c, &key, 1002 + 600_000).unwrap(),
+            Found::Claimed(_)
+        ));
+    }
+
+    #[test]
+    fn keys_differ_by_tenant_namespace_body_and_query() {
+        let a = cache_key("t1", "s:1", "POST", "e", "", b"x");
+        assert_ne!(a, cache_key("t2", "s:1", "POST", "e", "", b"x"));
+        assert_ne!(a, cache_key("t1", "s:2", "POST", "e", "", b"x"));
+        assert_ne!(a, cache_key("t1", "s:1", "POST", "e", "", b"y"));
+        assert_ne!(a, cache_key("t1", "s:1", "POST", "e", "q=1", b"x"));
+        assert_ne!(a, cache_key("t1", "s:1", "GET", "e", "", b"x"));
+    }
+
+    #[test]
+    fn an_abandoned_claim_releases_the_waiters() {
+        let store = MemoryStore::new();
+        let c = cfg(64);
+        let Found::Claimed(slot) = find_or_claim(&store, &c, "k", 0).unwrap() else {
+            panic!()
+        };
+        abandon(&store, slot, "k").unwrap();
+        assert_eq!(
+            poll(&store, slot, "k", 1).unwrap(),
+            Found::Claimed(u32::MAX)
+        );
+    }
+
+    #[test]
+    fn a_hundred_thousand_keys_stay_in_the_configured_slots() {
+        let store = MemoryStore::new();
+        let c = cfg(256);
+        for i in 0..100_000u64 {
+            let key = format!("key-{i}");
+            if let Found::Claimed(slot) = find_or_claim(&store, &c, &key, i).unwrap() {
+                fill(&store, slot, &filled(&key, i, 3600)).unwrap();
+            }
+        }
+        assert!(store.key_count() <= 256);
+        assert!(store.total_bytes() <= 256 * (1024 + 200));
+        // The newest keys are there; the oldest were evicted.
+        assert!(matches!(
+            find_or_claim(&store, &c, "key-99999", 100_000).unwrap(),
+            Found::Hit(_)
+        ));
+    }
+
+    #[test]
+    fn storable_answers() {
+        assert!(storable(200, None));
+        assert!(storable(204, Some("max-age=60")));
+        assert!(!storable(500, None));
+        assert!(!storable(200, Some("no-store")));
+        assert!(!storable(200, Some("max-age=0, private")));
+    }
+
+    #[test]
+    fn entries_round_trip_and_garbage_is_no_entry() {
+        let e = filled("k", 5, 6);
+        assert_eq!(Entry::decode(&e.encode()), Some(e.clone()));
+        let bytes = e.encode();
+        for cut in 0..bytes.len() {
+            assert_eq!(Entry::decode(&bytes[..cut]), None);
+        }
+    }
+}
