@@ -80,7 +80,7 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
             "api.anthropic.com",
             "/v1/messages",
             &agent_headers("demo-key", &s, "ralph-1"),
-            "{}",
+            &support::fresh_body(),
         );
     }
     for _ in 0..3 {
@@ -88,14 +88,14 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
             "api.tavily.com",
             "/search",
             &agent_headers("demo-key", &s, "executor-1"),
-            "{}",
+            &support::fresh_body(),
         );
     }
     c.post(
         "api.deepl.com",
         "/v2/translate",
         &agent_headers("demo-key", &s, "reviewer-1"),
-        "{}",
+        &support::fresh_body(),
     );
     let url = format!(
         "http://127.0.0.1:{}/_pag0/dashboard?key=demo-admin&session={s}",

@@ -20,7 +20,7 @@ fn call(
         host,
         path,
         &agent_headers(DEMO_KEY, session, agent),
-        "{\"q\":1}",
+        &support::fresh_body(),
     )
 }
 

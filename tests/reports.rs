@@ -14,7 +14,12 @@ const KEY: &str = "demo-key";
 const ADMIN: [(&str, &str); 1] = [("authorization", "Bearer demo-admin")];
 
 fn call(c: &mut Client, session: &str, agent: &str, host: &str, path: &str) -> support::Response {
-    c.post(host, path, &agent_headers(KEY, session, agent), "{}")
+    c.post(
+        host,
+        path,
+        &agent_headers(KEY, session, agent),
+        &support::fresh_body(),
+    )
 }
 
 /// The reference scenario: ralph loops to its limit, then executor, researcher and

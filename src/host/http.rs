@@ -47,12 +47,14 @@ pub struct StreamState {
     pub answered_locally: bool,
     pub cost: u64,
     pub fill: Option<CacheFill>,
+    /// A call held back until its request body is in (to key the cache on it).
+    pub deferred: Option<Deferred>,
 }
 
 /// A call held back until its request body is in (to key the cache on it).
-struct Deferred {
-    caller: Caller,
-    call: Call,
+pub struct Deferred {
+    pub caller: Caller,
+    pub call: Call,
     method: String,
     query: String,
     ttl: u64,
@@ -62,7 +64,6 @@ pub struct Pag0Http {
     context_id: u32,
     config: Option<Rc<Config>>,
     state: Rc<RefCell<StreamState>>,
-    deferred: Option<Deferred>,
 }
 
 impl Pag0Http {
@@ -71,7 +72,6 @@ impl Pag0Http {
             context_id,
             config,
             state: Rc::default(),
-            deferred: None,
         }
     }
 
@@ -298,18 +298,23 @@ impl HttpContext for Pag0Http {
             return self.through_cache(&config, deferred, b"");
         }
         // Key the cache on the body: wait for all of it (Envoy buffers it meanwhile).
-        self.deferred = Some(deferred);
+        // Without `allow_on_headers_stop_iteration` Envoy never hands the body over;
+        // the watchdog then lets the call go upstream uncached instead of hanging.
+        self.state.borrow_mut().deferred = Some(deferred);
+        waiters::watch_body(self.context_id, config.clone(), self.state.clone());
         Action::Pause
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.deferred.is_none() {
+        if self.state.borrow().deferred.is_none() {
             return Action::Continue;
         }
         if !end_of_stream {
             return Action::Pause;
         }
-        let (Some(config), Some(deferred)) = (self.config.clone(), self.deferred.take()) else {
+        waiters::forget(self.context_id);
+        let deferred = self.state.borrow_mut().deferred.take();
+        let (Some(config), Some(deferred)) = (self.config.clone(), deferred) else {
             return Action::Continue;
         };
         let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)

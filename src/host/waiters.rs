@@ -27,8 +27,33 @@ pub struct Waiter {
     pub deadline_ms: u64,
 }
 
+/// How long a stream waits for its request body before going upstream uncached.
+const BODY_WAIT_MS: u64 = 1000;
+
+struct BodyWatch {
+    context_id: u32,
+    config: Rc<Config>,
+    state: Rc<RefCell<StreamState>>,
+    deadline_ms: u64,
+}
+
 thread_local! {
     static WAITING: RefCell<Vec<Waiter>> = const { RefCell::new(Vec::new()) };
+    static BODIES: RefCell<Vec<BodyWatch>> = const { RefCell::new(Vec::new()) };
+    static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Watches a stream that waits for its request body.
+pub fn watch_body(context_id: u32, config: Rc<Config>, state: Rc<RefCell<StreamState>>) {
+    let deadline_ms = now_millis().saturating_add(BODY_WAIT_MS);
+    BODIES.with(|b| {
+        b.borrow_mut().push(BodyWatch {
+            context_id,
+            config,
+            state,
+            deadline_ms,
+        })
+    });
 }
 
 pub fn wait(waiter: Waiter) {
@@ -41,14 +66,57 @@ pub fn forget(context_id: u32) {
         w.borrow_mut()
             .retain(|waiter| waiter.context_id != context_id)
     });
+    BODIES.with(|b| {
+        b.borrow_mut()
+            .retain(|watch| watch.context_id != context_id)
+    });
 }
 
 pub fn any() -> bool {
-    WAITING.with(|w| !w.borrow().is_empty())
+    WAITING.with(|w| !w.borrow().is_empty()) || BODIES.with(|b| !b.borrow().is_empty())
+}
+
+/// Streams whose body never came (Envoy without `allow_on_headers_stop_iteration`
+/// holds it back): admit them and let them go upstream uncached.
+fn release_stalled_bodies(root_context_id: u32, now: u64) {
+    let (due, still): (Vec<BodyWatch>, Vec<BodyWatch>) = BODIES
+        .with(|b| std::mem::take(&mut *b.borrow_mut()))
+        .into_iter()
+        .partition(|watch| now >= watch.deadline_ms);
+    BODIES.with(|b| b.borrow_mut().extend(still));
+    if due.is_empty() {
+        return;
+    }
+    for watch in due {
+        let deferred = watch.state.borrow_mut().deferred.take();
+        let Some(deferred) = deferred else { continue };
+        if !WARNED.with(|w| w.replace(true)) {
+            log(
+                LogLevel::Warn,
+                "pag0: request bodies are not reaching the filter; set allow_on_headers_stop_iteration: true in the wasm filter config so POST answers can be cached",
+            );
+        }
+        if hostcalls::set_effective_context(watch.context_id).is_err() {
+            continue;
+        }
+        if matches!(
+            admit_stream(
+                &watch.config,
+                &watch.state,
+                &deferred.caller,
+                &deferred.call
+            ),
+            proxy_wasm::types::Action::Continue
+        ) {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+    let _ = hostcalls::set_effective_context(root_context_id);
 }
 
 /// Called on the root context's tick.
 pub fn poll_all(root_context_id: u32) {
+    release_stalled_bodies(root_context_id, now_millis());
     let waiting = WAITING.with(|w| std::mem::take(&mut *w.borrow_mut()));
     if waiting.is_empty() {
         return;

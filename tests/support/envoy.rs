@@ -117,6 +117,7 @@ static_resources:
                 name: pag0
                 root_id: pag0
                 failure_policy: FAIL_RELOAD
+                allow_on_headers_stop_iteration: true
                 vm_config:
                   vm_id: pag0
                   runtime: envoy.wasm.runtime.v8

@@ -52,3 +52,8 @@ pub fn unique(prefix: &str) -> String {
     let n = N.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{}-{n}", std::process::id())
 }
+
+/// A request body no other call of this test run sends (so the cache cannot answer it).
+pub fn fresh_body() -> String {
+    format!("{{\"call\":\"{}\"}}", unique("body"))
+}

@@ -1,5 +1,7 @@
 //! An in-process upstream that answers every request and records what reached it.
-//! A path containing `/status/NNN/` answers with status NNN; anything else answers 200 with JSON.
+//! A path containing `/status/NNN/` answers with status NNN, `/delay/MS/` waits MS
+//! milliseconds first, `/size/N/` answers N bytes; anything else answers 200 with a JSON
+//! body that numbers the call (so a cached answer can be told from a fresh one).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -119,12 +121,24 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        count.fetch_add(1, Ordering::Relaxed);
+        // The demo's alert webhook shares this upstream; it is not an API call.
+        if !path.starts_with("/_demo/") {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         let status: u16 = path
             .split_once("/status/")
             .and_then(|(_, rest)| rest.split('/').next())
             .and_then(|s| s.parse().ok())
             .unwrap_or(200);
+        let number_after = |marker: &str| -> Option<u64> {
+            path.split_once(marker)
+                .and_then(|(_, rest)| rest.split('/').next())
+                .and_then(|s| s.parse().ok())
+        };
+        if let Some(ms) = number_after("/delay/") {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        let size = number_after("/size/");
         if record.load(Ordering::Relaxed) {
             seen.lock().unwrap().push(Seen {
                 method,
@@ -133,7 +147,13 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
                 body,
             });
         }
-        let payload = format!("{{\"ok\":true,\"path\":{path:?}}}");
+        let payload = match size {
+            Some(n) => "x".repeat(n as usize),
+            None => format!(
+                "{{\"ok\":true,\"path\":{path:?},\"n\":{}}}",
+                count.load(Ordering::Relaxed)
+            ),
+        };
         let response = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
             payload.len()
