@@ -856,6 +856,47 @@ def preflight(client: Client, wait: float) -> int | None:
 ADMIN_KEY = "demo-admin"
 
 
+def scenario_ultrawork(client: Client, checks: Checks) -> None:
+    """Five agents of one session ask the same search at the same moment: one call goes
+    upstream and is paid, the other four are served from the shared cache, free."""
+    out()
+    out(paint("== 5. ultrawork: five agents, one search " + "=" * 41, "bold", "cyan"))
+    session = new_session_id("ultrawork")
+    body = {"query": "how do I budget AI agents?", "session": session}
+    results: list[Reply] = []
+    lock = threading.Lock()
+
+    def ask(i: int) -> None:
+        headers = {"x-pag0-api-key": API_KEY, "x-pag0-session": session,
+                   "x-pag0-agent": f"ultrawork-{i}"}
+        reply = Client(client.listener).request("POST", TAVILY.host, TAVILY.path, headers, body)
+        with lock:
+            results.append(reply)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(1, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    paid = [r for r in results if r.headers.get("x-pag0-cached") == "false"]
+    hits = [r for r in results if r.headers.get("x-pag0-cached") == "true"]
+    for r in sorted(results, key=lambda r: r.headers.get("x-pag0-cached", "")):
+        age = r.headers.get("x-pag0-cache-age")
+        out(f"    {r.status}  cost {usd(int(r.headers.get('x-pag0-cost', '0')))}  cached={r.headers.get('x-pag0-cached')}"
+            + (f" (age {age}s)" if age else ""))
+    checks.expect(len(paid) == 1 and len(hits) == 4,
+                  f"ultrawork: 1 paid call and 4 cache hits (got {len(paid)} and {len(hits)})", major=True)
+    checks.expect(all(r.headers.get("x-pag0-cost") == "0" for r in hits), "ultrawork: hits are free")
+    reply = client.request("GET", "pag0", f"/_pag0/v1/sessions/{session}/report",
+                           {"authorization": f"Bearer {ADMIN_KEY}"})
+    if checks.expect(reply.status == 200, "ultrawork: report readable", reply):
+        report = json.loads(reply.body)
+        out(f"  paid {usd(int(report['totalCost']))} once; the cache saved {usd(int(report['cacheSavings']))} "
+            f"({report['cacheHits']} hits, hit rate {report['cacheHitRate']:.0%})")
+        checks.expect(report["cacheSavings"] == str(4 * SEARCH_PRICE),
+                      "ultrawork: report savings = 4 x price", reply, major=True)
+
+
 def show_reports(client: Client, checks: Checks, sessions: list[Session]) -> None:
     """Reads each session's report from the report API and checks it against what the
     agents were charged, call by call."""
@@ -922,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     summary(sessions)
     try:
         show_reports(client, checks, sessions)
+        scenario_ultrawork(client, checks)
     except Unreachable as exc:
         out(f"play.py: lost the listener while reading reports ({exc}).")
         return EXIT_UNUSABLE
