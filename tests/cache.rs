@@ -382,3 +382,75 @@ fn without_the_stop_iteration_knob_posts_go_upstream_uncached_instead_of_hanging
     );
     assert!(envoy.log().contains("allow_on_headers_stop_iteration"));
 }
+
+fn two_level_config(webdis_port: u16) -> EnvoyConfig {
+    let plugin = format!(
+        r#"{{"cache": {{"scope": "tenant", "methods": ["GET", "POST"], "cluster": "cache_l2", "clusterTimeoutMs": 300}},
+            "policies": {{"p": {{"sessionBudget": "5000000"}}}}}}"#
+    );
+    let mut config = EnvoyConfig::new(
+        &plugin,
+        vec![route(
+            "api.exa.ai",
+            "/",
+            &[("price", "20000"), ("tool", "search")],
+        )],
+    );
+    config.clusters.push(("cache_l2".to_string(), webdis_port));
+    config
+}
+
+#[test]
+fn two_envoys_share_answers_through_redis_and_go_on_when_it_is_down() {
+    let mut webdis = support::redis::Webdis::start();
+    let up = Upstream::start();
+    let first = Envoy::with_config(&two_level_config(webdis.port), up.port);
+    let second = Envoy::with_config(&two_level_config(webdis.port), up.port);
+    let body = "{\"query\":\"shared\"}";
+    let filled =
+        Client::new(first.port).post("api.exa.ai", "/search", &[("x-pag0-session", "s-1")], body);
+    assert_eq!(
+        (filled.status, filled.header("x-pag0-cached")),
+        (200, Some("false"))
+    );
+    // The write to level 2 goes out on the next tick.
+    std::thread::sleep(Duration::from_millis(300));
+    let hit =
+        Client::new(second.port).post("api.exa.ai", "/search", &[("x-pag0-session", "s-2")], body);
+    assert_eq!(
+        (hit.status, hit.header("x-pag0-cached"), hit.cost()),
+        (200, Some("true"), 0)
+    );
+    assert_eq!(hit.body, filled.body);
+    assert_eq!(up.count(), 1);
+    // The level-2 hit filled the second Envoy's level 1.
+    let again =
+        Client::new(second.port).post("api.exa.ai", "/search", &[("x-pag0-session", "s-3")], body);
+    assert_eq!(again.header("x-pag0-cached"), Some("true"));
+    assert!(second
+        .admin_get("/stats?filter=pag0.cache")
+        .contains("pag0.cache.l2_hits: 1"));
+
+    // Level 2 down: requests go on without it, and the failures are counted.
+    webdis.stop_front();
+    for i in 0..3 {
+        let r = Client::new(second.port).post(
+            "api.exa.ai",
+            "/search",
+            &[("x-pag0-session", "s-4")],
+            &format!("{{\"q\":{i}}}"),
+        );
+        assert_eq!((r.status, r.header("x-pag0-cached")), (200, Some("false")));
+    }
+    assert_eq!(up.count(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = second.admin_get("/stats?filter=pag0.cache.l2_failures");
+    let failures: u64 = stats
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    assert!(failures >= 3, "{stats}");
+}

@@ -36,6 +36,14 @@ pub struct CacheConfig {
     pub max_entry_bytes: u32,
     pub entries: u32,
     pub coalesce_wait_ms: u64,
+    pub level2: Option<Level2>,
+}
+
+/// The second level: Redis through Webdis, reached with dispatched HTTP calls.
+#[derive(Debug, Clone)]
+pub struct Level2 {
+    pub cluster: String,
+    pub timeout_ms: u64,
 }
 
 pub fn compile_cache(raw: RawCache) -> Result<Option<CacheConfig>, String> {
@@ -97,6 +105,22 @@ pub fn compile_cache(raw: RawCache) -> Result<Option<CacheConfig>, String> {
     if coalesce_wait_ms > 60_000 {
         return Err("cache.coalesceWaitMs: at most 60000".to_string());
     }
+    let level2 = match raw.cluster {
+        None => None,
+        Some(cluster) if cluster.is_empty() => {
+            return Err("cache.cluster: must name an Envoy cluster".to_string())
+        }
+        Some(cluster) => {
+            let timeout_ms = raw.cluster_timeout_ms.unwrap_or(200);
+            if !(1..=10_000).contains(&timeout_ms) {
+                return Err("cache.clusterTimeoutMs: must be between 1 and 10000".to_string());
+            }
+            Some(Level2 {
+                cluster,
+                timeout_ms,
+            })
+        }
+    };
     Ok(Some(CacheConfig {
         scope,
         default_ttl,
@@ -105,6 +129,7 @@ pub fn compile_cache(raw: RawCache) -> Result<Option<CacheConfig>, String> {
         max_entry_bytes,
         entries,
         coalesce_wait_ms,
+        level2,
     }))
 }
 
@@ -401,6 +426,40 @@ pub fn abandon<S: SharedStore + ?Sized>(store: &S, slot: u32, key: &str) -> Resu
     })
 }
 
+/// The Redis key of a cache key: fixed length and URL-safe.
+pub fn level2_key(key: &str) -> String {
+    let digest: String = Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("pag0:{digest}")
+}
+
+/// Webdis path that reads a key.
+pub fn level2_get_path(key: &str) -> String {
+    format!("/GET/{}", level2_key(key))
+}
+
+/// Webdis path (for a PUT whose body is the value) that stores a key with a TTL.
+pub fn level2_set_path(key: &str, ttl_secs: u64) -> String {
+    format!("/SETEX/{}/{}", level2_key(key), ttl_secs.max(1))
+}
+
+/// The value stored in Redis: the encoded entry, base64 (Webdis speaks text).
+pub fn level2_value(entry: &Entry) -> String {
+    crate::core::base64::encode(&entry.encode())
+}
+
+/// Reads Webdis's answer to a GET: the entry when it is there, for this exact key,
+/// filled and fresh.
+pub fn level2_entry(body: &[u8], key: &str, now_ms: u64) -> Option<Entry> {
+    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = answer.get("GET")?.as_str()?;
+    let entry = Entry::decode(&crate::core::base64::decode(text)?)?;
+    (entry.key == key && entry.state == EntryState::Filled && !entry.expired(now_ms))
+        .then_some(entry)
+}
+
 /// Whether a response may be stored: 2xx, and no `no-store` or `private`.
 pub fn storable(status: u32, cache_control: Option<&str>) -> bool {
     if !(200..300).contains(&status) {
@@ -539,6 +598,19 @@ mod tests {
             find_or_claim(&store, &c, "key-99999", 100_000).unwrap(),
             Found::Hit(_)
         ));
+    }
+
+    #[test]
+    fn level2_values_round_trip_and_check_the_key() {
+        let e = filled("k", 1000, 60);
+        let body = serde_json::json!({"GET": level2_value(&e)}).to_string();
+        assert_eq!(level2_entry(body.as_bytes(), "k", 2000), Some(e));
+        assert_eq!(level2_entry(body.as_bytes(), "other", 2000), None);
+        assert_eq!(level2_entry(body.as_bytes(), "k", 1000 + 60_000), None);
+        assert_eq!(level2_entry(br#"{"GET": null}"#, "k", 0), None);
+        assert_eq!(level2_entry(b"garbage", "k", 0), None);
+        assert!(level2_set_path("k", 600).starts_with("/SETEX/pag0:"));
+        assert_eq!(level2_key("k").len(), 5 + 64);
     }
 
     #[test]

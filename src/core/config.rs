@@ -54,6 +54,10 @@ pub struct RawCache {
     pub entries: Option<u32>,
     /// How long an identical request waits for the first one's answer.
     pub coalesce_wait_ms: Option<u64>,
+    /// Envoy cluster of the second level (Redis behind Webdis).
+    pub cluster: Option<String>,
+    /// Timeout of a second-level call; past it, the cache is skipped.
+    pub cluster_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod amount;
+pub mod base64;
 pub mod cache;
 pub mod compile;
 pub mod config;

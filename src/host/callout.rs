@@ -6,21 +6,30 @@ use std::time::Duration;
 use proxy_wasm::traits::Context;
 use proxy_wasm::types::Status;
 
-use crate::core::compile::AlertSink;
-
-/// POSTs a JSON body. The answer comes back to the caller's `on_http_call_response`.
-pub fn post_json(ctx: &dyn Context, sink: &AlertSink, body: &str) -> Result<u32, Status> {
+/// Sends a call. The answer comes back to the caller's `on_http_call_response`.
+pub fn send(
+    ctx: &dyn Context,
+    cluster: &str,
+    method: &str,
+    path: &str,
+    authority: &str,
+    body: Option<(&str, &[u8])>,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    let mut headers = vec![
+        (":method", method),
+        (":path", path),
+        (":authority", authority),
+    ];
+    if let Some((content_type, _)) = body {
+        headers.push(("content-type", content_type));
+    }
     ctx.dispatch_http_call(
-        &sink.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", &sink.path),
-            (":authority", &sink.authority),
-            ("content-type", "application/json"),
-        ],
-        Some(body.as_bytes()),
+        cluster,
+        headers,
+        body.map(|(_, bytes)| bytes),
         vec![],
-        Duration::from_millis(sink.timeout_ms),
+        Duration::from_millis(timeout_ms),
     )
 }
 

@@ -19,10 +19,11 @@ use crate::core::firewall::{self, Call, Caller, HeaderValue, Ticket};
 use crate::core::headers::BudgetView;
 use crate::core::identity::role;
 use crate::core::policy::ChargeOn;
+use crate::host::alerts::{self, Kind, Outgoing};
 use crate::host::metrics::{self, label, Labels};
 use crate::host::reply::{send_local, send_refusal};
 use crate::host::shared::HostStore;
-use crate::host::{alerts, log, now_millis, now_secs, props, waiters};
+use crate::host::{callout, log, now_millis, now_secs, props, waiters};
 
 /// Request headers with this prefix are pag0's own and never reach the upstream.
 const OWN_HEADER_PREFIX: &str = "x-pag0-";
@@ -192,11 +193,39 @@ impl Pag0Http {
                     ttl: d.ttl,
                     storing: None,
                 });
-                let action = admit_stream(config, &self.state, &d.caller, &d.call);
-                if self.state.borrow().answered_locally {
-                    self.abandon_fill();
+                // Ask the second level first, if there is one.
+                if let Some(level2) = &cache_cfg.level2 {
+                    let path = cache::level2_get_path(
+                        &self
+                            .state
+                            .borrow()
+                            .fill
+                            .as_ref()
+                            .map_or(String::new(), |f| f.key.clone()),
+                    );
+                    match callout::send(
+                        self,
+                        &level2.cluster,
+                        "GET",
+                        &path,
+                        "pag0-cache",
+                        None,
+                        level2.timeout_ms,
+                    ) {
+                        Ok(_) => {
+                            self.state.borrow_mut().deferred = Some(d);
+                            return Action::Pause;
+                        }
+                        Err(status) => {
+                            metrics::add("pag0.cache.l2_failures", 1);
+                            log(
+                                LogLevel::Debug,
+                                &format!("pag0: second-level cache unreachable: {status:?}"),
+                            );
+                        }
+                    }
                 }
-                action
+                self.go_upstream(config, &d)
             }
             Err(e) => {
                 // The cache is an optimisation: on trouble, go upstream uncached.
@@ -209,6 +238,15 @@ impl Pag0Http {
         }
     }
 
+    /// A miss at every level: reserve and go upstream (this stream fills the cache).
+    fn go_upstream(&self, config: &Config, d: &Deferred) -> Action {
+        let action = admit_stream(config, &self.state, &d.caller, &d.call);
+        if self.state.borrow().answered_locally {
+            self.abandon_fill();
+        }
+        action
+    }
+
     fn abandon_fill(&self) {
         if let Some(fill) = self.state.borrow_mut().fill.take() {
             let _ = cache::abandon(&HostStore, fill.slot, &fill.key);
@@ -216,7 +254,53 @@ impl Pag0Http {
     }
 }
 
-impl Context for Pag0Http {}
+impl Context for Pag0Http {
+    /// The second level's answer to a lookup: serve it, or go upstream.
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let deferred = self.state.borrow_mut().deferred.take();
+        let (Some(config), Some(d)) = (self.config.clone(), deferred) else {
+            return;
+        };
+        let status = callout::response_status(self);
+        let key = self
+            .state
+            .borrow()
+            .fill
+            .as_ref()
+            .map(|f| (f.slot, f.key.clone()));
+        let mut found = None;
+        if callout::succeeded(status) {
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .unwrap_or_default();
+            if let Some((slot, key)) = &key {
+                found = cache::level2_entry(&body, key, now_millis()).map(|entry| (*slot, entry));
+            }
+        } else {
+            metrics::add("pag0.cache.l2_failures", 1);
+        }
+        match found {
+            Some((slot, entry)) => {
+                metrics::add("pag0.cache.l2_hits", 1);
+                // Fill level 1 for the next caller, then answer.
+                let _ = cache::fill(&HostStore, slot, &entry);
+                self.state.borrow_mut().fill = None;
+                serve_hit(&config, &self.state, &d.caller, &d.call, &entry);
+            }
+            None => {
+                if matches!(self.go_upstream(&config, &d), Action::Continue) {
+                    let _ = hostcalls::resume_http_request();
+                }
+            }
+        }
+    }
+}
 
 impl HttpContext for Pag0Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -387,7 +471,7 @@ impl HttpContext for Pag0Http {
                     state.cost = cost;
                 }
                 if end_of_stream {
-                    store_fill(&self.state, b"");
+                    store_fill(&config, &self.state, b"");
                 }
             }
         }
@@ -420,7 +504,9 @@ impl HttpContext for Pag0Http {
             .ok()
             .flatten()
             .unwrap_or_default();
-        store_fill(&self.state, &body);
+        if let Some(config) = self.config.clone() {
+            store_fill(&config, &self.state, &body);
+        }
         Action::Continue
     }
 
@@ -525,7 +611,7 @@ pub fn serve_hit(
     send_local(u32::from(entry.status), headers, &entry.body);
 }
 
-fn store_fill(state: &Rc<RefCell<StreamState>>, body: &[u8]) {
+fn store_fill(config: &Config, state: &Rc<RefCell<StreamState>>, body: &[u8]) {
     let mut s = state.borrow_mut();
     let cost = s.cost;
     let Some(fill) = s.fill.take() else { return };
@@ -548,6 +634,18 @@ fn store_fill(state: &Rc<RefCell<StreamState>>, body: &[u8]) {
             LogLevel::Warn,
             &format!("pag0: could not fill the cache: {}", e.message),
         );
+    }
+    if let Some(level2) = config.cache.as_ref().and_then(|c| c.level2.as_ref()) {
+        alerts::queue(Outgoing {
+            kind: Kind::CacheWrite,
+            cluster: level2.cluster.clone(),
+            method: "PUT",
+            path: cache::level2_set_path(&entry.key, entry.ttl_secs),
+            authority: "pag0-cache".to_string(),
+            content_type: "text/plain",
+            body: cache::level2_value(&entry),
+            timeout_ms: level2.timeout_ms,
+        });
     }
 }
 
@@ -651,11 +749,20 @@ fn metric_role(config: &Config, call: &Call, caller: &Caller) -> String {
 }
 
 pub fn queue_alerts(config: &Config, raised: Vec<Alert>) {
-    if config.alerts.is_none() {
+    let Some(sink) = &config.alerts else {
         return;
-    }
+    };
     for alert in raised {
-        alerts::queue(alert.to_json());
+        alerts::queue(Outgoing {
+            kind: Kind::Alert,
+            cluster: sink.cluster.clone(),
+            method: "POST",
+            path: sink.path.clone(),
+            authority: sink.authority.clone(),
+            content_type: "application/json",
+            body: alert.to_json(),
+            timeout_ms: sink.timeout_ms,
+        });
     }
 }
 

@@ -8,12 +8,15 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
 use crate::core::compile::{compile_json, Config};
+use crate::host::alerts::{self, Kind};
 use crate::host::http::Pag0Http;
-use crate::host::{alerts, callout, log, metrics, waiters};
+use crate::host::{callout, log, metrics, waiters};
 
 pub struct Pag0Root {
     context_id: u32,
     config: Option<Rc<Config>>,
+    /// Calls sent from the outbox, by token, to count how they ended.
+    in_flight: hashbrown::HashMap<u32, Kind>,
 }
 
 impl Pag0Root {
@@ -21,6 +24,7 @@ impl Pag0Root {
         Pag0Root {
             context_id,
             config: None,
+            in_flight: hashbrown::HashMap::new(),
         }
     }
 }
@@ -28,21 +32,21 @@ impl Pag0Root {
 impl Context for Pag0Root {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         _headers: usize,
         _body: usize,
         _trailers: usize,
     ) {
-        let status = callout::response_status(self);
-        if callout::succeeded(status) {
-            metrics::add("pag0.alerts.sent", 1);
-        } else {
-            metrics::add("pag0.alerts.failed", 1);
-            log(
-                LogLevel::Warn,
-                &format!("pag0: alert webhook answered {status:?}"),
-            );
-        }
+        let kind = self.in_flight.remove(&token);
+        let ok = callout::succeeded(callout::response_status(self));
+        let name = match (kind, ok) {
+            (Some(Kind::Alert), true) => "pag0.alerts.sent",
+            (Some(Kind::Alert), false) => "pag0.alerts.failed",
+            (Some(Kind::CacheWrite), true) => "pag0.cache.l2_writes",
+            (Some(Kind::CacheWrite), false) => "pag0.cache.l2_failures",
+            (None, _) => return,
+        };
+        metrics::add(name, 1);
     }
 }
 
@@ -68,12 +72,10 @@ impl RootContext for Pag0Root {
                         config.tenants.len()
                     ),
                 );
-                if config.cache.is_some() {
-                    // Streams waiting for an identical call's answer are polled here.
+                if config.cache.is_some() || config.alerts.is_some() {
+                    // Streams waiting for an identical call's answer are polled here, and
+                    // alerts and second-level cache writes are sent from here.
                     let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(10));
-                } else if config.alerts.is_some() {
-                    // Alerts queued by streams are sent from here, five times a second.
-                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(200));
                 }
                 self.config = Some(Rc::new(config));
                 true
@@ -92,19 +94,31 @@ impl RootContext for Pag0Root {
         if waiters::any() {
             waiters::poll_all(self.context_id);
         }
-        let Some(sink) = self.config.as_ref().and_then(|c| c.alerts.clone()) else {
-            return;
-        };
-        for body in alerts::take_all() {
-            if let Err(status) = callout::post_json(self, &sink, &body) {
-                metrics::add("pag0.alerts.failed", 1);
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "pag0: cannot send alert to cluster {}: {status:?}",
-                        sink.cluster
-                    ),
-                );
+        for call in alerts::take_all() {
+            let body = Some((call.content_type, call.body.as_bytes()));
+            match callout::send(
+                self,
+                &call.cluster,
+                call.method,
+                &call.path,
+                &call.authority,
+                body,
+                call.timeout_ms,
+            ) {
+                Ok(token) => {
+                    self.in_flight.insert(token, call.kind);
+                }
+                Err(status) => {
+                    let name = match call.kind {
+                        Kind::Alert => "pag0.alerts.failed",
+                        Kind::CacheWrite => "pag0.cache.l2_failures",
+                    };
+                    metrics::add(name, 1);
+                    log(
+                        LogLevel::Warn,
+                        &format!("pag0: cannot call cluster {}: {status:?}", call.cluster),
+                    );
+                }
             }
         }
     }

@@ -53,6 +53,8 @@ pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec
 pub struct EnvoyConfig {
     pub plugin_json: String,
     pub routes: Vec<RouteSpec>,
+    /// More clusters on loopback ports: (name, port).
+    pub clusters: Vec<(String, u16)>,
 }
 
 impl EnvoyConfig {
@@ -60,6 +62,7 @@ impl EnvoyConfig {
         EnvoyConfig {
             plugin_json: plugin_json.to_string(),
             routes,
+            clusters: Vec::new(),
         }
     }
 
@@ -91,6 +94,12 @@ impl EnvoyConfig {
             }
         }
         let plugin = self.plugin_json.replace('\n', " ");
+        let mut extra = String::new();
+        for (name, port) in &self.clusters {
+            extra.push_str(&format!(
+                "  - name: {name}\n    type: STATIC\n    connect_timeout: 0.5s\n    load_assignment:\n      cluster_name: {name}\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]\n"
+            ));
+        }
         format!(
             r#"admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
@@ -141,7 +150,7 @@ static_resources:
     load_assignment:
       cluster_name: dead
       endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {dead} }} }} }} }}] }}]
-"#,
+{extra}"#,
             wasm = wasm_path().display(),
         )
     }

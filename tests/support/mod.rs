@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod envoy;
+pub mod redis;
 pub mod upstream;
 
 pub use client::{Client, Response};
