@@ -384,10 +384,8 @@ fn without_the_stop_iteration_knob_posts_go_upstream_uncached_instead_of_hanging
 }
 
 fn two_level_config(webdis_port: u16) -> EnvoyConfig {
-    let plugin = format!(
-        r#"{{"cache": {{"scope": "tenant", "methods": ["GET", "POST"], "cluster": "cache_l2", "clusterTimeoutMs": 300}},
-            "policies": {{"p": {{"sessionBudget": "5000000"}}}}}}"#
-    );
+    let plugin = r#"{"cache": {"scope": "tenant", "methods": ["GET", "POST"], "cluster": "cache_l2", "clusterTimeoutMs": 300},
+            "policies": {"p": {"sessionBudget": "5000000"}}}"#;
     let mut config = EnvoyConfig::new(
         &plugin,
         vec![route(
