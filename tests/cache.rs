@@ -387,7 +387,7 @@ fn two_level_config(webdis_port: u16) -> EnvoyConfig {
     let plugin = r#"{"cache": {"scope": "tenant", "methods": ["GET", "POST"], "cluster": "cache_l2", "clusterTimeoutMs": 300},
             "policies": {"p": {"sessionBudget": "5000000"}}}"#;
     let mut config = EnvoyConfig::new(
-        &plugin,
+        plugin,
         vec![route(
             "api.exa.ai",
             "/",
