@@ -16,6 +16,16 @@ trap cleanup EXIT INT TERM
 
 python3 demo/upstream.py --port 18080 &
 pids+=($!)
+if grep -q '"cluster": "pag0_cache_l2"' "$config"; then
+  # The config asks for the second-level cache: Redis on 16379, Webdis on 17379.
+  scripts/ensure-redis.sh
+  redis-server --port 16379 --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+  pids+=($!)
+  webdis_conf="$(mktemp)"
+  printf '{"redis_host": "127.0.0.1", "redis_port": 16379, "http_host": "127.0.0.1", "http_port": 17379, "threads": 2, "daemonize": false, "database": 0, "verbosity": 1, "logfile": "/dev/null"}' > "$webdis_conf"
+  webdis "$webdis_conf" &
+  pids+=($!)
+fi
 "$envoy_bin" -c "$config" --concurrency 2 --disable-hot-restart --file-flush-interval-msec 500 -l "${ENVOY_LOG_LEVEL:-warning}" &
 pids+=($!)
 for _ in $(seq 1 100); do
