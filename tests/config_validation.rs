@@ -90,6 +90,12 @@ fn the_reference_session_is_exactly_the_product_one() {
             "{path}"
         );
         assert_eq!(cfg.tenant_for_key(b"demo-key"), Some(0));
+        let cache = cfg.cache.as_ref().unwrap_or_else(|| panic!("{path}: no cache"));
+        assert_eq!(cache.scope, pag0::core::cache::CacheScope::Session);
+        assert_eq!(cache.default_ttl, 1800);
+        assert_eq!(cache.ttl_for("x.com/docs/a", None), 3600);
+        assert_eq!(cache.ttl_for("api.tavily.com/search", None), 600);
+        assert_eq!(cache.ttl_for("api.openai.com/v1/chat/completions", None), 1800);
     }
 }
 
