@@ -924,7 +924,7 @@ def show_reports(client: Client, checks: Checks, sessions: list[Session]) -> Non
         for code, n in sorted(report["refusals"].items()):
             out(f"    refused: {n} x {code}")
     out()
-    out(f"  live page: {client.listener}/_pag0/dashboard?key={ADMIN_KEY}")
+    out(f"  live page: {client.listener}/_pag0/dashboard#key={ADMIN_KEY}")
     out(f"  JSON:      curl -s -H 'authorization: Bearer {ADMIN_KEY}' {client.listener}/_pag0/v1/sessions")
 
 

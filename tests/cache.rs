@@ -452,3 +452,26 @@ fn two_envoys_share_answers_through_redis_and_go_on_when_it_is_down() {
         .unwrap_or(0);
     assert!(failures >= 3, "{stats}");
 }
+
+#[test]
+fn large_or_unsized_request_bodies_skip_the_cache_instead_of_failing() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let mut c = Client::new(envoy.port);
+    let s = unique("big");
+    // 3 MB: above Envoy's 1 MiB buffer; pag0 must not try to buffer it for a cache key.
+    let big = format!("{{\"prompt\":\"{}\"}}", "x".repeat(3_000_000));
+    for _ in 0..2 {
+        let r = c.post(
+            "api.anthropic.com",
+            "/v1/messages",
+            &h("demo-key", &s, "executor-1"),
+            &big,
+        );
+        assert_eq!(
+            (r.status, r.header("x-pag0-cached"), r.cost()),
+            (200, Some("false"), 150_000)
+        );
+    }
+    assert_eq!(up.count(), 2);
+}

@@ -90,12 +90,18 @@ fn the_reference_session_is_exactly_the_product_one() {
             "{path}"
         );
         assert_eq!(cfg.tenant_for_key(b"demo-key"), Some(0));
-        let cache = cfg.cache.as_ref().unwrap_or_else(|| panic!("{path}: no cache"));
+        let cache = cfg
+            .cache
+            .as_ref()
+            .unwrap_or_else(|| panic!("{path}: no cache"));
         assert_eq!(cache.scope, pag0::core::cache::CacheScope::Session);
         assert_eq!(cache.default_ttl, 1800);
         assert_eq!(cache.ttl_for("x.com/docs/a", None), 3600);
         assert_eq!(cache.ttl_for("api.tavily.com/search", None), 600);
-        assert_eq!(cache.ttl_for("api.openai.com/v1/chat/completions", None), 1800);
+        assert_eq!(
+            cache.ttl_for("api.openai.com/v1/chat/completions", None),
+            1800
+        );
     }
 }
 
@@ -197,6 +203,30 @@ fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
             "endpoints[0].price",
         ),
         (r#"{"policies": {"p": {}, "p": {}}}"#, "duplicate key \"p\""),
+        (
+            r#"{"identity": {"agentHeader": "x-pag0-session"}, "policies": {"p": {}}}"#,
+            "identity.agentHeader: \"x-pag0-session\" is already used",
+        ),
+        (
+            r#"{"policies": {"p": {"blockedEndpoints": ["api.openai.com:443/*"]}}}"#,
+            "has a port",
+        ),
+        (
+            r#"{"admin": {"pathPrefix": "/v1"}, "policies": {"p": {}}}"#,
+            "admin.pathPrefix: \"/v1\" must start with /_",
+        ),
+        (
+            r#"{"tenants": [{"id": "t", "apiKeySha256": "c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c"}], "admin": {"apiKeySha256": "c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c"}, "policies": {"p": {}}}"#,
+            "admin key must differ",
+        ),
+        (
+            r#"{"cache": {"ttlRules": [{"pattern": "(", "ttl": 5}]}, "policies": {"p": {}}}"#,
+            "cache.ttlRules[0].pattern",
+        ),
+        (
+            r#"{"cache": {"scope": "world"}, "policies": {"p": {}}}"#,
+            "cache.scope",
+        ),
     ];
     let handles: Vec<_> = cases
         .iter()

@@ -98,7 +98,7 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
         &support::fresh_body(),
     );
     let url = format!(
-        "http://127.0.0.1:{}/_pag0/dashboard?key=demo-admin&session={s}",
+        "http://127.0.0.1:{}/_pag0/dashboard#key=demo-admin&session={s}",
         envoy.port
     );
 

@@ -183,6 +183,12 @@ fn rules_config() -> EnvoyConfig {
             &[("price", "1"), ("policy", "nope")],
         ),
         route("api.openai.com", "/badprice", &[("price", "1.5")]),
+        route("api.openai.com", "/numprice", &[("price", "=20000")]),
+        route(
+            "api.openai.com",
+            "/badttl",
+            &[("price", "1"), ("cacheTTL", "soon")],
+        ),
         route("api.openai.com", "/", &[]),
         route("api.tavily.com", "/", &[]),
         route("api.exa.ai", "/", &[]),
@@ -398,7 +404,7 @@ fn bad_route_metadata_fails_closed() {
     let mut c = Client::new(envoy.port);
     let s = unique("meta");
     let h = agent_headers("acme-key", &s, "main");
-    for path in ["/nosuchpolicy", "/badprice"] {
+    for path in ["/nosuchpolicy", "/badprice", "/numprice", "/badttl"] {
         let r = c.post("api.openai.com", path, &h, "");
         assert_eq!(r.status, 500, "{path}");
         assert_eq!(r.error_code().as_deref(), Some("CONFIG_ERROR"));
@@ -553,4 +559,48 @@ fn endpoint_rules_price_calls_the_route_leaves_unpriced() {
     assert_eq!((free.status, free.cost()), (200, 0));
     assert_eq!(free.remaining("session"), Some(900_000));
     assert_eq!(free.remaining("daily"), Some(2_400_000));
+}
+
+#[test]
+fn a_forwarded_call_whose_client_goes_away_stays_charged() {
+    use std::io::Write;
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let session = unique("gone");
+    // The client sends a paid call and hangs up before the slow upstream answers.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+    let body = support::fresh_body();
+    write!(
+        raw,
+        "POST /v1/messages/delay/800/ HTTP/1.1\r\nhost: api.anthropic.com\r\nx-pag0-api-key: demo-key\r\nx-pag0-session: {session}\r\nx-pag0-agent: ralph-1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(raw);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(up.count(), 1, "the call reached the upstream");
+    let report = Client::new(envoy.port)
+        .get(
+            "h",
+            &format!("/_pag0/v1/sessions/{session}/report"),
+            &[("authorization", "Bearer demo-admin")],
+        )
+        .json();
+    assert_eq!(report["totalCost"], "150000", "{report}");
+    assert_eq!(report["reserved"], "0");
+}
+
+#[test]
+fn an_encoded_slash_cannot_reach_a_paid_path_for_free() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let r = Client::new(envoy.port).post(
+        "api.openai.com",
+        "/v1/chat%2Fcompletions",
+        &agent_headers(DEMO_KEY, "s", "main"),
+        "{}",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(up.count(), 0);
 }

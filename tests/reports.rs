@@ -111,7 +111,7 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
                 "{id}: {a}"
             );
         };
-    expect_agent("ralph-1", "ralph", "3000000", 20, "3000000", 1.0);
+    expect_agent("ralph-1", "ralph", "3000000", 21, "3000000", 1.0);
     expect_agent("executor-1", "executor", "250000", 6, "2000000", 0.125);
     expect_agent(
         "researcher-1",
@@ -294,6 +294,24 @@ fn a_tenant_key_reads_only_its_own_sessions() {
         )
         .json();
     assert_eq!(sessions["sessions"], json!([]));
+    // A tenant key (which every agent holds) cannot throw or undo the kill switch.
+    let kill = c.post(
+        "h",
+        "/_pag0/v1/sessions/shared-id/kill",
+        &[("authorization", "Bearer acme-key")],
+        "",
+    );
+    assert_eq!(
+        (kill.status, kill.error_code().as_deref()),
+        (401, Some("UNAUTHORIZED"))
+    );
+    let resume = c.post(
+        "h",
+        "/_pag0/v1/sessions/shared-id/resume",
+        &[("x-pag0-api-key", "acme-key")],
+        "",
+    );
+    assert_eq!(resume.status, 401);
     // The admin reads any tenant.
     assert_eq!(
         c.get(

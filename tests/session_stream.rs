@@ -118,3 +118,41 @@ fn a_full_session_table_fails_closed_and_reuses_idle_slots() {
     assert_eq!(r.status, 200, "an idle slot is reused");
     assert_eq!(r.remaining("session"), Some(999));
 }
+
+#[test]
+fn free_calls_from_endless_session_ids_take_no_session_slots() {
+    let plugin = r#"{"sessions": {"maxSessions": 8, "idleTimeoutSeconds": 86400},
+        "policies": {"p": {"sessionBudget": "1000"}}}"#;
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(
+        &EnvoyConfig::new(
+            plugin,
+            vec![
+                route("api.stream.test", "/paid", &[("price", "1")]),
+                route("api.stream.test", "/", &[]),
+            ],
+        ),
+        up.port,
+    );
+    let mut c = Client::new(envoy.port);
+    for i in 0..200 {
+        let r = c.get(
+            "api.stream.test",
+            "/free",
+            &[("x-pag0-session", format!("junk-{i}").as_str())],
+        );
+        assert_eq!((r.status, r.cost()), (200, 0));
+    }
+    let r = c.post(
+        "api.stream.test",
+        "/paid",
+        &[("x-pag0-session", "real-session")],
+        "",
+    );
+    assert_eq!(
+        (r.status, r.cost()),
+        (200, 1),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+}

@@ -258,6 +258,13 @@ fn handle_inner<S: SharedStore + ?Sized>(
             ))
         }
         AdminRoute::Kill(id) | AdminRoute::Resume(id) => {
+            // Agents hold their tenant's key: it reads, but only the admin controls.
+            if access != Access::Admin {
+                return Err(Refusal::new(
+                    ErrorCode::Unauthorized,
+                    "kill and resume need the admin key; a tenant key only reads",
+                ));
+            }
             let kill = matches!(route, AdminRoute::Kill(_));
             let changed = sessions::set_killed(store, &tenant, id, &cfg.sessions, now, kill)?;
             let Some((record, was_killed)) = changed else {
@@ -315,6 +322,21 @@ pub fn budget_json(
     let Some(policy) = cfg.policy(None) else {
         return Value::Object(out);
     };
+    // Why priced calls are refused, if they are: the manual switch or the threshold.
+    let tripped = match (policy.session_budget, policy.kill_ppm) {
+        (Some(limit), Some(ppm)) => {
+            crate::core::amount::reaches(record.spent.saturating_add(record.reserved), limit, ppm)
+        }
+        _ => false,
+    };
+    let kill_switch = if record.killed {
+        json!("manual")
+    } else if tripped {
+        json!("threshold")
+    } else {
+        Value::Null
+    };
+    out.insert("killSwitch".into(), kill_switch.clone());
     out.insert("policy".into(), json!(policy.name));
     if let Some(limit) = policy.session_budget {
         out.insert(
@@ -422,6 +444,7 @@ pub fn report_json(
         "cacheHitRate": rate(record.cache_hits, record.requests),
         "cacheSavings": record.savings.to_string(),
         "killed": record.killed,
+        "killSwitch": budget_json(cfg, tenant, record, windows)["killSwitch"].clone(),
         "lastActive": record.last_active,
         "unconfirmedPayments": {"count": record.unconfirmed, "amount": record.unconfirmed_amount.to_string()},
         "byAgent": by_agent,

@@ -128,6 +128,18 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         },
     };
 
+    let names = [
+        ("identity.sessionHeader", &identity.session_header),
+        ("identity.agentHeader", &identity.agent_header),
+        ("identity.apiKeyHeader", &identity.api_key_header),
+    ];
+    for (i, (field, name)) in names.iter().enumerate() {
+        if names[..i].iter().any(|(_, other)| other == name) {
+            return Err(format!(
+                "{field}: {name:?} is already used for another identity header"
+            ));
+        }
+    }
     let mut tenants = Vec::new();
     let mut tenant_by_key_hash = HashMap::new();
     match raw.tenants {
@@ -229,17 +241,33 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         });
     }
 
-    let admin = Admin {
-        key_hash: match &raw.admin.api_key_sha256 {
-            None => None,
-            Some(hex) => Some(parse_sha256(hex).ok_or_else(|| {
+    let admin_key_hash = match &raw.admin.api_key_sha256 {
+        None => None,
+        Some(hex) => {
+            let hash = parse_sha256(hex).ok_or_else(|| {
                 "admin.apiKeySha256: must be 64 hex digits (the SHA-256 of the key)".to_string()
-            })?),
-        },
-        path_prefix: url_path(raw.admin.path_prefix, "/_pag0/v1", "admin.pathPrefix")?,
-        dashboard_path: url_path(
-            raw.admin.dashboard_path,
-            "/_pag0/dashboard",
+            })?;
+            if tenant_by_key_hash.contains_key(&hash) {
+                return Err(
+                    "admin.apiKeySha256: the admin key must differ from every tenant key"
+                        .to_string(),
+                );
+            }
+            Some(hash)
+        }
+    };
+    let admin = Admin {
+        key_hash: admin_key_hash,
+        path_prefix: reserved_path(
+            url_path(raw.admin.path_prefix, "/_pag0/v1", "admin.pathPrefix")?,
+            "admin.pathPrefix",
+        )?,
+        dashboard_path: reserved_path(
+            url_path(
+                raw.admin.dashboard_path,
+                "/_pag0/dashboard",
+                "admin.dashboardPath",
+            )?,
             "admin.dashboardPath",
         )?,
     };
@@ -284,6 +312,17 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         alerts,
         cache,
     })
+}
+
+/// pag0's own paths must start with `/_` so that they can never shadow an API path.
+fn reserved_path(path: String, field: &str) -> Result<String, String> {
+    if path.starts_with("/_") && path.len() > 2 {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{field}: {path:?} must start with /_ (so it cannot shadow an API path)"
+        ))
+    }
 }
 
 fn url_path(value: Option<String>, default: &str, field: &str) -> Result<String, String> {

@@ -173,6 +173,13 @@ pub fn describe_call(
     if let Some(label) = &route.endpoint {
         check_route_endpoint(label).map_err(config_error)?;
     }
+    if let Some(ttl) = &route.cache_ttl {
+        if ttl.parse::<u64>().is_err() {
+            return Err(config_error(format!(
+                "route metadata pag0.cacheTTL {ttl:?} must be a number of seconds, as a string"
+            )));
+        }
+    }
     let labelled = rule
         .map(|r| r.glob.source().to_string())
         .or_else(|| route.endpoint.clone());
@@ -395,7 +402,7 @@ pub fn settle<S: SharedStore + ?Sized>(
         &ticket.session,
         &cfg.sessions,
         now,
-        true,
+        ticket.price > 0,
         &|r| {
             let mut raised = Vec::new();
             if ticket.price > 0 {
@@ -502,7 +509,7 @@ pub fn record_hit<S: SharedStore + ?Sized>(
         &caller.session,
         &cfg.sessions,
         now,
-        true,
+        false,
         &|r| {
             r.record_call(&stats, max_agents);
             Ok(())
@@ -515,8 +522,9 @@ pub fn record_hit<S: SharedStore + ?Sized>(
     current_view(cfg, store, caller, call, now)
 }
 
-/// Counts a refusal in the session's report (creating the session's record if there
-/// is room), and raises the alert the refusal means: a budget exhausted, or the kill
+/// Counts a refusal in the session's report (when the session has a record: free and
+/// refused calls never take a session slot, so they cannot crowd out real sessions),
+/// and raises the alert the refusal means: a budget exhausted, or the kill
 /// switch thrown by its threshold.
 pub fn record_refusal<S: SharedStore + ?Sized>(
     cfg: &Config,
@@ -549,7 +557,7 @@ pub fn record_refusal<S: SharedStore + ?Sized>(
         &caller.session,
         &cfg.sessions,
         now,
-        true,
+        false,
         &|r| {
             r.record_refusal(&caller.agent, code.as_str(), now);
             let mut raised = Vec::new();

@@ -30,6 +30,17 @@ impl Glob {
                 "pattern {pattern:?} has a query: endpoints have none"
             ));
         }
+        if trimmed.contains('%') {
+            return Err(format!(
+                "pattern {pattern:?} has a percent-escape: endpoints are decoded, write the characters"
+            ));
+        }
+        let host = trimmed.split('/').next().unwrap_or("");
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(format!(
+                "pattern {pattern:?} has a port: endpoints have none"
+            ));
+        }
         // Lowercase the host part (up to the first '/'), keep the path as written.
         let normalized = match trimmed.find('/') {
             Some(i) => format!("{}{}", trimmed[..i].to_ascii_lowercase(), &trimmed[i..]),
@@ -131,5 +142,7 @@ mod tests {
         assert!(Glob::new("https://").is_err());
         assert!(Glob::new("a b").is_err());
         assert!(Glob::new("a.com/x?y=1").is_err());
+        assert!(Glob::new("api.openai.com:443/*").is_err());
+        assert!(Glob::new("a.com/%69mages").is_err());
     }
 }

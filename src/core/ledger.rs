@@ -261,6 +261,9 @@ impl SessionRecord {
     /// Counts a refused call.
     pub fn record_refusal(&mut self, agent: &str, code: &str, now: u64) {
         self.requests = self.requests.saturating_add(1);
+        if let Some(entry) = self.agents.iter_mut().find(|a| a.id == agent) {
+            entry.requests = entry.requests.saturating_add(1);
+        }
         match self.refusals.iter_mut().find(|(c, _)| c == code) {
             Some((_, n)) => *n = n.saturating_add(1),
             None => self.refusals.push((code.to_string(), 1)),

@@ -107,7 +107,7 @@ pub fn with_lock<S, R>(
 where
     S: SharedStore + ?Sized,
 {
-    let mut acquired = false;
+    let mut acquired = None;
     for _ in 0..MAX_ATTEMPTS * 10 {
         let now = store.now_micros();
         let (bytes, cas) = store.get(key)?.unwrap_or((Vec::new(), CREATE_CAS));
@@ -116,20 +116,25 @@ where
             None => true,
             Some(since) => now.saturating_sub(since) > LOCK_LEASE_MICROS,
         };
-        if free && store.set(key, &now.max(1).to_le_bytes(), cas)? {
-            acquired = true;
+        let stamp = now.max(1);
+        if free && store.set(key, &stamp.to_le_bytes(), cas)? {
+            acquired = Some(stamp);
             break;
         }
     }
-    if !acquired {
+    let Some(stamp) = acquired else {
         return Err(Refusal::new(
             ErrorCode::InternalError,
             format!("lock {key} stayed busy"),
         ));
-    }
+    };
     let result = work();
-    // Release unconditionally: nobody else can hold it while our lease runs.
-    store.set(key, &[], 0)?;
+    // Release only our own lock (if our lease ran out, another worker may hold it).
+    if let Some((bytes, cas)) = store.get(key)? {
+        if decode_u64(&bytes) == Some(stamp) {
+            store.set(key, &[], cas)?;
+        }
+    }
     result
 }
 

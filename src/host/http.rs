@@ -27,6 +27,8 @@ use crate::host::{callout, log, now_millis, now_secs, props, waiters};
 
 /// Request headers with this prefix are pag0's own and never reach the upstream.
 const OWN_HEADER_PREFIX: &str = "x-pag0-";
+/// Largest request body read to key the cache; bigger or unsized bodies skip the cache.
+const MAX_KEYED_BODY: usize = 256 * 1024;
 
 /// This stream's claim on a cache key: it goes upstream and fills the entry.
 pub struct CacheFill {
@@ -371,6 +373,17 @@ impl HttpContext for Pag0Http {
             .split_once('?')
             .map(|(_, q)| q.to_string())
             .unwrap_or_default();
+        // Only bodies of known, modest size are read to key the cache: buffering a
+        // large upload would hit Envoy's buffer limit (413).
+        let body_len = match lookup("content-length") {
+            HeaderValue::One(v) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|t| t.parse::<usize>().ok()),
+            _ => None,
+        };
+        if !end_of_stream && body_len.is_none_or(|len| len > MAX_KEYED_BODY) {
+            return admit_stream(&config, &self.state, &caller, &call);
+        }
         let deferred = Deferred {
             caller,
             call,
@@ -428,6 +441,13 @@ impl HttpContext for Pag0Http {
         let Some(config) = config else {
             return Action::Continue;
         };
+        // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
+        for (name, _) in hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
+        {
+            if name.starts_with(OWN_HEADER_PREFIX) {
+                let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, &name);
+            }
+        }
         let cost = settle_stream(&config, &self.state, upstream_status);
         set_state("pag0_cost", &cost.to_string());
         let set = |name: &str, value: &str| {
@@ -514,9 +534,13 @@ impl HttpContext for Pag0Http {
         waiters::forget(self.context_id);
         // The stream ended without response headers (client gone, upstream reset):
         // nothing was answered, so nothing is charged.
+        // A call that was forwarded and never answered (the client went away, a
+        // timeout): the upstream may have done, and billed, the work, so it stays
+        // charged. (An upstream that fails to connect or resets gets a local reply,
+        // settled above as not charged.)
         let held = self.state.borrow().ticket.is_some();
         if let (true, Some(config)) = (held, self.config.clone()) {
-            settle_stream(&config, &self.state, None);
+            settle_stream_as(&config, &self.state, true);
         }
         self.abandon_fill();
     }
@@ -697,16 +721,20 @@ fn settle_stream(
     state: &Rc<RefCell<StreamState>>,
     upstream_status: Option<u32>,
 ) -> u64 {
-    let (ticket, charge_on, labels) = {
+    let charge_on = state.borrow().charge_on.unwrap_or(ChargeOn::Success);
+    settle_stream_as(
+        config,
+        state,
+        firewall::should_commit(charge_on, upstream_status),
+    )
+}
+
+fn settle_stream_as(config: &Config, state: &Rc<RefCell<StreamState>>, commit: bool) -> u64 {
+    let (ticket, labels) = {
         let mut s = state.borrow_mut();
-        (
-            s.ticket.take(),
-            s.charge_on.unwrap_or(ChargeOn::Success),
-            s.labels.take(),
-        )
+        (s.ticket.take(), s.labels.take())
     };
     let Some(ticket) = ticket else { return 0 };
-    let commit = firewall::should_commit(charge_on, upstream_status);
     let cost = match firewall::settle(config, &HostStore, &ticket, commit, now_secs()) {
         Ok(settled) => {
             state.borrow_mut().view = settled.view;

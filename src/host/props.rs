@@ -7,7 +7,12 @@ use crate::core::firewall::RouteSettings;
 
 fn string_property(path: Vec<&str>) -> Option<String> {
     match hostcalls::get_property(path) {
-        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        // A value that is not text (a YAML number arrives as a binary double) is kept,
+        // mangled, so that checking it fails closed instead of reading as "absent".
+        Ok(Some(bytes)) => Some(
+            String::from_utf8(bytes)
+                .unwrap_or_else(|e| format!("<not text: {} bytes>", e.as_bytes().len())),
+        ),
         _ => None,
     }
 }

@@ -80,10 +80,14 @@ impl EnvoyConfig {
                 "            - name: vh{i}\n              domains: [\"{host}\", \"{host}:*\"]\n              routes:\n"
             ));
             for r in self.routes.iter().filter(|r| &r.domain == host) {
+                // A value starting with `=` is written raw (a YAML number), else quoted.
                 let meta: Vec<String> = r
                     .metadata
                     .iter()
-                    .map(|(k, v)| format!("{k}: {v:?}"))
+                    .map(|(k, v)| match v.strip_prefix('=') {
+                        Some(raw) => format!("{k}: {raw}"),
+                        None => format!("{k}: {v:?}"),
+                    })
                     .collect();
                 let cluster = if r.dead { "dead" } else { "upstream" };
                 vhosts.push_str(&format!(
@@ -115,6 +119,7 @@ static_resources:
           stat_prefix: agents
           normalize_path: true
           merge_slashes: true
+          path_with_escaped_slashes_action: REJECT_REQUEST
           route_config:
             name: test
             virtual_hosts:
