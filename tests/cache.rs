@@ -342,13 +342,29 @@ fn many_distinct_keys_keep_memory_where_the_configuration_says() {
         rss_late <= rss_early + rss_early / 10 + 4096,
         "RSS grew from {rss_early} to {rss_late} KiB"
     );
-    // The latest answers are still served.
-    let r = Client::new(envoy.port).get(
-        "api.tavily.com",
-        "/free/docs/99999/size/800/",
-        &[("x-pag0-api-key", "acme-key"), ("x-pag0-session", "mem")],
-    );
-    assert_eq!(r.header("x-pag0-cached"), Some("true"));
+    // The table still works: 20 new answers, fetched one after another, are all served
+    // from it the second time.
+    let mut c = Client::new(envoy.port);
+    let h = [("x-pag0-api-key", "acme-key"), ("x-pag0-session", "mem")];
+    for i in 0..20 {
+        c.get(
+            "api.tavily.com",
+            &format!("/free/docs/late-{i}/size/800/"),
+            &h,
+        );
+    }
+    let hits = (0..20)
+        .filter(|i| {
+            c.get(
+                "api.tavily.com",
+                &format!("/free/docs/late-{i}/size/800/"),
+                &h,
+            )
+            .header("x-pag0-cached")
+                == Some("true")
+        })
+        .count();
+    assert_eq!(hits, 20);
 }
 
 #[test]

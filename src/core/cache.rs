@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::core::config::RawCache;
 use crate::core::errors::{ErrorCode, Refusal};
-use crate::core::store::{read, update, SharedStore, Step};
+use crate::core::store::{read, update, SharedStore, Step, CREATE_CAS};
 
 /// Slots a key may use.
 pub const WAYS: u32 = 4;
@@ -330,9 +330,13 @@ pub fn find_or_claim<S: SharedStore + ?Sized>(
     now_ms: u64,
 ) -> Result<Found, Refusal> {
     for _ in 0..16 {
-        let mut victim: Option<(u32, u8, u64)> = None; // (slot, rank, stored_ms): lower rank wins
+        // (slot, rank, stored_ms, cas as scanned): lower rank, then older, wins.
+        let mut victim: Option<(u32, u8, u64, u32)> = None;
         for slot in slots_for(key, cfg.entries) {
-            let entry = Entry::decode(&read(store, &slot_key(slot))?);
+            let (bytes, cas) = store
+                .get(&slot_key(slot))?
+                .unwrap_or((Vec::new(), CREATE_CAS));
+            let entry = Entry::decode(&bytes);
             let (rank, stored) = match &entry {
                 Some(e) if e.key == key && !e.expired(now_ms) => {
                     return Ok(match e.state {
@@ -346,11 +350,11 @@ pub fn find_or_claim<S: SharedStore + ?Sized>(
                 Some(e) if matches!(e.state, EntryState::Pending { .. }) => continue,
                 Some(e) => (3, e.stored_ms),
             };
-            if victim.is_none_or(|(_, r, s)| (rank, stored) < (r, s)) {
-                victim = Some((slot, rank, stored));
+            if victim.is_none_or(|(_, r, s, _)| (rank, stored) < (r, s)) {
+                victim = Some((slot, rank, stored, cas));
             }
         }
-        let Some((slot, _, _)) = victim else {
+        let Some((slot, _, _, cas)) = victim else {
             // All ways hold live claims: go upstream without caching.
             return Ok(Found::Claimed(u32::MAX));
         };
@@ -366,14 +370,9 @@ pub fn find_or_claim<S: SharedStore + ?Sized>(
             content_type: String::new(),
             body: Vec::new(),
         };
-        let expected = read(store, &slot_key(slot))?;
-        let won = update(store, &slot_key(slot), |bytes| {
-            if bytes != expected.as_slice() {
-                return Ok(Step::Keep(false));
-            }
-            Ok(Step::Write(claim.encode(), true))
-        })?;
-        if won {
+        // Claim with the CAS seen in the scan: if the slot changed since (another call
+        // claimed or filled it), the write fails and the scan starts over.
+        if store.set(&slot_key(slot), &claim.encode(), cas)? {
             return Ok(Found::Claimed(slot));
         }
     }
@@ -630,5 +629,90 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(Entry::decode(&bytes[..cut]), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use crate::core::store::MemoryStore;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_fills_keep_the_newest_entries() {
+        let store = Arc::new(MemoryStore::new());
+        let cfg = Arc::new(
+            compile_cache(RawCache {
+                entries: Some(256),
+                ..RawCache::default()
+            })
+            .unwrap()
+            .unwrap(),
+        );
+        let clock = Arc::new(AtomicU64::new(1));
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (store, cfg, clock) = (store.clone(), cfg.clone(), clock.clone());
+                std::thread::spawn(move || {
+                    let mut i = t;
+                    while i < 2000 {
+                        let key = format!("k{i}");
+                        let now = clock.fetch_add(1, Ordering::Relaxed);
+                        if let Found::Claimed(slot) =
+                            find_or_claim(&*store, &cfg, &key, now).unwrap()
+                        {
+                            let e = Entry {
+                                key: key.clone(),
+                                state: EntryState::Filled,
+                                stored_ms: clock.fetch_add(1, Ordering::Relaxed),
+                                ttl_secs: 3600,
+                                status: 200,
+                                cost: 1,
+                                content_type: String::new(),
+                                body: vec![1; 800],
+                            };
+                            assert!(fill(&*store, slot, &e).unwrap(), "fill lost for {key}");
+                        }
+                        i += 8;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Every fill stuck (asserted above) and the table stayed within its slots.
+        assert!(store.key_count() <= 256);
+        // Threads progress unevenly, so "newest" is by time: the next 20 keys, written
+        // one after another, are all there.
+        let mut now = clock.load(Ordering::Relaxed);
+        for i in 0..20 {
+            let key = format!("late{i}");
+            now += 1;
+            let Found::Claimed(slot) = find_or_claim(&*store, &cfg, &key, now).unwrap() else {
+                panic!()
+            };
+            let e = Entry {
+                key,
+                state: EntryState::Filled,
+                stored_ms: now,
+                ttl_secs: 3600,
+                status: 200,
+                cost: 1,
+                content_type: String::new(),
+                body: vec![],
+            };
+            assert!(fill(&*store, slot, &e).unwrap());
+        }
+        let hits = (0..20)
+            .filter(|i| {
+                matches!(
+                    find_or_claim(&*store, &cfg, &format!("late{i}"), now + 1).unwrap(),
+                    Found::Hit(_)
+                )
+            })
+            .count();
+        assert_eq!(hits, 20);
     }
 }
