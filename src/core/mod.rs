@@ -19,3 +19,4 @@ pub mod policy;
 pub mod sessions;
 pub mod store;
 pub mod window;
+pub mod x402;
