@@ -370,9 +370,10 @@ pub fn parse_settlement_header(value: &[u8]) -> Result<Settlement, X402Error> {
     };
     let transaction = opt("transaction");
     if let Some(tx) = &transaction {
-        if !tx.is_empty()
-            && !(tx.starts_with("0x") && tx[2..].bytes().all(|b| b.is_ascii_hexdigit()))
-        {
+        let hex_tx = tx
+            .strip_prefix("0x")
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !tx.is_empty() && !hex_tx {
             return Err(X402Error::Invalid("transaction", tx.clone()));
         }
     }
