@@ -403,6 +403,35 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         raw.blocked_endpoints.as_deref().unwrap_or(&[]),
         &f("blockedEndpoints"),
     )?;
+    let mut payments = crate::core::x402::PaymentRules::default();
+    for (i, n) in raw.x402.networks.iter().enumerate() {
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_'))
+        {
+            return Err(format!(
+                "{}[{i}]: {n:?} is not a network name (e.g. eip155:84532)",
+                f("x402.networks")
+            ));
+        }
+        payments.networks.push(n.clone());
+    }
+    for (field, list, out) in [
+        ("x402.assets", &raw.x402.assets, &mut payments.assets),
+        ("x402.payees", &raw.x402.payees, &mut payments.payees),
+    ] {
+        for (i, a) in list.iter().enumerate() {
+            let address = crate::core::x402::evm_address(a).ok_or_else(|| {
+                format!(
+                    "{}[{i}]: {a:?} is not an address (0x and 40 hex digits)",
+                    f(field)
+                )
+            })?;
+            out.push(address);
+        }
+    }
     let mut agents = Vec::new();
     for (pattern, raw_agent) in raw.agents.0 {
         agents.push(compile_agent(
@@ -423,6 +452,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         kill_ppm,
         charge_on,
         agents,
+        payments,
     })
 }
 

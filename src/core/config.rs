@@ -135,6 +135,9 @@ pub struct RawPolicy {
     pub charge_on: Option<String>,
     #[serde(default)]
     pub agents: OrderedMap<RawAgentPolicy>,
+    /// Which x402 payments may be made: networks, assets and payees (empty = any).
+    #[serde(default)]
+    pub x402: RawX402,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -185,4 +188,15 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
         }
         deserializer.deserialize_map(OrderedVisitor(std::marker::PhantomData))
     }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawX402 {
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub assets: Vec<String>,
+    #[serde(default)]
+    pub payees: Vec<String>,
 }

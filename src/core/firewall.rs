@@ -16,6 +16,7 @@ use crate::core::ledger::{CallStats, Charge, SessionRecord, TenantRecord};
 use crate::core::policy::{check_rules, ChargeOn, Policy};
 use crate::core::sessions::{self, Settlement};
 use crate::core::store::{read, tenant_windows_key, update, SharedStore, Step};
+use crate::core::x402;
 
 /// A request header as the host found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +131,16 @@ pub struct Call {
     pub endpoint_label: String,
     /// The same for metrics, where an unlabelled endpoint is `other` (bounded).
     pub metric_endpoint: String,
+    /// The agent's own x402 payment, relayed (its value is the price).
+    pub payment: Option<RelayedPayment>,
+}
+
+/// An x402 payment the agent made itself, that pag0 budgets and relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayedPayment {
+    pub version: u8,
+    pub network: String,
+    pub value: Amount,
 }
 
 /// Resolves endpoint, policy, price and tool. A price comes from the route, else the
@@ -192,7 +203,93 @@ pub fn describe_call(
         price,
         tool,
         charge_on,
+        payment: None,
     })
+}
+
+/// Relay mode: the agent pays with its own wallet. Its payment header is decoded and
+/// checked against the policy's x402 rules, and its value becomes the call's price, so
+/// that it is reserved like any price. A header that cannot be decoded is a 400.
+pub fn relay_payment(
+    cfg: &Config,
+    call: &mut Call,
+    v1: HeaderValue,
+    v2: HeaderValue,
+    now: u64,
+) -> Result<(), Refusal> {
+    let bad = |m: String| Refusal::new(ErrorCode::InvalidRequest, m);
+    let (version, value) = match (v1, v2) {
+        (HeaderValue::Missing, HeaderValue::Missing) => return Ok(()),
+        (HeaderValue::One(v), HeaderValue::Missing) => (1, v),
+        (HeaderValue::Missing, HeaderValue::One(v)) => (2, v),
+        _ => return Err(bad("send one payment header, once".into())),
+    };
+    let payment =
+        x402::parse_payment_header(&value).map_err(|e| bad(format!("payment header: {e}")))?;
+    if payment.version != version {
+        return Err(bad(format!(
+            "payment header carries x402Version {}, but its header is for version {version}",
+            payment.version
+        )));
+    }
+    if payment.valid_before <= now {
+        return Err(bad("payment authorization has expired (validBefore)".into()));
+    }
+    let policy = policy_of(cfg, call.policy)?;
+    let rules = &policy.payments;
+    let asset = payment.accepted.as_ref().map(|a| a.asset.clone());
+    let ok = |list: &[String], v: &str| {
+        list.is_empty() || list.iter().any(|x| x.eq_ignore_ascii_case(v))
+    };
+    let asset_ok =
+        rules.assets.is_empty() || asset.as_deref().is_some_and(|a| ok(&rules.assets, a));
+    if payment.scheme != "exact"
+        || !ok(&rules.networks, &payment.network)
+        || !ok(&rules.payees, &payment.to)
+        || !asset_ok
+    {
+        return Err(Refusal::new(
+            ErrorCode::PaymentNotAllowed,
+            "the payment's scheme, network, asset or payee is not allowed by policy",
+        )
+        .with_fields(vec![
+            ("network", payment.network.clone()),
+            ("payTo", payment.to.clone()),
+            ("requested", payment.value.to_string()),
+        ]));
+    }
+    call.price = payment.value;
+    call.payment = Some(RelayedPayment {
+        version,
+        network: payment.network,
+        value: payment.value,
+    });
+    Ok(())
+}
+
+/// How a relayed payment ended, read from the server's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentOutcome {
+    /// The server settled it: charge, with the transaction.
+    Settled(Option<String>),
+    /// The server refused it (402 again, or a failed settlement): release.
+    Failed(String),
+    /// No settlement came back: the money may have moved, so it stays charged and is
+    /// marked unconfirmed.
+    Unconfirmed,
+}
+
+pub fn payment_outcome(status: Option<u32>, settlement: Option<&[u8]>) -> PaymentOutcome {
+    if status == Some(402) {
+        return PaymentOutcome::Failed("the server answered 402 again".into());
+    }
+    match settlement.map(x402::parse_settlement_header) {
+        Some(Ok(s)) if s.success => PaymentOutcome::Settled(s.transaction),
+        Some(Ok(s)) => {
+            PaymentOutcome::Failed(s.error_reason.unwrap_or_else(|| "settlement failed".into()))
+        }
+        Some(Err(_)) | None => PaymentOutcome::Unconfirmed,
+    }
 }
 
 /// An admitted call, held until it ends: its reservation (none when free) and what
@@ -348,6 +445,18 @@ pub fn settle<S: SharedStore + ?Sized>(
     commit: bool,
     now: u64,
 ) -> Result<Settled, Refusal> {
+    settle_payment(cfg, store, ticket, commit, false, now)
+}
+
+/// [`settle`], and when `unconfirmed`, counts the call's payment as unconfirmed.
+pub fn settle_payment<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    ticket: &Ticket,
+    commit: bool,
+    unconfirmed: bool,
+    now: u64,
+) -> Result<Settled, Refusal> {
     let tenant = tenant_id(cfg, ticket.tenant)?;
     let policy = policy_of(cfg, ticket.policy)?;
     let cost = if commit { ticket.price } else { 0 };
@@ -409,6 +518,10 @@ pub fn settle<S: SharedStore + ?Sized>(
                 r.settle(&ticket.agent, ticket.price, commit);
             }
             r.record_call(&stats, max_agents);
+            if unconfirmed {
+                r.unconfirmed = r.unconfirmed.saturating_add(1);
+                r.unconfirmed_amount = r.unconfirmed_amount.saturating_add(ticket.price);
+            }
             if commit && ticket.price > 0 {
                 if let Some(limit) = policy.session_budget {
                     let spent = r.spent;

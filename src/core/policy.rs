@@ -26,6 +26,7 @@ pub struct Policy {
     pub kill_ppm: Option<u64>,
     pub charge_on: ChargeOn,
     pub agents: Vec<AgentRule>,
+    pub payments: crate::core::x402::PaymentRules,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +206,7 @@ mod tests {
             alert_ppm: None,
             kill_ppm: None,
             charge_on: ChargeOn::Success,
+            payments: crate::core::x402::PaymentRules::default(),
             agents: vec![
                 AgentRule {
                     pattern: IdPattern::new("reviewer-*").unwrap(),

@@ -19,6 +19,7 @@ use crate::core::firewall::{self, Call, Caller, HeaderValue, Ticket};
 use crate::core::headers::BudgetView;
 use crate::core::identity::role;
 use crate::core::policy::ChargeOn;
+use crate::core::x402;
 use crate::host::alerts::{self, Kind, Outgoing};
 use crate::host::metrics::{self, label, Labels};
 use crate::host::reply::{send_local, send_refusal};
@@ -50,6 +51,8 @@ pub struct StreamState {
     pub answered_locally: bool,
     pub cost: u64,
     pub fill: Option<CacheFill>,
+    /// The agent's own x402 payment, relayed.
+    pub payment: Option<firewall::RelayedPayment>,
     /// A call held back until its request body is in (to key the cache on it).
     pub deferred: Option<Deferred>,
 }
@@ -341,7 +344,8 @@ impl HttpContext for Pag0Http {
             Err(refusal) => return self.refuse(&refusal, &BudgetView::default()),
         };
         let route = props::route_settings();
-        let call = match firewall::describe_call(&config, &pseudo(":authority"), &path, &route) {
+        let mut call = match firewall::describe_call(&config, &pseudo(":authority"), &path, &route)
+        {
             Ok(call) => call,
             Err(refusal) => {
                 if refusal.code == ErrorCode::ConfigError {
@@ -354,6 +358,25 @@ impl HttpContext for Pag0Http {
         set_state("pag0_session", &caller.session);
         set_state("pag0_cached", "false");
         self.state.borrow_mut().charge_on = Some(call.charge_on);
+        // Relay mode: an agent that pays with its own wallet pays what its header says.
+        let relayed = firewall::relay_payment(
+            &config,
+            &mut call,
+            lookup(x402::V1_PAYMENT_HEADER),
+            lookup(x402::V2_PAYMENT_HEADER),
+            now_secs(),
+        );
+        if let Err(refusal) = relayed {
+            refuse_caller(
+                &config,
+                &self.state,
+                &caller,
+                &call,
+                &refusal,
+                &BudgetView::default(),
+            );
+            return Action::Pause;
+        }
 
         let bypass = matches!(lookup("x-pag0-cache-bypass"), HeaderValue::One(v) if v.eq_ignore_ascii_case(b"true"));
         let ttl = config.cache.as_ref().and_then(|c| {
@@ -448,7 +471,51 @@ impl HttpContext for Pag0Http {
                 let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, &name);
             }
         }
-        let cost = settle_stream(&config, &self.state, upstream_status);
+        let payment = self.state.borrow_mut().payment.take();
+        let cost = match &payment {
+            None => settle_stream(&config, &self.state, upstream_status),
+            Some(paid) => {
+                let settlement_header = if paid.version == 1 {
+                    x402::V1_RESPONSE_HEADER
+                } else {
+                    x402::V2_RESPONSE_HEADER
+                };
+                let settlement =
+                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, settlement_header)
+                        .ok()
+                        .flatten();
+                let outcome = firewall::payment_outcome(upstream_status, settlement.as_deref());
+                let (commit, unconfirmed, note) = match &outcome {
+                    firewall::PaymentOutcome::Settled(tx) => (
+                        true,
+                        false,
+                        x402::payment_header("settled", paid.value, &paid.network, tx.as_deref()),
+                    ),
+                    firewall::PaymentOutcome::Failed(reason) => {
+                        log(
+                            LogLevel::Info,
+                            &format!("pag0: relayed payment refused: {reason}"),
+                        );
+                        (
+                            false,
+                            false,
+                            x402::payment_header("failed", paid.value, &paid.network, None),
+                        )
+                    }
+                    firewall::PaymentOutcome::Unconfirmed => (
+                        true,
+                        true,
+                        x402::payment_header("unconfirmed", paid.value, &paid.network, None),
+                    ),
+                };
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    "x-pag0-payment",
+                    Some(&note),
+                );
+                settle_stream_payment(&config, &self.state, commit, unconfirmed)
+            }
+        };
         set_state("pag0_cost", &cost.to_string());
         let set = |name: &str, value: &str| {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
@@ -567,6 +634,7 @@ pub fn admit_stream(
                 endpoint: label(&call.metric_endpoint),
             });
             s.ticket = Some(admission.ticket);
+            s.payment = call.payment.clone();
             s.view = admission.view;
             Action::Continue
         }
@@ -730,12 +798,28 @@ fn settle_stream(
 }
 
 fn settle_stream_as(config: &Config, state: &Rc<RefCell<StreamState>>, commit: bool) -> u64 {
+    settle_stream_payment(config, state, commit, false)
+}
+
+fn settle_stream_payment(
+    config: &Config,
+    state: &Rc<RefCell<StreamState>>,
+    commit: bool,
+    unconfirmed: bool,
+) -> u64 {
     let (ticket, labels) = {
         let mut s = state.borrow_mut();
         (s.ticket.take(), s.labels.take())
     };
     let Some(ticket) = ticket else { return 0 };
-    let cost = match firewall::settle(config, &HostStore, &ticket, commit, now_secs()) {
+    let cost = match firewall::settle_payment(
+        config,
+        &HostStore,
+        &ticket,
+        commit,
+        unconfirmed,
+        now_secs(),
+    ) {
         Ok(settled) => {
             state.borrow_mut().view = settled.view;
             queue_alerts(config, settled.alerts);

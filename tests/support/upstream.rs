@@ -121,6 +121,9 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let paid = headers
+            .iter()
+            .any(|(k, _)| k == "payment-signature" || k == "x-payment");
         // The demo's alert webhook shares this upstream; it is not an API call.
         if !path.starts_with("/_demo/") {
             count.fetch_add(1, Ordering::Relaxed);
@@ -154,8 +157,30 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
                 count.load(Ordering::Relaxed)
             ),
         };
+        // A stand-in x402 server: `/x402/` settles any payment it gets, `/x402-reject/`
+        // answers 402 again, `/x402-nosettle/` answers 200 without a settlement.
+        let mut extra = String::new();
+        let mut status = status;
+        if path.contains("/x402") {
+            if !paid || path.contains("/x402-reject/") {
+                status = 402;
+                extra = format!(
+                    "payment-required: {}\r\n",
+                    pag0::core::base64::encode(br#"{"x402Version":2,"accepts":[]}"#)
+                );
+            } else if !path.contains("/x402-nosettle/") {
+                let settlement = format!(
+                    r#"{{"success":true,"transaction":"0x{}","network":"eip155:84532"}}"#,
+                    "ab".repeat(32)
+                );
+                extra = format!(
+                    "payment-response: {}\r\n",
+                    pag0::core::base64::encode(settlement.as_bytes())
+                );
+            }
+        }
         let response = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{payload}",
             payload.len()
         );
         if writer.write_all(response.as_bytes()).is_err() {

@@ -1,0 +1,163 @@
+//! x402 relay mode through a real Envoy: the agent pays with its own wallet; pag0
+//! decodes its payment, refuses what policy does not allow, reserves the value, and
+//! settles or releases from the server's answer.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use pag0::core::base64;
+use serde_json::json;
+use support::envoy::{route, EnvoyConfig};
+use support::{unique, Client, Envoy, Upstream};
+
+const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+const ASSET: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+
+fn config() -> EnvoyConfig {
+    let plugin = format!(
+        r#"{{"policies": {{"p": {{"sessionBudget": "25000", "maxPerRequest": "20000",
+            "x402": {{"networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
+    );
+    EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[("tool", "search")])])
+}
+
+fn payment(value: &str, pay_to: &str, network: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let accepted = json!({"scheme": "exact", "network": network, "amount": value, "asset": ASSET, "payTo": pay_to,
+                          "maxTimeoutSeconds": 60, "extra": {"name": "USDC", "version": "2"}});
+    let header = json!({"x402Version": 2, "accepted": accepted, "payload": {
+        "signature": format!("0x{}", "cd".repeat(65)),
+        "authorization": {"from": "0x857b06519E91e3A54538791bDbb0E22373e36b66", "to": pay_to, "value": value,
+                          "validAfter": (now - 60).to_string(), "validBefore": (now + 300).to_string(),
+                          "nonce": format!("0x{}", "11".repeat(32))}}});
+    base64::encode(header.to_string().as_bytes())
+}
+
+#[test]
+fn relayed_payments_are_budgeted_settled_or_released() {
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(&config(), up.port);
+    let mut c = Client::new(envoy.port);
+    let s = unique("relay");
+    let call = |c: &mut Client, path: &str, pay: Option<String>| {
+        let mut h = vec![("x-pag0-session", s.as_str()), ("x-pag0-agent", "agent-1")];
+        let p;
+        if let Some(v) = pay {
+            p = v;
+            h.push(("payment-signature", p.as_str()));
+        }
+        c.get("paid.api", path, &h)
+    };
+    // Without a payment the 402 passes through unchanged, for the agent to pay.
+    let offer = call(&mut c, "/x402/search", None);
+    assert_eq!(offer.status, 402);
+    assert!(offer.header("payment-required").is_some());
+    assert_eq!(offer.cost(), 0);
+    // A settled payment is charged its value and reported.
+    let paid = call(
+        &mut c,
+        "/x402/search",
+        Some(payment("10000", PAY_TO, "eip155:84532")),
+    );
+    assert_eq!((paid.status, paid.cost()), (200, 10_000));
+    let note = paid.header("x-pag0-payment").unwrap();
+    assert!(
+        note.starts_with("settled; amount=10000; network=\"eip155:84532\"; tx=\"0xabab"),
+        "{note}"
+    );
+    assert_eq!(paid.remaining("session"), Some(15_000));
+    assert!(
+        up.last()
+            .headers
+            .iter()
+            .any(|(k, _)| k == "payment-signature"),
+        "the payment is relayed"
+    );
+    // A payment the server rejects is released.
+    let rejected = call(
+        &mut c,
+        "/x402-reject/search",
+        Some(payment("10000", PAY_TO, "eip155:84532")),
+    );
+    assert_eq!((rejected.status, rejected.cost()), (402, 0));
+    assert!(rejected
+        .header("x-pag0-payment")
+        .unwrap()
+        .starts_with("failed"));
+    assert_eq!(rejected.remaining("session"), Some(15_000));
+    // No settlement: the money may have moved, so it stays charged, unconfirmed.
+    let unknown = call(
+        &mut c,
+        "/x402-nosettle/search",
+        Some(payment("5000", PAY_TO, "eip155:84532")),
+    );
+    assert_eq!((unknown.status, unknown.cost()), (200, 5000));
+    assert!(unknown
+        .header("x-pag0-payment")
+        .unwrap()
+        .starts_with("unconfirmed"));
+    // Policy: payee, network, per-request cap, budget; and garbage is a 400.
+    let code = |r: support::Response| (r.status, r.error_code());
+    assert_eq!(
+        code(call(
+            &mut c,
+            "/x402/search",
+            Some(payment(
+                "100",
+                "0x0000000000000000000000000000000000000001",
+                "eip155:84532"
+            ))
+        )),
+        (403, Some("PAYMENT_NOT_ALLOWED".into()))
+    );
+    assert_eq!(
+        code(call(
+            &mut c,
+            "/x402/search",
+            Some(payment("100", PAY_TO, "eip155:1"))
+        )),
+        (403, Some("PAYMENT_NOT_ALLOWED".into()))
+    );
+    assert_eq!(
+        code(call(
+            &mut c,
+            "/x402/search",
+            Some(payment("20001", PAY_TO, "eip155:84532"))
+        )),
+        (403, Some("PER_REQUEST_LIMIT_EXCEEDED".into()))
+    );
+    assert_eq!(
+        code(call(
+            &mut c,
+            "/x402/search",
+            Some(payment("15000", PAY_TO, "eip155:84532"))
+        )),
+        (403, Some("SESSION_BUDGET_EXCEEDED".into()))
+    );
+    assert_eq!(
+        code(call(&mut c, "/x402/search", Some("not base64!".into()))),
+        (400, Some("INVALID_REQUEST".into()))
+    );
+    let huge = "115792089237316195423570985008687907853269984665640564039457584007913129639935";
+    assert_eq!(
+        code(call(
+            &mut c,
+            "/x402/search",
+            Some(payment(huge, PAY_TO, "eip155:84532"))
+        )),
+        (400, Some("INVALID_REQUEST".into()))
+    );
+    // The report counts the unconfirmed payment.
+    let report = c
+        .get("h", &format!("/_pag0/v1/sessions/{s}/report"), &[])
+        .status;
+    assert_eq!(
+        report, 401,
+        "no admin key configured: the report API stays closed"
+    );
+    let budget_left = call(&mut c, "/free", None).remaining("session");
+    assert_eq!(budget_left, Some(10_000));
+}
