@@ -1069,3 +1069,32 @@ fn windows_index_days_and_months() {
     assert_eq!(day_index(0), 0);
     assert_eq!(month_index(0), 0);
 }
+
+#[wasm_bindgen_test]
+fn x402_amounts_and_headers_parse_the_same_in_32_bit_wasm() {
+    use pag0::core::base64;
+    use pag0::core::x402::{parse_payment_header, parse_required_header, X402Error};
+    let entry = |amount: &str| {
+        serde_json::json!({"scheme": "exact", "network": "eip155:84532", "amount": amount,
+            "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "payTo": "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"})
+    };
+    let encode = |v: serde_json::Value| base64::encode(v.to_string().as_bytes()).into_bytes();
+    // Above u32::MAX, within u64: exact.
+    let offer = parse_required_header(&encode(
+        serde_json::json!({"x402Version": 2, "accepts": [entry("18446744073709551615")]}),
+    ))
+    .unwrap();
+    assert_eq!(offer.accepts[0].amount, u64::MAX);
+    let huge = "115792089237316195423570985008687907853269984665640564039457584007913129639935";
+    assert_eq!(
+        parse_required_header(&encode(
+            serde_json::json!({"x402Version": 2, "accepts": [entry(huge)]})
+        )),
+        Err(X402Error::AmountTooLarge(huge.to_string()))
+    );
+    assert!(parse_payment_header(b"%%%").is_err());
+    assert_eq!(
+        base64::decode(&base64::encode(&[0u8, 255, 7])).unwrap(),
+        vec![0u8, 255, 7]
+    );
+}
