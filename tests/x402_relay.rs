@@ -161,3 +161,83 @@ fn relayed_payments_are_budgeted_settled_or_released() {
     let budget_left = call(&mut c, "/free", None).remaining("session");
     assert_eq!(budget_left, Some(10_000));
 }
+
+fn pay_config(signer_cluster: &str) -> EnvoyConfig {
+    let plugin = format!(
+        r#"{{"signer": {{"cluster": "{signer_cluster}", "path": "/sign", "timeoutMs": 500}},
+            "policies": {{"p": {{"sessionBudget": "25000", "maxPerRequest": "20000",
+            "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
+    );
+    let mut config = EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[("tool", "search")])]);
+    config
+        .clusters
+        .push(("signer_dead".to_string(), support::free_port()));
+    config
+}
+
+#[test]
+fn pay_mode_pays_the_402_through_the_signer_and_retries_once() {
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(&pay_config("upstream"), up.port);
+    let mut c = Client::new(envoy.port);
+    let s = unique("pay");
+    let h = [("x-pag0-session", s.as_str()), ("x-pag0-agent", "agent-1")];
+    // GET: the agent never sees the 402.
+    let r = c.get("paid.api", "/x402/search?q=1", &h);
+    assert_eq!(
+        (r.status, r.cost()),
+        (200, 10_000),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r
+        .header("x-pag0-payment")
+        .unwrap()
+        .starts_with("settled; amount=10000"));
+    assert_eq!(r.remaining("session"), Some(15_000));
+    let retried = up.last();
+    assert!(retried
+        .headers
+        .iter()
+        .any(|(k, _)| k == "payment-signature"));
+    assert_eq!(retried.path, "/x402/search?q=1");
+    // POST: the retry carries the original body.
+    let r = c.post("paid.api", "/x402/do", &h, "{\"task\":\"summarise\"}");
+    assert_eq!((r.status, r.cost()), (200, 10_000));
+    assert_eq!(up.last().body, b"{\"task\":\"summarise\"}");
+    assert_eq!(up.last().method, "POST");
+    // The budget now cannot fund another payment: refused before anything is signed.
+    let refused = c.get("paid.api", "/x402/search?q=2", &h);
+    assert_eq!(
+        refused.error_code().as_deref(),
+        Some("SESSION_BUDGET_EXCEEDED")
+    );
+    assert_eq!(refused.json()["error"]["details"]["requested"], "10000");
+    // A server that rejects the payment: released, 502 PAYMENT_FAILED.
+    let s2 = unique("pay");
+    let h2 = [("x-pag0-session", s2.as_str())];
+    let rejected = Client::new(envoy.port).get("paid.api", "/x402-reject/x", &h2);
+    assert_eq!(
+        (rejected.status, rejected.error_code().as_deref()),
+        (502, Some("PAYMENT_FAILED"))
+    );
+    assert_eq!(rejected.remaining("session"), Some(25_000));
+}
+
+#[test]
+fn pay_mode_with_the_signer_down_answers_503_and_releases() {
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(&pay_config("signer_dead"), up.port);
+    let s = unique("pay");
+    let r = Client::new(envoy.port).get(
+        "paid.api",
+        "/x402/search",
+        &[("x-pag0-session", s.as_str())],
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (503, Some("SIGNER_UNAVAILABLE"))
+    );
+    let after = Client::new(envoy.port).get("paid.api", "/free", &[("x-pag0-session", s.as_str())]);
+    assert_eq!(after.remaining("session"), Some(25_000));
+}

@@ -62,6 +62,7 @@ pub struct Config {
     pub admin: Admin,
     pub alerts: Option<AlertSink>,
     pub cache: Option<crate::core::cache::CacheConfig>,
+    pub signer: Option<AlertSink>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +292,31 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             })
         }
     };
+    let signer = match raw.signer {
+        None => None,
+        Some(sg) => {
+            if sg.cluster.is_empty() {
+                return Err("signer.cluster: must name an Envoy cluster".to_string());
+            }
+            let timeout_ms = sg.timeout_ms.unwrap_or(2000);
+            if !(1..=60_000).contains(&timeout_ms) {
+                return Err(format!(
+                    "signer.timeoutMs: {timeout_ms} must be between 1 and 60000"
+                ));
+            }
+            Some(AlertSink {
+                path: url_path(sg.path, "/sign", "signer.path")?,
+                authority: sg.authority.unwrap_or_else(|| sg.cluster.clone()),
+                cluster: sg.cluster,
+                timeout_ms,
+            })
+        }
+    };
+    if signer.is_none() {
+        if let Some(p) = policies.iter().find(|p| p.pay_x402) {
+            return Err(format!("policies.{}.x402.mode: \"pay\" needs a signer (top-level \"signer\": {{\"cluster\": …}})", p.name));
+        }
+    }
     let cache = match raw.cache {
         None => None,
         Some(raw_cache) => crate::core::cache::compile_cache(raw_cache)?,
@@ -311,6 +337,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         admin,
         alerts,
         cache,
+        signer,
     })
 }
 
@@ -432,6 +459,16 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
             out.push(address);
         }
     }
+    let pay_x402 = match raw.x402.mode.as_deref() {
+        None | Some("relay") => false,
+        Some("pay") => true,
+        Some(other) => {
+            return Err(format!(
+                "{}: {other:?} must be \"relay\" or \"pay\"",
+                f("x402.mode")
+            ))
+        }
+    };
     let mut agents = Vec::new();
     for (pattern, raw_agent) in raw.agents.0 {
         agents.push(compile_agent(
@@ -453,6 +490,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         charge_on,
         agents,
         payments,
+        pay_x402,
     })
 }
 

@@ -32,6 +32,9 @@ pub struct RawConfig {
     /// Webhook for alerts.
     #[serde(default)]
     pub alerts: Option<RawAlerts>,
+    /// The signer service for x402 pay mode.
+    #[serde(default)]
+    pub signer: Option<RawSigner>,
     /// The shared answer cache.
     #[serde(default)]
     pub cache: Option<RawCache>,
@@ -199,4 +202,15 @@ pub struct RawX402 {
     pub assets: Vec<String>,
     #[serde(default)]
     pub payees: Vec<String>,
+    /// `relay` (default): agents pay themselves; `pay`: pag0 pays through the signer.
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawSigner {
+    pub cluster: String,
+    pub path: Option<String>,
+    pub authority: Option<String>,
+    pub timeout_ms: Option<u64>,
 }

@@ -27,6 +27,8 @@ pub struct Policy {
     pub charge_on: ChargeOn,
     pub agents: Vec<AgentRule>,
     pub payments: crate::core::x402::PaymentRules,
+    /// x402 pay mode: pag0 answers a 402 itself through the signer.
+    pub pay_x402: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +209,7 @@ mod tests {
             kill_ppm: None,
             charge_on: ChargeOn::Success,
             payments: crate::core::x402::PaymentRules::default(),
+            pay_x402: false,
             agents: vec![
                 AgentRule {
                     pattern: IdPattern::new("reviewer-*").unwrap(),

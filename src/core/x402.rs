@@ -400,6 +400,48 @@ pub fn payment_header(status: &str, amount: Amount, network: &str, tx: Option<&s
     out
 }
 
+/// The signer service's contract (pay mode). Request: what to pay and for whom.
+pub fn signer_request(
+    offer: &PaymentRequired,
+    chosen: &Requirement,
+    tenant: &str,
+    session: &str,
+    agent: &str,
+) -> String {
+    serde_json::json!({
+        "x402Version": offer.version,
+        "requirement": chosen.raw,
+        "resource": offer.resource,
+        "tenant": tenant,
+        "session": session,
+        "agent": agent,
+    })
+    .to_string()
+}
+
+/// The signer's answer: `{"header": "PAYMENT-SIGNATURE", "value": "<base64>"}`.
+pub fn signer_answer(body: &[u8], version: u8) -> Result<(String, String), X402Error> {
+    let v = decode_json(body, false)?;
+    let header = text(&v, "header")?.to_ascii_lowercase();
+    let expected = if version == 1 {
+        V1_PAYMENT_HEADER
+    } else {
+        V2_PAYMENT_HEADER
+    };
+    if header != expected {
+        return Err(X402Error::Invalid("header", header));
+    }
+    let value = match v.get("value") {
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= 16 * 1024 && s.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            s.clone()
+        }
+        _ => return Err(X402Error::Invalid("value", "not a header value".into())),
+    };
+    Ok((header, value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,9 +53,35 @@ pub struct StreamState {
     pub fill: Option<CacheFill>,
     /// The agent's own x402 payment, relayed.
     pub payment: Option<firewall::RelayedPayment>,
+    /// x402 pay mode: what it takes to answer a 402 by paying and retrying.
+    pub pay: Option<PayFlow>,
     /// A call held back until its request body is in (to key the cache on it).
     pub deferred: Option<Deferred>,
 }
+
+/// x402 pay mode for one stream: the original request, kept to retry it with a payment.
+pub struct PayFlow {
+    caller: Caller,
+    call: Call,
+    cluster: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    too_big: bool,
+    stage: PayStage,
+    version: u8,
+    network: String,
+    amount: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayStage {
+    Armed,
+    Signing,
+    Retrying,
+}
+
+/// Largest request body kept to retry a paid call.
+const MAX_RETRY_BODY: usize = 1024 * 1024;
 
 /// A call held back until its request body is in (to key the cache on it).
 pub struct Deferred {
@@ -243,6 +269,254 @@ impl Pag0Http {
         }
     }
 
+    /// Pay mode, on the upstream's 402: choose a requirement by policy, reserve its
+    /// price, and ask the signer for a payment. `None`: not payable here (no v2 offer);
+    /// the 402 goes to the agent as it is.
+    fn pay_the_402(&mut self, config: &Rc<Config>) -> Option<Action> {
+        let offer_header =
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, x402::V2_REQUIRED_HEADER)
+                .ok()
+                .flatten()?;
+        let (caller, mut call, too_big) = {
+            let state = self.state.borrow();
+            let pay = state.pay.as_ref()?;
+            (pay.caller.clone(), pay.call.clone(), pay.too_big)
+        };
+        // Whatever happens now, the original call is settled (it was answered 402).
+        settle_stream_payment(config, &self.state, false, false);
+        let offer = match x402::parse_required_header(&offer_header) {
+            Ok(offer) => offer,
+            Err(e) => {
+                let refusal =
+                    Refusal::new(ErrorCode::PaymentFailed, format!("the server's 402: {e}"));
+                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                return Some(Action::Pause);
+            }
+        };
+        if too_big {
+            let refusal = Refusal::new(
+                ErrorCode::InvalidRequest,
+                "the request body is too large to retry with a payment (1 MiB)",
+            );
+            self.state.borrow_mut().answered_locally = true;
+            send_local(
+                413,
+                vec![
+                    ("content-type", "application/json"),
+                    ("x-pag0-error", "INVALID_REQUEST"),
+                    ("x-pag0-cost", "0"),
+                ],
+                refusal.to_json().as_bytes(),
+            );
+            return Some(Action::Pause);
+        }
+        let rules = config
+            .policies
+            .get(call.policy)
+            .map(|p| p.payments.clone())
+            .unwrap_or_default();
+        let Some(chosen) = x402::choose(&offer, &rules) else {
+            let refusal = Refusal::new(
+                ErrorCode::PaymentNotAllowed,
+                "no payment requirement the policy allows (scheme, network, asset, payee)",
+            );
+            refuse_caller(
+                config,
+                &self.state,
+                &caller,
+                &call,
+                &refusal,
+                &BudgetView::default(),
+            );
+            return Some(Action::Pause);
+        };
+        call.price = chosen.amount;
+        if admit_stream(config, &self.state, &caller, &call) != Action::Continue {
+            return Some(Action::Pause);
+        }
+        let signer = config.signer.as_ref()?;
+        let tenant = config
+            .tenants
+            .get(caller.tenant)
+            .map_or("default", |t| t.id.as_str());
+        let body = x402::signer_request(&offer, chosen, tenant, &caller.session, &caller.agent);
+        let sent = callout::send(
+            self,
+            &signer.cluster,
+            "POST",
+            &signer.path,
+            &signer.authority,
+            Some(("application/json", body.as_bytes())),
+            signer.timeout_ms,
+        );
+        if sent.is_err() {
+            settle_stream_payment(config, &self.state, false, false);
+            let refusal = Refusal::new(
+                ErrorCode::SignerUnavailable,
+                "the signer cluster cannot be reached",
+            );
+            refuse_stream(&self.state, &refusal, &BudgetView::default());
+            return Some(Action::Pause);
+        }
+        if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+            pay.stage = PayStage::Signing;
+            pay.version = offer.version;
+            pay.network = chosen.network.clone();
+            pay.amount = chosen.amount;
+        }
+        Some(Action::Pause)
+    }
+
+    /// The signer answered: retry the original request once, with the payment.
+    fn on_signed(&mut self, body_size: usize) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let status = callout::response_status(self);
+        let answer = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let version = self.state.borrow().pay.as_ref().map_or(2, |p| p.version);
+        let signed = if callout::succeeded(status) {
+            x402::signer_answer(&answer, version).ok()
+        } else {
+            None
+        };
+        let Some((header, value)) = signed else {
+            settle_stream_payment(&config, &self.state, false, false);
+            let refusal = Refusal::new(
+                ErrorCode::SignerUnavailable,
+                format!("the signer did not sign (status {status:?})"),
+            );
+            refuse_stream(&self.state, &refusal, &BudgetView::default());
+            return;
+        };
+        let (cluster, headers, body) = {
+            let state = self.state.borrow();
+            let Some(pay) = state.pay.as_ref() else {
+                return;
+            };
+            (pay.cluster.clone(), pay.headers.clone(), pay.body.clone())
+        };
+        let mut pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "content-length" | "transfer-encoding" | "payment-signature" | "x-payment"
+                )
+            })
+            .filter_map(|(k, v)| std::str::from_utf8(v).ok().map(|v| (k.as_str(), v)))
+            .collect();
+        pairs.push((header.as_str(), value.as_str()));
+        let sent = self.dispatch_http_call(
+            &cluster,
+            pairs,
+            Some(&body),
+            vec![],
+            std::time::Duration::from_secs(30),
+        );
+        match sent {
+            Ok(_) => {
+                if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+                    pay.stage = PayStage::Retrying;
+                }
+            }
+            Err(_) => {
+                // Nothing was sent with the payment: nothing moved.
+                settle_stream_payment(&config, &self.state, false, false);
+                let refusal = Refusal::new(
+                    ErrorCode::UpstreamError,
+                    "cannot retry the call with its payment",
+                );
+                refuse_stream(&self.state, &refusal, &BudgetView::default());
+            }
+        }
+    }
+
+    /// The paid answer: settle from the settlement header, answer the agent with it.
+    fn on_paid_answer(&mut self, body_size: usize) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let (version, network, amount) = {
+            let state = self.state.borrow();
+            let Some(pay) = state.pay.as_ref() else {
+                return;
+            };
+            (pay.version, pay.network.clone(), pay.amount)
+        };
+        let status = callout::response_status(self);
+        let settlement_name = if version == 1 {
+            x402::V1_RESPONSE_HEADER
+        } else {
+            x402::V2_RESPONSE_HEADER
+        };
+        let settlement = self.get_http_call_response_header(settlement_name);
+        let outcome = firewall::payment_outcome(status, settlement.as_deref().map(str::as_bytes));
+        let (commit, unconfirmed, note) = match &outcome {
+            firewall::PaymentOutcome::Settled(tx) => (
+                true,
+                false,
+                x402::payment_header("settled", amount, &network, tx.as_deref()),
+            ),
+            firewall::PaymentOutcome::Failed(_) => (
+                false,
+                false,
+                x402::payment_header("failed", amount, &network, None),
+            ),
+            firewall::PaymentOutcome::Unconfirmed => (
+                true,
+                true,
+                x402::payment_header("unconfirmed", amount, &network, None),
+            ),
+        };
+        let cost = settle_stream_payment(&config, &self.state, commit, unconfirmed);
+        if let firewall::PaymentOutcome::Failed(reason) = &outcome {
+            let refusal = Refusal::new(
+                ErrorCode::PaymentFailed,
+                format!("the server refused the payment: {reason}"),
+            )
+            .with_fields(vec![("reason", reason.clone())]);
+            let view = self.state.borrow().view.clone();
+            refuse_stream(&self.state, &refusal, &view);
+            return;
+        }
+        let headers = self.get_http_call_response_headers();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let (remaining, alert) = {
+            let state = self.state.borrow();
+            (state.view.remaining_header(), state.view.alert_header())
+        };
+        let cost_text = cost.to_string();
+        let mut out: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with(':')
+                    && !k.starts_with(OWN_HEADER_PREFIX)
+                    && !matches!(
+                        k.as_str(),
+                        "content-length" | "transfer-encoding" | "connection"
+                    )
+            })
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        out.push(("x-pag0-cost", &cost_text));
+        out.push(("x-pag0-cached", "false"));
+        out.push(("x-pag0-payment", &note));
+        if !remaining.is_empty() {
+            out.push(("x-pag0-budget-remaining", &remaining));
+        }
+        if let Some(alert) = &alert {
+            out.push(("x-pag0-budget-alert", alert));
+        }
+        set_state("pag0_cost", &cost_text);
+        self.state.borrow_mut().answered_locally = true;
+        send_local(status.unwrap_or(502), out, &body);
+    }
+
     /// A miss at every level: reserve and go upstream (this stream fills the cache).
     fn go_upstream(&self, config: &Config, d: &Deferred) -> Action {
         let action = admit_stream(config, &self.state, &d.caller, &d.call);
@@ -268,6 +542,12 @@ impl Context for Pag0Http {
         body_size: usize,
         _trailers: usize,
     ) {
+        let stage = self.state.borrow().pay.as_ref().map(|p| p.stage);
+        match stage {
+            Some(PayStage::Signing) => return self.on_signed(body_size),
+            Some(PayStage::Retrying) => return self.on_paid_answer(body_size),
+            _ => {}
+        }
         let deferred = self.state.borrow_mut().deferred.take();
         let (Some(config), Some(d)) = (self.config.clone(), deferred) else {
             return;
@@ -377,6 +657,27 @@ impl HttpContext for Pag0Http {
             );
             return Action::Pause;
         }
+        let pays = call.payment.is_none()
+            && config.signer.is_some()
+            && config.policies.get(call.policy).is_some_and(|p| p.pay_x402);
+        if pays {
+            if let Some(cluster) = props::cluster_name() {
+                let kept =
+                    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+                self.state.borrow_mut().pay = Some(PayFlow {
+                    caller: caller.clone(),
+                    call: call.clone(),
+                    cluster,
+                    headers: kept,
+                    body: Vec::new(),
+                    too_big: false,
+                    stage: PayStage::Armed,
+                    version: 0,
+                    network: String::new(),
+                    amount: 0,
+                });
+            }
+        }
 
         let bypass = matches!(lookup("x-pag0-cache-bypass"), HeaderValue::One(v) if v.eq_ignore_ascii_case(b"true"));
         let ttl = config.cache.as_ref().and_then(|c| {
@@ -427,12 +728,33 @@ impl HttpContext for Pag0Http {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.state.borrow().deferred.is_none() {
+            // Pay mode keeps a copy of the body, to retry the call with a payment.
+            let mut state = self.state.borrow_mut();
+            if let Some(pay) = state.pay.as_mut() {
+                let chunk = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                if pay.body.len() + chunk.len() > MAX_RETRY_BODY {
+                    pay.too_big = true;
+                } else {
+                    pay.body.extend_from_slice(&chunk);
+                }
+            }
             return Action::Continue;
         }
         if !end_of_stream {
             return Action::Pause;
         }
         waiters::forget(self.context_id);
+        if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+            let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            pay.too_big = body.len() > MAX_RETRY_BODY;
+            pay.body = body;
+        }
         let deferred = self.state.borrow_mut().deferred.take();
         let (Some(config), Some(deferred)) = (self.config.clone(), deferred) else {
             return Action::Continue;
@@ -464,6 +786,17 @@ impl HttpContext for Pag0Http {
         let Some(config) = config else {
             return Action::Continue;
         };
+        let armed = self
+            .state
+            .borrow()
+            .pay
+            .as_ref()
+            .is_some_and(|p| p.stage == PayStage::Armed);
+        if status == Some(402) && from_upstream && armed {
+            if let Some(action) = self.pay_the_402(&config) {
+                return action;
+            }
+        }
         // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
         for (name, _) in hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
         {
@@ -566,6 +899,16 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Paying for a 402: hold the 402's body back (the paid answer replaces it).
+        let paying = self
+            .state
+            .borrow()
+            .pay
+            .as_ref()
+            .is_some_and(|p| p.stage != PayStage::Armed);
+        if paying {
+            return Action::Pause;
+        }
         let storing = self
             .state
             .borrow()
@@ -599,8 +942,6 @@ impl HttpContext for Pag0Http {
 
     fn on_log(&mut self) {
         waiters::forget(self.context_id);
-        // The stream ended without response headers (client gone, upstream reset):
-        // nothing was answered, so nothing is charged.
         // A call that was forwarded and never answered (the client went away, a
         // timeout): the upstream may have done, and billed, the work, so it stays
         // charged. (An upstream that fails to connect or resets gets a local reply,
@@ -614,6 +955,7 @@ impl HttpContext for Pag0Http {
 }
 
 /// Checks and reserves; on success the stream goes upstream.
+#[must_use]
 pub fn admit_stream(
     config: &Config,
     state: &Rc<RefCell<StreamState>>,

@@ -44,3 +44,11 @@ pub fn route_settings() -> RouteSettings {
 pub fn response_from_upstream() -> bool {
     string_property(vec!["response", "code_details"]).as_deref() == Some("via_upstream")
 }
+
+/// The upstream cluster the matched route sends to (to retry a call there).
+pub fn cluster_name() -> Option<String> {
+    match hostcalls::get_property(vec!["xds", "cluster_name"]) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}

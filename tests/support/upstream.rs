@@ -150,7 +150,15 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
                 body,
             });
         }
+        // A stand-in signer: `/sign` answers a (fake-signed) v2 payment header.
+        let signed = path == "/sign";
         let payload = match size {
+            _ if signed => format!(
+                r#"{{"header":"PAYMENT-SIGNATURE","value":"{}"}}"#,
+                pag0::core::base64::encode(
+                    br#"{"x402Version":2,"payload":{"signature":"0xsigned"}}"#
+                )
+            ),
             Some(n) => "x".repeat(n as usize),
             None => format!(
                 "{{\"ok\":true,\"path\":{path:?},\"n\":{}}}",
@@ -164,9 +172,10 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         if path.contains("/x402") {
             if !paid || path.contains("/x402-reject/") {
                 status = 402;
+                let offer = r#"{"x402Version":2,"resource":{"url":"http://paid.api/x"},"accepts":[{"scheme":"exact","network":"eip155:84532","amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","maxTimeoutSeconds":60,"extra":{"name":"USDC","version":"2"}}]}"#;
                 extra = format!(
                     "payment-required: {}\r\n",
-                    pag0::core::base64::encode(br#"{"x402Version":2,"accepts":[]}"#)
+                    pag0::core::base64::encode(offer.as_bytes())
                 );
             } else if !path.contains("/x402-nosettle/") {
                 let settlement = format!(
