@@ -241,3 +241,79 @@ fn pay_mode_with_the_signer_down_answers_503_and_releases() {
     let after = Client::new(envoy.port).get("paid.api", "/free", &[("x-pag0-session", s.as_str())]);
     assert_eq!(after.remaining("session"), Some(25_000));
 }
+
+#[test]
+fn calls_above_the_approval_threshold_wait_for_the_approval_service() {
+    let plugin = r#"{"policies": {
+        "p": {"sessionBudget": "1000000", "requireApproval": {"threshold": "50000", "cluster": "upstream", "path": "/approve", "timeoutMs": 500}},
+        "slow": {"sessionBudget": "1000000", "requireApproval": {"threshold": "50000", "cluster": "upstream", "path": "/approve/delay/1500/", "timeoutMs": 300}}
+    }, "defaultPolicy": "p"}"#;
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(
+        &EnvoyConfig::new(
+            plugin,
+            vec![
+                route("api", "/cheap", &[("price", "20000")]),
+                route("api", "/mid", &[("price", "80000")]),
+                route("api", "/big", &[("price", "150000")]),
+                route("api", "/slow", &[("price", "80000"), ("policy", "slow")]),
+            ],
+        ),
+        up.port,
+    );
+    let mut c = Client::new(envoy.port);
+    let s = unique("approve");
+    let h = [("x-pag0-session", s.as_str())];
+    assert_eq!(c.get("api", "/cheap", &h).cost(), 20_000);
+    let approved = c.post("api", "/mid", &h, "{\"body\":1}");
+    assert_eq!((approved.status, approved.cost()), (200, 80_000));
+    assert_eq!(
+        up.last().body,
+        b"{\"body\":1}",
+        "the held request goes upstream intact"
+    );
+    // A POST above the limit is held, body and all, and never reaches the upstream.
+    let before = up.count();
+    let denied_post = c.post("api", "/big", &h, "{\"body\":2}");
+    assert_eq!(denied_post.error_code().as_deref(), Some("APPROVAL_DENIED"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        up.seen().iter().filter(|r| r.path == "/big").count(),
+        0,
+        "denied POST leaked upstream"
+    );
+    let _ = before;
+    let denied = c.get("api", "/big", &h);
+    assert_eq!(
+        (denied.status, denied.error_code().as_deref()),
+        (403, Some("APPROVAL_DENIED"))
+    );
+    assert_eq!(denied.json()["error"]["details"]["reason"], "limit 100000");
+    let timeout = Client::new(envoy.port).get("api", "/slow", &h);
+    assert_eq!(
+        (timeout.status, timeout.error_code().as_deref()),
+        (504, Some("APPROVAL_TIMEOUT"))
+    );
+    // Denied and timed-out calls hold nothing: only the two paid calls are spent.
+    assert_eq!(
+        c.get("api", "/cheap", &h).remaining("session"),
+        Some(1_000_000 - 20_000 - 80_000 - 20_000)
+    );
+    assert_eq!(
+        up.seen()
+            .iter()
+            .filter(|r| !r.path.starts_with("/approve"))
+            .count(),
+        3
+    );
+    let approvals: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/approve"))
+        .collect();
+    let first: serde_json::Value = serde_json::from_slice(&approvals[0].body).unwrap();
+    assert_eq!(
+        (first["price"].as_str(), first["endpoint"].as_str()),
+        (Some("80000"), Some("api/mid"))
+    );
+}

@@ -459,6 +459,35 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
             out.push(address);
         }
     }
+    let approval = match raw.require_approval {
+        None => None,
+        Some(a) => {
+            let threshold = amount(a.threshold.as_ref(), &f("requireApproval.threshold"), true)?
+                .ok_or_else(|| format!("{}: required", f("requireApproval.threshold")))?;
+            if a.cluster.is_empty() {
+                return Err(format!(
+                    "{}: must name an Envoy cluster",
+                    f("requireApproval.cluster")
+                ));
+            }
+            let timeout_ms = a.timeout_ms.unwrap_or(5000);
+            if !(1..=300_000).contains(&timeout_ms) {
+                return Err(format!(
+                    "{}: {timeout_ms} must be between 1 and 300000",
+                    f("requireApproval.timeoutMs")
+                ));
+            }
+            Some(crate::core::policy::Approval {
+                threshold,
+                service: AlertSink {
+                    path: url_path(a.path, "/approve", &f("requireApproval.path"))?,
+                    authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
+                    cluster: a.cluster,
+                    timeout_ms,
+                },
+            })
+        }
+    };
     let pay_x402 = match raw.x402.mode.as_deref() {
         None | Some("relay") => false,
         Some("pay") => true,
@@ -491,6 +520,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         agents,
         payments,
         pay_x402,
+        approval,
     })
 }
 

@@ -141,6 +141,9 @@ pub struct RawPolicy {
     /// Which x402 payments may be made: networks, assets and payees (empty = any).
     #[serde(default)]
     pub x402: RawX402,
+    /// Calls priced above the threshold wait for an approval service.
+    #[serde(default)]
+    pub require_approval: Option<RawApproval>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -209,6 +212,16 @@ pub struct RawX402 {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawSigner {
+    pub cluster: String,
+    pub path: Option<String>,
+    pub authority: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawApproval {
+    pub threshold: Option<Value>,
     pub cluster: String,
     pub path: Option<String>,
     pub authority: Option<String>,

@@ -267,6 +267,46 @@ pub fn relay_payment(
     Ok(())
 }
 
+/// The approval service, when this call's price is above the policy's threshold.
+pub fn approval_for<'a>(cfg: &'a Config, call: &Call) -> Option<&'a crate::core::policy::Approval> {
+    cfg.policies
+        .get(call.policy)
+        .and_then(|p| p.approval.as_ref())
+        .filter(|a| call.price > a.threshold)
+}
+
+/// What the approval service is asked.
+pub fn approval_request(cfg: &Config, caller: &Caller, call: &Call) -> String {
+    let tenant = cfg
+        .tenants
+        .get(caller.tenant)
+        .map_or("default", |t| t.id.as_str());
+    serde_json::json!({
+        "tenant": tenant,
+        "session": caller.session,
+        "agent": caller.agent,
+        "endpoint": call.endpoint,
+        "tool": call.tool,
+        "price": call.price.to_string(),
+    })
+    .to_string()
+}
+
+/// The approval service's answer: `{"approved": true|false, "reason": "…"}`. `None`:
+/// no usable answer (treated as no answer in time).
+pub fn approval_answer(ok_status: bool, body: &[u8]) -> Option<(bool, Option<String>)> {
+    if !ok_status {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let approved = v.get("approved")?.as_bool()?;
+    let reason = v
+        .get("reason")
+        .and_then(|r| r.as_str())
+        .map(|r| r.chars().take(200).collect());
+    Some((approved, reason))
+}
+
 /// How a relayed payment ended, read from the server's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentOutcome {

@@ -29,6 +29,14 @@ pub struct Policy {
     pub payments: crate::core::x402::PaymentRules,
     /// x402 pay mode: pag0 answers a 402 itself through the signer.
     pub pay_x402: bool,
+    /// Calls priced above `threshold` wait for the approval service.
+    pub approval: Option<Approval>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Approval {
+    pub threshold: Amount,
+    pub service: crate::core::compile::AlertSink,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +218,7 @@ mod tests {
             charge_on: ChargeOn::Success,
             payments: crate::core::x402::PaymentRules::default(),
             pay_x402: false,
+            approval: None,
             agents: vec![
                 AgentRule {
                     pattern: IdPattern::new("reviewer-*").unwrap(),

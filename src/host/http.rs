@@ -55,6 +55,8 @@ pub struct StreamState {
     pub payment: Option<firewall::RelayedPayment>,
     /// x402 pay mode: what it takes to answer a 402 by paying and retrying.
     pub pay: Option<PayFlow>,
+    /// Waiting for the approval service; what to do once approved.
+    pub approval: Option<AfterApproval>,
     /// A call held back until its request body is in (to key the cache on it).
     pub deferred: Option<Deferred>,
 }
@@ -76,8 +78,17 @@ pub struct PayFlow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PayStage {
     Armed,
+    Approving,
     Signing,
     Retrying,
+}
+
+/// What an approved call does next.
+pub enum AfterApproval {
+    /// Go upstream (the request was paused for approval).
+    Resume,
+    /// Pay mode: ask the signer, with this request body.
+    Sign(String),
 }
 
 /// Largest request body kept to retry a paid call.
@@ -203,6 +214,10 @@ impl Pag0Http {
                 serve_hit(config, &self.state, &d.caller, &d.call, &entry);
                 Action::Pause
             }
+            Ok(Found::Pending(_)) if firewall::approval_for(config, &d.call).is_some() => {
+                // A call that needs approval asks for it itself rather than wait.
+                self.go_upstream(config, &d)
+            }
             Ok(Found::Pending(slot)) => {
                 let deadline = now_millis().saturating_add(cache_cfg.coalesce_wait_ms);
                 waiters::wait(waiters::Waiter {
@@ -266,6 +281,123 @@ impl Pag0Http {
                 );
                 admit_stream(config, &self.state, &d.caller, &d.call)
             }
+        }
+    }
+
+    /// After admission: a call priced above the policy's approval threshold waits for the
+    /// approval service, holding its reservation.
+    fn approve_or_go(
+        &mut self,
+        config: &Config,
+        caller: &Caller,
+        call: &Call,
+        admitted: Action,
+        then: AfterApproval,
+    ) -> Action {
+        if admitted != Action::Continue {
+            return admitted;
+        }
+        let Some(approval) = firewall::approval_for(config, call) else {
+            if let AfterApproval::Sign(body) = then {
+                self.ask_signer(config, &body);
+                return Action::Pause;
+            }
+            return Action::Continue;
+        };
+        let service = approval.service.clone();
+        let body = firewall::approval_request(config, caller, call);
+        let sent = callout::send(
+            self,
+            &service.cluster,
+            "POST",
+            &service.path,
+            &service.authority,
+            Some(("application/json", body.as_bytes())),
+            service.timeout_ms,
+        );
+        match sent {
+            Ok(_) => {
+                self.state.borrow_mut().approval = Some(then);
+                Action::Pause
+            }
+            Err(_) => {
+                settle_stream_payment(config, &self.state, false, false);
+                let refusal = Refusal::new(
+                    ErrorCode::ApprovalTimeout,
+                    "the approval service cannot be reached",
+                );
+                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                Action::Pause
+            }
+        }
+    }
+
+    /// The approval service answered (or did not, in time).
+    fn on_approval(&mut self, body_size: usize) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let Some(then) = self.state.borrow_mut().approval.take() else {
+            return;
+        };
+        let ok = callout::succeeded(callout::response_status(self));
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        match firewall::approval_answer(ok, &body) {
+            Some((true, _)) => match then {
+                AfterApproval::Resume => {
+                    let _ = hostcalls::resume_http_request();
+                }
+                AfterApproval::Sign(request) => self.ask_signer(&config, &request),
+            },
+            Some((false, reason)) => {
+                settle_stream_payment(&config, &self.state, false, false);
+                let mut refusal = Refusal::new(
+                    ErrorCode::ApprovalDenied,
+                    "the approval service denied this call",
+                );
+                if let Some(reason) = reason {
+                    refusal = refusal.with_fields(vec![("reason", reason)]);
+                }
+                refuse_stream(&self.state, &refusal, &BudgetView::default());
+            }
+            None => {
+                settle_stream_payment(&config, &self.state, false, false);
+                let refusal = Refusal::new(
+                    ErrorCode::ApprovalTimeout,
+                    "no answer from the approval service in time",
+                );
+                refuse_stream(&self.state, &refusal, &BudgetView::default());
+            }
+        }
+    }
+
+    /// Pay mode: ask the signer for a payment.
+    fn ask_signer(&mut self, config: &Config, body: &str) {
+        let Some(signer) = config.signer.clone() else {
+            return;
+        };
+        let sent = callout::send(
+            self,
+            &signer.cluster,
+            "POST",
+            &signer.path,
+            &signer.authority,
+            Some(("application/json", body.as_bytes())),
+            signer.timeout_ms,
+        );
+        if sent.is_err() {
+            settle_stream_payment(config, &self.state, false, false);
+            let refusal = Refusal::new(
+                ErrorCode::SignerUnavailable,
+                "the signer cluster cannot be reached",
+            );
+            refuse_stream(&self.state, &refusal, &BudgetView::default());
+            return;
+        }
+        if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+            pay.stage = PayStage::Signing;
         }
     }
 
@@ -334,36 +466,26 @@ impl Pag0Http {
         if admit_stream(config, &self.state, &caller, &call) != Action::Continue {
             return Some(Action::Pause);
         }
-        let signer = config.signer.as_ref()?;
+        config.signer.as_ref()?;
         let tenant = config
             .tenants
             .get(caller.tenant)
             .map_or("default", |t| t.id.as_str());
         let body = x402::signer_request(&offer, chosen, tenant, &caller.session, &caller.agent);
-        let sent = callout::send(
-            self,
-            &signer.cluster,
-            "POST",
-            &signer.path,
-            &signer.authority,
-            Some(("application/json", body.as_bytes())),
-            signer.timeout_ms,
-        );
-        if sent.is_err() {
-            settle_stream_payment(config, &self.state, false, false);
-            let refusal = Refusal::new(
-                ErrorCode::SignerUnavailable,
-                "the signer cluster cannot be reached",
-            );
-            refuse_stream(&self.state, &refusal, &BudgetView::default());
-            return Some(Action::Pause);
-        }
         if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
-            pay.stage = PayStage::Signing;
+            pay.stage = PayStage::Approving;
             pay.version = offer.version;
             pay.network = chosen.network.clone();
             pay.amount = chosen.amount;
         }
+        // Approval first when the price calls for it; then the signer.
+        self.approve_or_go(
+            config,
+            &caller,
+            &call,
+            Action::Continue,
+            AfterApproval::Sign(body),
+        );
         Some(Action::Pause)
     }
 
@@ -518,8 +640,10 @@ impl Pag0Http {
     }
 
     /// A miss at every level: reserve and go upstream (this stream fills the cache).
-    fn go_upstream(&self, config: &Config, d: &Deferred) -> Action {
-        let action = admit_stream(config, &self.state, &d.caller, &d.call);
+    fn go_upstream(&mut self, config: &Config, d: &Deferred) -> Action {
+        let admitted = admit_stream(config, &self.state, &d.caller, &d.call);
+        let action =
+            self.approve_or_go(config, &d.caller, &d.call, admitted, AfterApproval::Resume);
         if self.state.borrow().answered_locally {
             self.abandon_fill();
         }
@@ -542,6 +666,9 @@ impl Context for Pag0Http {
         body_size: usize,
         _trailers: usize,
     ) {
+        if self.state.borrow().approval.is_some() {
+            return self.on_approval(body_size);
+        }
         let stage = self.state.borrow().pay.as_ref().map(|p| p.stage);
         match stage {
             Some(PayStage::Signing) => return self.on_signed(body_size),
@@ -691,7 +818,8 @@ impl HttpContext for Pag0Http {
             Some(c.ttl_for(&call.endpoint, route_ttl)).filter(|ttl| *ttl > 0)
         });
         let Some(ttl) = ttl else {
-            return admit_stream(&config, &self.state, &caller, &call);
+            let admitted = admit_stream(&config, &self.state, &caller, &call);
+            return self.approve_or_go(&config, &caller, &call, admitted, AfterApproval::Resume);
         };
         let query = String::from_utf8_lossy(&path)
             .split_once('?')
@@ -706,7 +834,8 @@ impl HttpContext for Pag0Http {
             _ => None,
         };
         if !end_of_stream && body_len.is_none_or(|len| len > MAX_KEYED_BODY) {
-            return admit_stream(&config, &self.state, &caller, &call);
+            let admitted = admit_stream(&config, &self.state, &caller, &call);
+            return self.approve_or_go(&config, &caller, &call, admitted, AfterApproval::Resume);
         }
         let deferred = Deferred {
             caller,
@@ -727,6 +856,11 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Waiting for approval: hold the body back with the headers (Envoy would
+        // otherwise send both on when this callback says Continue).
+        if self.state.borrow().approval.is_some() {
+            return Action::Pause;
+        }
         if self.state.borrow().deferred.is_none() {
             // Pay mode keeps a copy of the body, to retry the call with a payment.
             let mut state = self.state.borrow_mut();

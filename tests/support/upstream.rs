@@ -124,6 +124,7 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         let paid = headers
             .iter()
             .any(|(k, _)| k == "payment-signature" || k == "x-payment");
+        let body_copy = body.clone();
         // The demo's alert webhook shares this upstream; it is not an API call.
         if !path.starts_with("/_demo/") {
             count.fetch_add(1, Ordering::Relaxed);
@@ -150,9 +151,21 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
                 body,
             });
         }
+        // A stand-in approval service: approves prices up to 100000.
+        let approval = path.starts_with("/approve").then(|| {
+            let price = serde_json::from_slice::<serde_json::Value>(&body_copy)
+                .ok()
+                .and_then(|v| v["price"].as_str().and_then(|p| p.parse::<u64>().ok()))
+                .unwrap_or(u64::MAX);
+            format!(
+                r#"{{"approved":{},"reason":"limit 100000"}}"#,
+                price <= 100_000
+            )
+        });
         // A stand-in signer: `/sign` answers a (fake-signed) v2 payment header.
         let signed = path == "/sign";
         let payload = match size {
+            _ if approval.is_some() => approval.clone().unwrap_or_default(),
             _ if signed => format!(
                 r#"{{"header":"PAYMENT-SIGNATURE","value":"{}"}}"#,
                 pag0::core::base64::encode(
