@@ -317,3 +317,32 @@ fn calls_above_the_approval_threshold_wait_for_the_approval_service() {
         (Some("80000"), Some("api/mid"))
     );
 }
+
+#[test]
+fn pay_mode_asks_for_approval_before_signing() {
+    let plugin = format!(
+        r#"{{"signer": {{"cluster": "upstream", "path": "/sign", "timeoutMs": 500}},
+            "policies": {{"p": {{"sessionBudget": "25000",
+            "requireApproval": {{"threshold": "5000", "cluster": "upstream", "path": "/approve", "timeoutMs": 500}},
+            "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
+    );
+    let up = Upstream::start();
+    let envoy = Envoy::with_config(
+        &EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[])]),
+        up.port,
+    );
+    let s = unique("pay-approve");
+    let r = Client::new(envoy.port).get(
+        "paid.api",
+        "/x402/search",
+        &[("x-pag0-session", s.as_str())],
+    );
+    assert_eq!(
+        (r.status, r.cost()),
+        (200, 10_000),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let order: Vec<String> = up.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(order, ["/x402/search", "/approve", "/sign", "/x402/search"]);
+}
