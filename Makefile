@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/pag0.wasm
 CARGO ?= cargo
 
-.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench
+.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -39,3 +39,11 @@ lint: wasm-target
 clean:
 	$(CARGO) clean
 	rm -rf out
+
+# Fuzz the parsers of untrusted input (x402 headers, configuration, shared-data records)
+# with cargo-fuzz on the nightly toolchain, FUZZ_SECONDS each (not part of `make test`).
+FUZZ_SECONDS ?= 60
+fuzz:
+	rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd fuzz && for t in x402 config records; do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
