@@ -237,17 +237,8 @@ pub fn relay_payment(
     }
     let policy = policy_of(cfg, call.policy)?;
     let rules = &policy.payments;
-    let asset = payment.accepted.as_ref().map(|a| a.asset.clone());
-    let ok = |list: &[String], v: &str| {
-        list.is_empty() || list.iter().any(|x| x.eq_ignore_ascii_case(v))
-    };
-    let asset_ok =
-        rules.assets.is_empty() || asset.as_deref().is_some_and(|a| ok(&rules.assets, a));
-    if payment.scheme != "exact"
-        || !ok(&rules.networks, &payment.network)
-        || !ok(&rules.payees, &payment.to)
-        || !asset_ok
-    {
+    let asset = payment.accepted.as_ref().map(|a| a.asset.as_str());
+    if !rules.allows_payment(&payment.scheme, &payment.network, asset, &payment.to) {
         return Err(Refusal::new(
             ErrorCode::PaymentNotAllowed,
             "the payment's scheme, network, asset or payee is not allowed by policy",

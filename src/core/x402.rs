@@ -240,13 +240,23 @@ pub struct PaymentRules {
 
 impl PaymentRules {
     pub fn allows(&self, r: &Requirement) -> bool {
+        self.allows_payment(&r.scheme, &r.network, Some(&r.asset), &r.pay_to)
+    }
+
+    /// The same rules for a payment whose asset may be unknown (a v1 payment header
+    /// does not name it): with an asset list, an unknown asset is not allowed.
+    pub fn allows_payment(
+        &self,
+        scheme: &str,
+        network: &str,
+        asset: Option<&str>,
+        payee: &str,
+    ) -> bool {
         let ok = |list: &[String], value: &str| {
             list.is_empty() || list.iter().any(|x| x.eq_ignore_ascii_case(value))
         };
-        r.scheme == "exact"
-            && ok(&self.networks, &r.network)
-            && ok(&self.assets, &r.asset)
-            && ok(&self.payees, &r.pay_to)
+        let asset_ok = self.assets.is_empty() || asset.is_some_and(|a| ok(&self.assets, a));
+        scheme == "exact" && ok(&self.networks, network) && asset_ok && ok(&self.payees, payee)
     }
 }
 

@@ -321,12 +321,11 @@ impl Pag0Http {
                 Action::Pause
             }
             Err(_) => {
-                settle_stream_payment(config, &self.state, false, false);
                 let refusal = Refusal::new(
                     ErrorCode::ApprovalTimeout,
                     "the approval service cannot be reached",
                 );
-                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                release_and_refuse(config, &self.state, &refusal);
                 Action::Pause
             }
         }
@@ -352,7 +351,6 @@ impl Pag0Http {
                 AfterApproval::Sign(request) => self.ask_signer(&config, &request),
             },
             Some((false, reason)) => {
-                settle_stream_payment(&config, &self.state, false, false);
                 let mut refusal = Refusal::new(
                     ErrorCode::ApprovalDenied,
                     "the approval service denied this call",
@@ -360,15 +358,14 @@ impl Pag0Http {
                 if let Some(reason) = reason {
                     refusal = refusal.with_fields(vec![("reason", reason)]);
                 }
-                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                release_and_refuse(&config, &self.state, &refusal);
             }
             None => {
-                settle_stream_payment(&config, &self.state, false, false);
                 let refusal = Refusal::new(
                     ErrorCode::ApprovalTimeout,
                     "no answer from the approval service in time",
                 );
-                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                release_and_refuse(&config, &self.state, &refusal);
             }
         }
     }
@@ -388,12 +385,11 @@ impl Pag0Http {
             signer.timeout_ms,
         );
         if sent.is_err() {
-            settle_stream_payment(config, &self.state, false, false);
             let refusal = Refusal::new(
                 ErrorCode::SignerUnavailable,
                 "the signer cluster cannot be reached",
             );
-            refuse_stream(&self.state, &refusal, &BudgetView::default());
+            release_and_refuse(config, &self.state, &refusal);
             return;
         }
         if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
@@ -415,13 +411,12 @@ impl Pag0Http {
             (pay.caller.clone(), pay.call.clone(), pay.too_big)
         };
         // Whatever happens now, the original call is settled (it was answered 402).
-        settle_stream_payment(config, &self.state, false, false);
         let offer = match x402::parse_required_header(&offer_header) {
             Ok(offer) => offer,
             Err(e) => {
                 let refusal =
                     Refusal::new(ErrorCode::PaymentFailed, format!("the server's 402: {e}"));
-                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                release_and_refuse(config, &self.state, &refusal);
                 return Some(Action::Pause);
             }
         };
@@ -505,12 +500,11 @@ impl Pag0Http {
             None
         };
         let Some((header, value)) = signed else {
-            settle_stream_payment(&config, &self.state, false, false);
             let refusal = Refusal::new(
                 ErrorCode::SignerUnavailable,
                 format!("the signer did not sign (status {status:?})"),
             );
-            refuse_stream(&self.state, &refusal, &BudgetView::default());
+            release_and_refuse(&config, &self.state, &refusal);
             return;
         };
         let (cluster, headers, body) = {
@@ -546,12 +540,11 @@ impl Pag0Http {
             }
             Err(_) => {
                 // Nothing was sent with the payment: nothing moved.
-                settle_stream_payment(&config, &self.state, false, false);
                 let refusal = Refusal::new(
                     ErrorCode::UpstreamError,
                     "cannot retry the call with its payment",
                 );
-                refuse_stream(&self.state, &refusal, &BudgetView::default());
+                release_and_refuse(&config, &self.state, &refusal);
             }
         }
     }
@@ -1215,6 +1208,12 @@ fn store_fill(config: &Config, state: &Rc<RefCell<StreamState>>, body: &[u8]) {
             timeout_ms: level2.timeout_ms,
         });
     }
+}
+
+/// Gives back the stream's reservation, then refuses: nothing was paid or forwarded.
+fn release_and_refuse(config: &Config, state: &Rc<RefCell<StreamState>>, refusal: &Refusal) {
+    settle_stream_payment(config, state, false, false);
+    refuse_stream(state, refusal, &BudgetView::default());
 }
 
 fn refuse_stream(state: &Rc<RefCell<StreamState>>, refusal: &Refusal, view: &BudgetView) {
