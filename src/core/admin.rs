@@ -402,6 +402,7 @@ pub fn report_json(
     record: &SessionRecord,
     windows: &TenantRecord,
 ) -> Value {
+    let budget = budget_json(cfg, tenant, record, windows);
     let policy = cfg.policy(None);
     let by_agent: Vec<Value> = record
         .agents
@@ -444,7 +445,7 @@ pub fn report_json(
         "cacheHitRate": rate(record.cache_hits, record.requests),
         "cacheSavings": record.savings.to_string(),
         "killed": record.killed,
-        "killSwitch": budget_json(cfg, tenant, record, windows)["killSwitch"].clone(),
+        "killSwitch": budget["killSwitch"].clone(),
         "lastActive": record.last_active,
         "unconfirmedPayments": {"count": record.unconfirmed, "amount": record.unconfirmed_amount.to_string()},
         "byAgent": by_agent,
@@ -452,7 +453,7 @@ pub fn report_json(
         "byEndpoint": record.endpoints.iter().map(|t| tally_json("endpoint", t)).collect::<Vec<_>>(),
         "refusals": refusals,
         "recentRefusals": recent,
-        "budget": budget_json(cfg, tenant, record, windows),
+        "budget": budget,
     })
 }
 
