@@ -119,6 +119,18 @@ fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
             "policies: at least one policy is needed",
         ),
         (
+            r#"{"policies": {"p": {"x402": {"mode": "pay"}}}}"#,
+            "policies.p.x402.mode: \"pay\" needs a signer",
+        ),
+        (
+            r#"{"signer": {"cluster": "s", "maxBodyBytes": 0}, "policies": {"p": {}}}"#,
+            "signer.maxBodyBytes: 0 must be between 1 and 16777216",
+        ),
+        (
+            r#"{"signer": {"cluster": "s", "retryTimeoutMs": 900000}, "policies": {"p": {}}}"#,
+            "signer.retryTimeoutMs: 900000 must be between 1 and 300000",
+        ),
+        (
             r#"{"policies": {"p": {"sessionBudget": 5000000}}}"#,
             "policies.p.sessionBudget: amounts are decimal strings",
         ),

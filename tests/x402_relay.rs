@@ -225,6 +225,47 @@ fn pay_mode_pays_the_402_through_the_signer_and_retries_once() {
 }
 
 #[test]
+fn pay_mode_reads_402_bodies_and_limits_what_it_keeps_to_retry() {
+    let up = Upstream::start();
+    let mut config = pay_config("upstream");
+    config.plugin_json = config.plugin_json.replace(
+        r#""timeoutMs": 500"#,
+        r#""timeoutMs": 500, "maxBodyBytes": 64"#,
+    );
+    let envoy = Envoy::with_config(&config, up.port);
+    let mut c = Client::new(envoy.port);
+    let s = unique("pay-body");
+    let h = [("x-pag0-session", s.as_str())];
+    // A 402 that is not an x402 offer (no header, a body without x402Version)
+    // reaches the agent as it is, uncharged.
+    let plain = c.get("paid.api", "/status/402/plain", &h);
+    assert_eq!((plain.status, plain.cost()), (402, 0));
+    assert!(String::from_utf8_lossy(&plain.body).contains("\"ok\":true"));
+    // A 402 whose body claims v1 but is malformed: 502 naming the fault, released.
+    let bad = c.get("paid.api", "/x402-v1bad/x", &h);
+    assert_eq!(
+        (bad.status, bad.error_code().as_deref(), bad.cost()),
+        (502, Some("PAYMENT_FAILED"), 0),
+        "{}",
+        String::from_utf8_lossy(&bad.body)
+    );
+    assert!(String::from_utf8_lossy(&bad.body).contains("accepts"));
+    // A body above signer.maxBodyBytes cannot be retried with a payment: 413.
+    let big = c.post("paid.api", "/x402/upload", &h, &"y".repeat(100));
+    assert_eq!(
+        (big.status, big.error_code().as_deref(), big.cost()),
+        (413, Some("INVALID_REQUEST"), 0),
+        "{}",
+        String::from_utf8_lossy(&big.body)
+    );
+    assert!(String::from_utf8_lossy(&big.body).contains("signer.maxBodyBytes (64)"));
+    // Nothing was paid or held.
+    let ok = c.post("paid.api", "/x402/small", &h, "{}");
+    assert_eq!((ok.status, ok.cost()), (200, 10_000));
+    assert_eq!(ok.remaining("session"), Some(15_000));
+}
+
+#[test]
 fn pay_mode_with_the_signer_down_answers_503_and_releases() {
     let up = Upstream::start();
     let envoy = Envoy::with_config(&pay_config("signer_dead"), up.port);

@@ -170,6 +170,14 @@ def make_handler(signer: Signer):
             self.reply(404, {"error": "not found"})
 
         def do_POST(self):
+            if self.path == "/control":
+                # Tests: {"delayMs": N} makes the signer slow from now on.
+                try:
+                    n = int(self.headers.get("Content-Length") or 0)
+                    signer.delay_ms = max(0, int(json.loads(self.rfile.read(min(n, MAX_BODY)))["delayMs"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    return self.reply(400, {"error": f"bad control: {e}"})
+                return self.reply(200, {"delayMs": signer.delay_ms})
             if self.path != "/sign":
                 return self.reply(404, {"error": "not found"})
             try:

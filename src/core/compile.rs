@@ -63,6 +63,10 @@ pub struct Config {
     pub alerts: Option<AlertSink>,
     pub cache: Option<crate::core::cache::CacheConfig>,
     pub signer: Option<AlertSink>,
+    /// Pay mode: largest request body kept to retry a paid call.
+    pub pay_body_limit: usize,
+    /// Pay mode: how long the paid retry may take (then its outcome is unknown).
+    pub pay_retry_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +75,10 @@ pub struct Admin {
     pub path_prefix: String,
     pub dashboard_path: String,
 }
+
+/// Pay mode keeps the request body to retry it with a payment: 1 MiB unless set.
+const DEFAULT_PAY_BODY_LIMIT: usize = 1024 * 1024;
+const MAX_PAY_BODY_LIMIT: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AlertSink {
@@ -292,9 +300,24 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             })
         }
     };
+    let mut pay_body_limit = DEFAULT_PAY_BODY_LIMIT;
+    let mut pay_retry_timeout_ms = 30_000;
     let signer = match raw.signer {
         None => None,
         Some(sg) => {
+            let limit = sg.max_body_bytes.unwrap_or(DEFAULT_PAY_BODY_LIMIT as u64);
+            if !(1..=MAX_PAY_BODY_LIMIT).contains(&limit) {
+                return Err(format!(
+                    "signer.maxBodyBytes: {limit} must be between 1 and {MAX_PAY_BODY_LIMIT}"
+                ));
+            }
+            pay_body_limit = usize::try_from(limit).unwrap_or(DEFAULT_PAY_BODY_LIMIT);
+            pay_retry_timeout_ms = sg.retry_timeout_ms.unwrap_or(30_000);
+            if !(1..=300_000).contains(&pay_retry_timeout_ms) {
+                return Err(format!(
+                    "signer.retryTimeoutMs: {pay_retry_timeout_ms} must be between 1 and 300000"
+                ));
+            }
             if sg.cluster.is_empty() {
                 return Err("signer.cluster: must name an Envoy cluster".to_string());
             }
@@ -338,6 +361,8 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         alerts,
         cache,
         signer,
+        pay_body_limit,
+        pay_retry_timeout_ms,
     })
 }
 

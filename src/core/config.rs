@@ -216,6 +216,10 @@ pub struct RawSigner {
     pub path: Option<String>,
     pub authority: Option<String>,
     pub timeout_ms: Option<u64>,
+    /// Largest request body kept to retry a paid call (bytes).
+    pub max_body_bytes: Option<u64>,
+    /// How long the paid retry may take before its outcome counts as unknown.
+    pub retry_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

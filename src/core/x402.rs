@@ -230,6 +230,19 @@ pub fn parse_required_body(body: &[u8]) -> Result<PaymentRequired, X402Error> {
     Ok(offer)
 }
 
+/// Why a server answered a payment with 402 again: the `error` of its v2
+/// `PAYMENT-REQUIRED` header, else of its v1 JSON body.
+pub fn rejection_reason(required_header: Option<&[u8]>, body: &[u8]) -> Option<String> {
+    let from_header = required_header.and_then(|h| decode_json(h, true).ok());
+    let from_body = || decode_json(body, false).ok();
+    from_header
+        .or_else(from_body)?
+        .get("error")
+        .and_then(Value::as_str)
+        .filter(|e| !e.is_empty())
+        .map(|e| e.chars().take(200).collect())
+}
+
 /// What policy lets pag0 pay: networks, assets and payees (empty = any).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PaymentRules {
@@ -454,6 +467,23 @@ pub fn signer_answer(body: &[u8], version: u8) -> Result<(String, String), X402E
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rejection_reason_reads_the_v2_header_then_the_v1_body() {
+        let header = crate::core::base64::encode(
+            br#"{"x402Version":2,"error":"invalid_exact_evm_nonce_already_used","accepts":[]}"#,
+        );
+        assert_eq!(
+            rejection_reason(Some(header.as_bytes()), b"{}").as_deref(),
+            Some("invalid_exact_evm_nonce_already_used")
+        );
+        assert_eq!(
+            rejection_reason(None, br#"{"x402Version":1,"error":"insufficient_funds"}"#).as_deref(),
+            Some("insufficient_funds")
+        );
+        assert_eq!(rejection_reason(Some(b"%%%"), b"not json"), None);
+        assert_eq!(rejection_reason(None, br#"{"error":""}"#), None);
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -30,6 +30,8 @@ use crate::host::{callout, log, now_millis, now_secs, props, waiters};
 const OWN_HEADER_PREFIX: &str = "x-pag0-";
 /// Largest request body read to key the cache; bigger or unsized bodies skip the cache.
 const MAX_KEYED_BODY: usize = 256 * 1024;
+/// Largest 402 body read for a v1 offer (a real one is well under 8 KiB).
+const MAX_OFFER_BODY: usize = 64 * 1024;
 
 /// This stream's claim on a cache key: it goes upstream and fills the entry.
 pub struct CacheFill {
@@ -78,6 +80,8 @@ pub struct PayFlow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PayStage {
     Armed,
+    /// A 402 without a v2 header: reading its body for a v1 offer.
+    ReadingOffer,
     Approving,
     Signing,
     Retrying,
@@ -90,9 +94,6 @@ pub enum AfterApproval {
     /// Pay mode: ask the signer, with this request body.
     Sign(String),
 }
-
-/// Largest request body kept to retry a paid call.
-const MAX_RETRY_BODY: usize = 1024 * 1024;
 
 /// A call held back until its request body is in (to key the cache on it).
 pub struct Deferred {
@@ -397,34 +398,75 @@ impl Pag0Http {
         }
     }
 
-    /// Pay mode, on the upstream's 402: choose a requirement by policy, reserve its
-    /// price, and ask the signer for a payment. `None`: not payable here (no v2 offer);
-    /// the 402 goes to the agent as it is.
-    fn pay_the_402(&mut self, config: &Rc<Config>) -> Option<Action> {
-        let offer_header =
+    /// Pay mode, on the upstream's 402 headers. A v2 offer is in `PAYMENT-REQUIRED`;
+    /// without it the offer may be a v1 body, which is read first (headers held).
+    /// `None`: nothing to pay here; the 402 goes to the agent as it is.
+    fn pay_the_402(&mut self, config: &Rc<Config>, end_of_stream: bool) -> Option<Action> {
+        let header =
             hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, x402::V2_REQUIRED_HEADER)
                 .ok()
-                .flatten()?;
-        let (caller, mut call, too_big) = {
-            let state = self.state.borrow();
-            let pay = state.pay.as_ref()?;
-            (pay.caller.clone(), pay.call.clone(), pay.too_big)
+                .flatten();
+        match header {
+            Some(h) => Some(self.pay_offer(config, x402::parse_required_header(&h))),
+            None if end_of_stream => None,
+            None => {
+                if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+                    pay.stage = PayStage::ReadingOffer;
+                }
+                Some(Action::Pause)
+            }
+        }
+    }
+
+    /// Pay mode, the whole body of a 402 without a v2 header: a v1 offer is paid;
+    /// anything else (a 402 that is not x402) goes to the agent as it is.
+    fn pay_the_402_body(&mut self, config: &Rc<Config>, body: &[u8]) -> Action {
+        let claims_x402 = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .is_some_and(|v| v.get("x402Version").is_some());
+        if !claims_x402 {
+            if let Some(pay) = self.state.borrow_mut().pay.as_mut() {
+                pay.stage = PayStage::Armed;
+            }
+            self.answer_upstream_headers(config, Some(402), true, false);
+            return Action::Continue;
+        }
+        self.pay_offer(config, x402::parse_required_body(body))
+    }
+
+    /// Choose a requirement by policy, reserve its price, and ask for approval and
+    /// the signer's payment.
+    fn pay_offer(
+        &mut self,
+        config: &Rc<Config>,
+        parsed: Result<x402::PaymentRequired, x402::X402Error>,
+    ) -> Action {
+        let Some((caller, mut call, too_big)) = self
+            .state
+            .borrow()
+            .pay
+            .as_ref()
+            .map(|pay| (pay.caller.clone(), pay.call.clone(), pay.too_big))
+        else {
+            return Action::Continue;
         };
         // Whatever happens now, the original call is settled (it was answered 402).
-        let offer = match x402::parse_required_header(&offer_header) {
+        let offer = match parsed {
             Ok(offer) => offer,
             Err(e) => {
                 let refusal =
                     Refusal::new(ErrorCode::PaymentFailed, format!("the server's 402: {e}"));
                 release_and_refuse(config, &self.state, &refusal);
-                return Some(Action::Pause);
+                return Action::Pause;
             }
         };
         if too_big {
+            let limit = config.pay_body_limit;
             let refusal = Refusal::new(
                 ErrorCode::InvalidRequest,
-                "the request body is too large to retry with a payment (1 MiB)",
+                format!("the request body is larger than signer.maxBodyBytes ({limit}) and cannot be retried with a payment"),
             );
+            settle_stream_as(config, &self.state, false);
             self.state.borrow_mut().answered_locally = true;
             send_local(
                 413,
@@ -435,7 +477,7 @@ impl Pag0Http {
                 ],
                 refusal.to_json().as_bytes(),
             );
-            return Some(Action::Pause);
+            return Action::Pause;
         }
         let rules = config
             .policies
@@ -455,13 +497,17 @@ impl Pag0Http {
                 &refusal,
                 &BudgetView::default(),
             );
-            return Some(Action::Pause);
+            return Action::Pause;
         };
         call.price = chosen.amount;
         if admit_stream(config, &self.state, &caller, &call) != Action::Continue {
-            return Some(Action::Pause);
+            return Action::Pause;
         }
-        config.signer.as_ref()?;
+        if config.signer.is_none() {
+            let refusal = Refusal::new(ErrorCode::SignerUnavailable, "no signer is configured");
+            release_and_refuse(config, &self.state, &refusal);
+            return Action::Pause;
+        }
         let tenant = config
             .tenants
             .get(caller.tenant)
@@ -481,7 +527,7 @@ impl Pag0Http {
             Action::Continue,
             AfterApproval::Sign(body),
         );
-        Some(Action::Pause)
+        Action::Pause
     }
 
     /// The signer answered: retry the original request once, with the payment.
@@ -530,7 +576,7 @@ impl Pag0Http {
             pairs,
             Some(&body),
             vec![],
-            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(config.pay_retry_timeout_ms),
         );
         match sent {
             Ok(_) => {
@@ -588,6 +634,17 @@ impl Pag0Http {
         };
         let cost = settle_stream_payment(&config, &self.state, commit, unconfirmed);
         if let firewall::PaymentOutcome::Failed(reason) = &outcome {
+            let reason = if status == Some(402) {
+                let required = self.get_http_call_response_header(x402::V2_REQUIRED_HEADER);
+                let body = self
+                    .get_http_call_response_body(0, body_size)
+                    .unwrap_or_default();
+                x402::rejection_reason(required.as_deref().map(str::as_bytes), &body)
+                    .map_or_else(|| reason.clone(), |why| format!("{reason}: {why}"))
+            } else {
+                reason.clone()
+            };
+            let reason = &reason;
             let refusal = Refusal::new(
                 ErrorCode::PaymentFailed,
                 format!("the server refused the payment: {reason}"),
@@ -630,6 +687,119 @@ impl Pag0Http {
         set_state("pag0_cost", &cost_text);
         self.state.borrow_mut().answered_locally = true;
         send_local(status.unwrap_or(502), out, &body);
+    }
+
+    /// The upstream's answer headers: settle the call, set pag0's headers, and decide
+    /// whether the answer fills the cache.
+    fn answer_upstream_headers(
+        &mut self,
+        config: &Rc<Config>,
+        status: Option<u32>,
+        from_upstream: bool,
+        end_of_stream: bool,
+    ) -> Action {
+        let config = config.clone();
+        let header = response_header;
+        let upstream_status = if from_upstream { status } else { None };
+        // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
+        for (name, _) in hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
+        {
+            if name.starts_with(OWN_HEADER_PREFIX) {
+                let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, &name);
+            }
+        }
+        let payment = self.state.borrow_mut().payment.take();
+        let cost = match &payment {
+            None => settle_stream(&config, &self.state, upstream_status),
+            Some(paid) => {
+                let settlement_header = if paid.version == 1 {
+                    x402::V1_RESPONSE_HEADER
+                } else {
+                    x402::V2_RESPONSE_HEADER
+                };
+                let settlement =
+                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, settlement_header)
+                        .ok()
+                        .flatten();
+                let outcome = firewall::payment_outcome(upstream_status, settlement.as_deref());
+                let (commit, unconfirmed, note) = match &outcome {
+                    firewall::PaymentOutcome::Settled(tx) => (
+                        true,
+                        false,
+                        x402::payment_header("settled", paid.value, &paid.network, tx.as_deref()),
+                    ),
+                    firewall::PaymentOutcome::Failed(reason) => {
+                        log(
+                            LogLevel::Info,
+                            &format!("pag0: relayed payment refused: {reason}"),
+                        );
+                        (
+                            false,
+                            false,
+                            x402::payment_header("failed", paid.value, &paid.network, None),
+                        )
+                    }
+                    firewall::PaymentOutcome::Unconfirmed => (
+                        true,
+                        true,
+                        x402::payment_header("unconfirmed", paid.value, &paid.network, None),
+                    ),
+                };
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    "x-pag0-payment",
+                    Some(&note),
+                );
+                settle_stream_payment(&config, &self.state, commit, unconfirmed)
+            }
+        };
+        set_state("pag0_cost", &cost.to_string());
+        let set = |name: &str, value: &str| {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        };
+        set("x-pag0-cost", &cost.to_string());
+        set("x-pag0-cached", "false");
+        let (remaining, alert) = {
+            let state = self.state.borrow();
+            (state.view.remaining_header(), state.view.alert_header())
+        };
+        if !remaining.is_empty() {
+            set("x-pag0-budget-remaining", &remaining);
+        }
+        if let Some(alert) = alert {
+            set("x-pag0-budget-alert", &alert);
+        }
+        // Decide whether this answer fills the cache.
+        let has_fill = self.state.borrow().fill.is_some();
+        if has_fill {
+            let max = config
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.max_entry_bytes as usize);
+            let length_ok = header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_none_or(|l| l <= max);
+            let storable = from_upstream
+                && length_ok
+                && status.is_some_and(|s| cache::storable(s, header("cache-control").as_deref()));
+            if !storable {
+                self.abandon_fill();
+            } else {
+                let content_type = header("content-type").unwrap_or_default();
+                let code = status.map_or(200, |s| s as u16);
+                {
+                    let mut state = self.state.borrow_mut();
+                    if let Some(fill) = state.fill.as_mut() {
+                        fill.storing = Some((code, content_type));
+                    }
+                    state.cost = cost;
+                }
+                if end_of_stream {
+                    store_fill(&config, &self.state, b"");
+                }
+            }
+        }
+        Action::Continue
     }
 
     /// A miss at every level: reserve and go upstream (this stream fills the cache).
@@ -862,7 +1032,8 @@ impl HttpContext for Pag0Http {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                if pay.body.len() + chunk.len() > MAX_RETRY_BODY {
+                let limit = self.config.as_ref().map_or(0, |c| c.pay_body_limit);
+                if pay.body.len() + chunk.len() > limit {
                     pay.too_big = true;
                 } else {
                     pay.body.extend_from_slice(&chunk);
@@ -879,7 +1050,7 @@ impl HttpContext for Pag0Http {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            pay.too_big = body.len() > MAX_RETRY_BODY;
+            pay.too_big = body.len() > self.config.as_ref().map_or(0, |c| c.pay_body_limit);
             pay.body = body;
         }
         let deferred = self.state.borrow_mut().deferred.take();
@@ -901,15 +1072,8 @@ impl HttpContext for Pag0Http {
                 return Action::Continue;
             }
         }
-        let header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-        };
-        let status = header(":status").and_then(|s| s.parse::<u32>().ok());
+        let status = response_header(":status").and_then(|s| s.parse::<u32>().ok());
         let from_upstream = props::response_from_upstream();
-        let upstream_status = if from_upstream { status } else { None };
         let Some(config) = config else {
             return Action::Continue;
         };
@@ -920,120 +1084,35 @@ impl HttpContext for Pag0Http {
             .as_ref()
             .is_some_and(|p| p.stage == PayStage::Armed);
         if status == Some(402) && from_upstream && armed {
-            if let Some(action) = self.pay_the_402(&config) {
+            if let Some(action) = self.pay_the_402(&config, end_of_stream) {
                 return action;
             }
         }
-        // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
-        for (name, _) in hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
-        {
-            if name.starts_with(OWN_HEADER_PREFIX) {
-                let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, &name);
-            }
-        }
-        let payment = self.state.borrow_mut().payment.take();
-        let cost = match &payment {
-            None => settle_stream(&config, &self.state, upstream_status),
-            Some(paid) => {
-                let settlement_header = if paid.version == 1 {
-                    x402::V1_RESPONSE_HEADER
-                } else {
-                    x402::V2_RESPONSE_HEADER
-                };
-                let settlement =
-                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, settlement_header)
-                        .ok()
-                        .flatten();
-                let outcome = firewall::payment_outcome(upstream_status, settlement.as_deref());
-                let (commit, unconfirmed, note) = match &outcome {
-                    firewall::PaymentOutcome::Settled(tx) => (
-                        true,
-                        false,
-                        x402::payment_header("settled", paid.value, &paid.network, tx.as_deref()),
-                    ),
-                    firewall::PaymentOutcome::Failed(reason) => {
-                        log(
-                            LogLevel::Info,
-                            &format!("pag0: relayed payment refused: {reason}"),
-                        );
-                        (
-                            false,
-                            false,
-                            x402::payment_header("failed", paid.value, &paid.network, None),
-                        )
-                    }
-                    firewall::PaymentOutcome::Unconfirmed => (
-                        true,
-                        true,
-                        x402::payment_header("unconfirmed", paid.value, &paid.network, None),
-                    ),
-                };
-                let _ = hostcalls::set_map_value(
-                    MapType::HttpResponseHeaders,
-                    "x-pag0-payment",
-                    Some(&note),
-                );
-                settle_stream_payment(&config, &self.state, commit, unconfirmed)
-            }
-        };
-        set_state("pag0_cost", &cost.to_string());
-        let set = |name: &str, value: &str| {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
-        };
-        set("x-pag0-cost", &cost.to_string());
-        set("x-pag0-cached", "false");
-        let (remaining, alert) = {
-            let state = self.state.borrow();
-            (state.view.remaining_header(), state.view.alert_header())
-        };
-        if !remaining.is_empty() {
-            set("x-pag0-budget-remaining", &remaining);
-        }
-        if let Some(alert) = alert {
-            set("x-pag0-budget-alert", &alert);
-        }
-        // Decide whether this answer fills the cache.
-        let has_fill = self.state.borrow().fill.is_some();
-        if has_fill {
-            let max = config
-                .cache
-                .as_ref()
-                .map_or(0, |c| c.max_entry_bytes as usize);
-            let length_ok = header("content-length")
-                .and_then(|l| l.parse::<usize>().ok())
-                .is_none_or(|l| l <= max);
-            let storable = from_upstream
-                && length_ok
-                && status.is_some_and(|s| cache::storable(s, header("cache-control").as_deref()));
-            if !storable {
-                self.abandon_fill();
-            } else {
-                let content_type = header("content-type").unwrap_or_default();
-                let code = status.map_or(200, |s| s as u16);
-                {
-                    let mut state = self.state.borrow_mut();
-                    if let Some(fill) = state.fill.as_mut() {
-                        fill.storing = Some((code, content_type));
-                    }
-                    state.cost = cost;
-                }
-                if end_of_stream {
-                    store_fill(&config, &self.state, b"");
-                }
-            }
-        }
-        Action::Continue
+        self.answer_upstream_headers(&config, status, from_upstream, end_of_stream)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let stage = self.state.borrow().pay.as_ref().map(|p| p.stage);
+        if stage == Some(PayStage::ReadingOffer) {
+            // A 402 without a v2 header: its body may be a v1 offer.
+            if !end_of_stream && body_size <= MAX_OFFER_BODY {
+                return Action::Pause;
+            }
+            let Some(config) = self.config.clone() else {
+                return Action::Continue;
+            };
+            let body = if body_size <= MAX_OFFER_BODY {
+                hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            return self.pay_the_402_body(&config, &body);
+        }
         // Paying for a 402: hold the 402's body back (the paid answer replaces it).
-        let paying = self
-            .state
-            .borrow()
-            .pay
-            .as_ref()
-            .is_some_and(|p| p.stage != PayStage::Armed);
-        if paying {
+        if stage.is_some_and(|s| s != PayStage::Armed) {
             return Action::Pause;
         }
         let storing = self
@@ -1078,6 +1157,7 @@ impl HttpContext for Pag0Http {
             settle_stream_as(&config, &self.state, true);
         }
         self.abandon_fill();
+        metrics::flush_cas_stats();
     }
 }
 
@@ -1211,6 +1291,13 @@ fn store_fill(config: &Config, state: &Rc<RefCell<StreamState>>, body: &[u8]) {
 }
 
 /// Gives back the stream's reservation, then refuses: nothing was paid or forwarded.
+fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
 fn release_and_refuse(config: &Config, state: &Rc<RefCell<StreamState>>, refusal: &Refusal) {
     settle_stream_payment(config, state, false, false);
     refuse_stream(state, refusal, &BudgetView::default());

@@ -79,3 +79,20 @@ pub fn refusal(tenant: &str, role: &str, code: &str) {
         1,
     );
 }
+
+thread_local! {
+    /// CAS figures already added to the counters by this worker.
+    static CAS_SEEN: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
+}
+
+/// Adds this worker's CAS writes and retries since the last flush to
+/// `pag0.store.cas_writes` / `pag0.store.cas_retries` (their ratio is the retry rate).
+pub fn flush_cas_stats() {
+    let (writes, retries) = crate::core::store::cas_stats();
+    let (seen_writes, seen_retries) = CAS_SEEN.with(|seen| seen.replace((writes, retries)));
+    add("pag0.store.cas_writes", writes.saturating_sub(seen_writes));
+    add(
+        "pag0.store.cas_retries",
+        retries.saturating_sub(seen_retries),
+    );
+}

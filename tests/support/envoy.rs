@@ -36,6 +36,16 @@ pub struct RouteSpec {
     pub prefix: String,
     pub metadata: Vec<(String, String)>,
     pub dead: bool,
+    /// Another cluster than the test upstream (one of `EnvoyConfig::clusters`).
+    pub cluster: Option<String>,
+}
+
+impl RouteSpec {
+    /// Sends this route to the named extra cluster.
+    pub fn to(mut self, cluster: &str) -> RouteSpec {
+        self.cluster = Some(cluster.to_string());
+        self
+    }
 }
 
 pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec {
@@ -47,6 +57,7 @@ pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         dead: false,
+        cluster: None,
     }
 }
 
@@ -89,7 +100,11 @@ impl EnvoyConfig {
                         None => format!("{k}: {v:?}"),
                     })
                     .collect();
-                let cluster = if r.dead { "dead" } else { "upstream" };
+                let cluster = match (&r.cluster, r.dead) {
+                    (Some(name), _) => name.as_str(),
+                    (None, true) => "dead",
+                    (None, false) => "upstream",
+                };
                 vhosts.push_str(&format!(
                     "              - match: {{ prefix: \"{}\" }}\n                route: {{ cluster: {cluster}, timeout: 5s }}\n                metadata: {{ filter_metadata: {{ pag0: {{ {} }} }} }}\n",
                     r.prefix,

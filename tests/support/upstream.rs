@@ -164,7 +164,10 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         });
         // A stand-in signer: `/sign` answers a (fake-signed) v2 payment header.
         let signed = path == "/sign";
+        // `/x402-v1bad/`: a 402 whose body claims x402 v1 but offers nothing readable.
+        let v1_bad = path.contains("/x402-v1bad/");
         let payload = match size {
+            _ if v1_bad => r#"{"x402Version":1,"accepts":"nope"}"#.to_string(),
             _ if approval.is_some() => approval.clone().unwrap_or_default(),
             _ if signed => format!(
                 r#"{{"header":"PAYMENT-SIGNATURE","value":"{}"}}"#,
@@ -182,7 +185,9 @@ fn serve(conn: TcpStream, count: &AtomicU64, seen: &Mutex<Vec<Seen>>, record: &A
         // answers 402 again, `/x402-nosettle/` answers 200 without a settlement.
         let mut extra = String::new();
         let mut status = status;
-        if path.contains("/x402") {
+        if v1_bad {
+            status = 402;
+        } else if path.contains("/x402") {
             if !paid || path.contains("/x402-reject/") {
                 status = 402;
                 let offer = r#"{"x402Version":2,"resource":{"url":"http://paid.api/x"},"accepts":[{"scheme":"exact","network":"eip155:84532","amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","maxTimeoutSeconds":60,"extra":{"name":"USDC","version":"2"}}]}"#;
