@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/pag0.wasm
 CARGO ?= cargo
 
-.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench fuzz
+.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench bench-smoke fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -22,7 +22,7 @@ demo: build envoy
 	scripts/demo.sh
 
 # Every test: native core, the core in wasm, Envoy integration and load tests.
-test: build envoy lint test-native test-wasm
+test: build envoy lint test-native test-wasm bench-smoke
 
 test-native:
 	@scripts/ensure-chromium.sh >/dev/null
@@ -47,3 +47,13 @@ fuzz:
 	rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	cd fuzz && for t in x402 config records; do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+# What pag0 costs per request, side by side with bare Envoy, and how it scales: writes
+# bench/RESULTS.md, bench/results.json and README.md's benchmark block (about 15 minutes;
+# settings in bench/run.py, e.g. BENCH_ROUNDS=3 BENCH_SESSIONS=0 make bench).
+bench: build envoy
+	python3 bench/run.py
+
+# The same script for a few seconds, checked for well-formed results (never for speed).
+bench-smoke: build envoy
+	python3 bench/run.py --smoke

@@ -1,0 +1,1214 @@
+#!/usr/bin/env python3
+"""`make bench`: what pag0 costs per request, side by side with bare Envoy, and how it scales.
+
+    python3 bench/run.py            # the full run (about 10-15 minutes), writes bench/RESULTS.md,
+                                    # bench/results.json and the README's benchmark block
+    python3 bench/run.py --smoke    # seconds: every part with tiny durations, results in
+                                    # target/bench-smoke/, checked for form (never for speed)
+
+Everything listens on 127.0.0.1. Every process this script starts is stopped when it ends,
+on failure and on Ctrl-C too. Settings come from the environment (defaults in brackets):
+
+    BENCH_DURATION [6]        seconds of each measured wrk run
+    BENCH_ROUNDS [5]          rounds; each round runs every case once, in a rotated order
+    BENCH_WARMUP [2]          seconds of unmeasured load per case before the first round
+    BENCH_CONNECTIONS [50]    wrk connections        BENCH_THREADS [2]  wrk threads
+    BENCH_CONCURRENCY [2]     Envoy workers (--concurrency), for every Envoy started
+    BENCH_PRICED_SESSIONS [1000], BENCH_PRICED_AGENTS [8]   case 4's sessions x agents
+    BENCH_SESSIONS [1000000]  distinct sessions of the memory stream (0 skips it)
+    BENCH_SESSIONS_FIRST [100000]  where the stream's first memory reading is taken
+    BENCH_CACHE_ENTRIES [4096], BENCH_CACHE_BODY [4096]   cache memory: slots, answer bytes
+    BENCH_X402_CALLS [100]    sequential x402 pay-path calls, each way (0 skips it)
+    BENCH_OUT [bench]         where RESULTS.md and results.json go
+    BENCH_README [1]          rewrite README.md's block between the bench markers (0: leave it)
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PAG0_WASM = ROOT / "target/wasm32-wasip1/release/pag0.wasm"
+NOOP_MANIFEST = BENCH / "noop-filter/Cargo.toml"
+NOOP_WASM = BENCH / "noop-filter/target/wasm32-wasip1/release/pag0_bench_noop.wasm"
+LUA = BENCH / "wrk/bench.lua"
+API_KEY = "bench-key"  # bench/envoy/*.json hold its SHA-256
+PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
+WASM_SIZE_TARGET = 512 * 1024
+
+# The side-by-side cases: (id, label, listener, wrk arguments).
+CASES = [
+    ("proxy", "1. proxy to a fast upstream, no wasm", "proxy", {"path": "/bench"}),
+    ("proxy_noop", "2. proxy + do-nothing wasm filter", "proxy_noop", {"path": "/bench"}),
+    ("free", "3. pag0, free route", "pag0", {"path": "/free", "session": "bench-free"}),
+    ("free_new", "3b. pag0, free route, a session that never paid", "pag0",
+     {"path": "/free", "session": "bench-never-paid"}),
+    ("priced", "4. pag0, priced route, {sessions} sessions x {agents} agents", "pag0",
+     {"path": "/priced", "mode": "many", "session": "bench-many"}),
+    ("hot", "5. pag0, priced route, one session", "pag0", {"path": "/priced", "session": "bench-hot"}),
+    ("direct", "6a. direct_response, no wasm", "direct", {"path": "/bench"}),
+    ("direct_noop", "6b. direct_response + do-nothing wasm", "direct_noop", {"path": "/bench"}),
+    ("cache_hit", "6c. pag0 serving cache hits", "cache", {"path": "/hit", "session": "bench-cache"}),
+]
+# (name, numerator, denominator, target ratio)
+RATIOS = [
+    ("free / proxy+wasm (3/2)", "free", "proxy_noop", 0.95),
+    ("priced / proxy+wasm (4/2)", "priced", "proxy_noop", 0.90),
+    ("one hot session / proxy+wasm (5/2)", "hot", "proxy_noop", 0.80),
+    ("cache hit / direct_response+wasm (6c/6b)", "cache_hit", "direct_noop", 0.85),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- settings
+
+def env_num(name: str, default, kind=int):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise BenchError(f"{name}={raw!r} is not a number")
+
+
+def settings(smoke: bool) -> dict:
+    if smoke:
+        # Every part runs, briefly. Durations are whole seconds for wrk.
+        defaults = dict(duration=1, rounds=1, warmup=0, connections=8, threads=2, concurrency=2,
+                        priced_sessions=50, priced_agents=4, sessions=3000, sessions_first=1000,
+                        cache_entries=64, cache_body=1024, x402_calls=3,
+                        out=str(ROOT / "target/bench-smoke"), readme=0)
+    else:
+        defaults = dict(duration=6, rounds=5, warmup=2, connections=50, threads=2, concurrency=2,
+                        priced_sessions=1000, priced_agents=8, sessions=1_000_000,
+                        sessions_first=100_000, cache_entries=4096, cache_body=4096,
+                        x402_calls=100, out=str(BENCH), readme=1)
+    s = {}
+    for key, default in defaults.items():
+        name = "BENCH_" + key.upper()
+        if key == "out":
+            s[key] = os.environ.get(name) or default
+        else:
+            s[key] = env_num(name, default)
+    if s["threads"] < 1 or s["connections"] < s["threads"]:
+        raise BenchError("need BENCH_THREADS >= 1 and BENCH_CONNECTIONS >= BENCH_THREADS")
+    if s["duration"] < 1 or s["rounds"] < 1:
+        raise BenchError("need BENCH_DURATION >= 1 and BENCH_ROUNDS >= 1")
+    if s["sessions"] and not 0 < s["sessions_first"] < s["sessions"]:
+        raise BenchError("need 0 < BENCH_SESSIONS_FIRST < BENCH_SESSIONS")
+    s["smoke"] = smoke
+    return s
+
+
+# ---------------------------------------------------------------- processes
+
+class Processes:
+    """Everything started here, stopped in reverse order by PID."""
+
+    def __init__(self):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], log_path: Path | None = None, **kw) -> subprocess.Popen:
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen(args, stdout=kw.pop("stdout", out), stderr=kw.pop("stderr", out),
+                                 stdin=subprocess.DEVNULL, **kw)
+        finally:
+            if log_path:
+                out.close()
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = [(n, q) for n, q in self.procs if q is not p]
+
+    def stop_all(self) -> None:
+        for _, p in reversed(list(self.procs)):
+            try:
+                self.stop(p)
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                pass
+
+
+PROCS = Processes()
+
+
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise BenchError(f"{what} did not open port {port} in {timeout} s")
+
+
+# ---------------------------------------------------------------- tools
+
+def run(args: list[str], **kw) -> str:
+    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT, **kw)
+    return out.stdout.strip()
+
+
+def ensure_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk:
+        return wrk
+    log("installing wrk from Debian (apt-get install -y wrk)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], env=env)
+    if r.returncode != 0:
+        subprocess.run(sudo + ["apt-get", "update"], env=env, check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], env=env, check=True)
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise BenchError("wrk is still missing after apt-get install")
+    return wrk
+
+
+def build_noop() -> None:
+    log("building the do-nothing filter (bench/noop-filter)")
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
+                    "--manifest-path", str(NOOP_MANIFEST)], check=True, cwd=ROOT)
+    if not NOOP_WASM.exists():
+        raise BenchError(f"{NOOP_WASM} was not built")
+
+
+def machine_info(envoy_bin: str, wrk: str) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    version = run([envoy_bin, "--version"])
+    full = re.search(r"version: (\S+)", version)
+    m = re.search(r"/(\d+\.\d+\.\d+)/", version)
+    commit = run(["git", "rev-parse", "--short=12", "HEAD"])
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "Cargo.toml", "Cargo.lock"],
+                           cwd=ROOT).returncode != 0
+    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": int(run(["nproc"])),
+        "cpu": cpu,
+        "memory_kib": _meminfo_total(),
+        "kernel": os.uname().release,
+        "envoy": m.group(1) if m else version,
+        "envoy_build": full.group(1) if full else version,
+        "envoy_bin": envoy_bin,
+        "commit": commit + ("-dirty (uncommitted changes in src/)" if dirty else ""),
+        "wrk": wrk_version[0].strip() if wrk_version else "wrk",
+    }
+
+
+def _meminfo_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- Envoy
+
+def one_line_json(path: Path, **values) -> str:
+    """A plugin configuration file as one line, for a single-quoted YAML scalar."""
+    text = string.Template(path.read_text()).substitute(values)
+    compact = json.dumps(json.loads(text), separators=(",", ":"))
+    if "'" in compact:
+        raise BenchError(f"{path}: a single quote would break the YAML")
+    return compact
+
+
+def render(template: str, dest: Path, **values) -> Path:
+    text = string.Template((BENCH / "envoy" / template).read_text()).substitute(
+        {k: str(v) for k, v in values.items()})
+    dest.write_text(text)
+    return dest
+
+
+class Envoy:
+    def __init__(self, envoy_bin: str, config: Path, work: Path, name: str, admin: int, concurrency: int):
+        self.name, self.admin = name, admin
+        self.log_path = work / f"{name}.log"
+        self.proc = PROCS.start(
+            f"envoy {name}",
+            [envoy_bin, "-c", str(config), "--concurrency", str(concurrency),
+             "--disable-hot-restart", "-l", "warning"],
+            log_path=self.log_path, cwd=ROOT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"Envoy ({name}) exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.admin_get("/ready").strip() == "LIVE":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError(f"Envoy ({name}) not ready after 30 s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            return ""
+
+    def admin_get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def stats(self, pattern: str) -> dict[str, int]:
+        """Counters and gauges whose name matches the regex `pattern`."""
+        text = self.admin_get("/stats?filter=" + urllib.request.quote(pattern))
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            try:
+                out[name.strip()] = int(value)
+            except ValueError:
+                pass  # histograms
+        return out
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError("no VmRSS")
+
+    def stop(self) -> None:
+        PROCS.stop(self.proc)
+
+
+def request(port: int, method: str, path: str, headers: dict, body: bytes | None = None,
+            timeout: float = 10) -> tuple[int, dict, bytes, float]:
+    """One request on a new connection: (status, headers lowercased, body, seconds)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        t0 = time.perf_counter()
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data, time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+def ident(session: str) -> dict:
+    return {"x-pag0-api-key": API_KEY, "x-pag0-session": session, "x-pag0-agent": "executor-1"}
+
+
+# ---------------------------------------------------------------- wrk
+
+def wrk_run(wrk: str, s: dict, port: int, seconds: int, args: dict, connections: int | None = None,
+            background: bool = False):
+    base = {"apikey": API_KEY, "agent": "executor-1", "session": "bench-static"}
+    base.update(args)
+    if base.get("mode") == "many":
+        base.setdefault("sessions", str(s["priced_sessions"]))
+        base.setdefault("agents", str(s["priced_agents"]))
+    cmd = [wrk, f"-t{s['threads']}", f"-c{connections or s['connections']}", f"-d{seconds}s",
+           "--timeout", "5s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--"]
+    cmd += [f"{k}={v}" for k, v in base.items()]
+    if background:
+        return PROCS.start("wrk", cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = PROCS.start("wrk", cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=seconds + 60)
+    finally:
+        PROCS.stop(p)
+    return parse_wrk(p.returncode, out, err)
+
+
+def parse_wrk(rc: int, out: bytes, err: bytes) -> dict:
+    text = out.decode(errors="replace")
+    for line in text.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[len("WRKJSON "):])
+    raise BenchError(f"wrk gave no result (rc {rc}):\n{text}\n{err.decode(errors='replace')}")
+
+
+# ---------------------------------------------------------------- side-by-side cases
+
+STAT_PATTERN = (r"^(http\.[a-z0-9_]+\.downstream_rq_(completed|2xx)"
+                r"|wasmcustom\.pag0\.store\..*|wasmcustom\..*\.cache_hits)$")
+
+
+def snapshot(envoy: Envoy) -> dict[str, int]:
+    return envoy.stats(STAT_PATTERN)
+
+
+def delta(before: dict, after: dict, name: str) -> int:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+def cache_hits(stats: dict) -> int:
+    return sum(v for k, v in stats.items() if k.endswith(".cache_hits"))
+
+
+def sanity(ports: dict) -> None:
+    """One request per case: each answers what it should, or the figures would mean nothing."""
+    checks = [
+        ("proxy", "/bench", ident("bench-static"), lambda h: True),
+        ("proxy_noop", "/bench", ident("bench-static"), lambda h: True),
+        # Case 3's session has paid once (as an agent's session would have); 3b's never has.
+        ("pag0", "/priced", ident("bench-free"), lambda h: h.get("x-pag0-cost") == "20000"),
+        ("pag0", "/free", ident("bench-free"), lambda h: h.get("x-pag0-cost") == "0"),
+        ("pag0", "/free", ident("bench-never-paid"), lambda h: h.get("x-pag0-cost") == "0"),
+        ("direct", "/bench", ident("bench-static"), lambda h: True),
+        ("direct_noop", "/bench", ident("bench-static"), lambda h: True),
+    ]
+    for listener, path, headers, ok in checks:
+        status, h, body, _ = request(ports[listener], "GET", path, headers)
+        if status != 200 or not ok(h):
+            raise BenchError(f"sanity: {listener} {path} answered {status} {h} {body[:300]!r}")
+    # The cache: the first call fills the entry, the next ones are hits.
+    port = ports["cache"]
+    status, h, body, _ = request(port, "GET", "/hit", ident("bench-cache"))
+    if status != 200:
+        raise BenchError(f"sanity: cache fill answered {status} {body[:300]!r}")
+    for _ in range(50):
+        status, h, body, _ = request(port, "GET", "/hit", ident("bench-cache"))
+        if status == 200 and h.get("x-pag0-cached") == "true":
+            return
+        time.sleep(0.05)
+    raise BenchError(f"sanity: the cache never served a hit (last: {status} {h})")
+
+
+def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int) -> dict:
+    ports = {name: free_port() for name in
+             ["proxy", "proxy_noop", "pag0", "direct", "direct_noop", "cache", "admin"]}
+    config = render(
+        "bench.yaml.in", work / "bench.yaml",
+        admin=ports["admin"], upstream=upstream_port,
+        proxy_port=ports["proxy"], proxy_noop_port=ports["proxy_noop"], pag0_port=ports["pag0"],
+        direct_port=ports["direct"], direct_noop_port=ports["direct_noop"], cache_port=ports["cache"],
+        body=s["body"], noop_wasm=NOOP_WASM, pag0_wasm=PAG0_WASM, noop_config="",
+        pag0_config=one_line_json(BENCH / "envoy/pag0.json"),
+        pag0_cache_config=one_line_json(BENCH / "envoy/pag0-cache.json"))
+    envoy = Envoy(envoy_bin, config, work, "bench", ports["admin"], s["concurrency"])
+    try:
+        sanity(ports)
+        if s["warmup"]:
+            log(f"warm-up: {s['warmup']} s per case")
+            for cid, _, listener, args in CASES:
+                wrk_run(wrk, s, ports[listener], s["warmup"], args)
+        runs: dict[str, list[dict]] = {c[0]: [] for c in CASES}
+        for rnd in range(s["rounds"]):
+            shift = rnd % len(CASES)
+            order = CASES[shift:] + CASES[:shift]
+            log(f"round {rnd + 1}/{s['rounds']}: {', '.join(c[0] for c in order)}")
+            for cid, _, listener, args in order:
+                before = snapshot(envoy)
+                res = wrk_run(wrk, s, ports[listener], s["duration"], args)
+                after = snapshot(envoy)
+                completed = delta(before, after, f"http.{listener}.downstream_rq_completed")
+                ok2xx = delta(before, after, f"http.{listener}.downstream_rq_2xx")
+                run_ = {
+                    "round": rnd + 1,
+                    "requests": res["requests"],
+                    "rps": res["requests"] / (res["duration_us"] / 1e6),
+                    "p50_ms": res["latency_us"]["p50"] / 1000,
+                    "p99_ms": res["latency_us"]["p99"] / 1000,
+                    "wrk_errors": res["errors"],
+                    "envoy_completed": completed,
+                    "non_2xx": completed - ok2xx,
+                    "cas_writes": delta(before, after, "wasmcustom.pag0.store.cas_writes"),
+                    "cas_retries": delta(before, after, "wasmcustom.pag0.store.cas_retries"),
+                    "cache_hits": cache_hits(after) - cache_hits(before),
+                }
+                runs[cid].append(run_)
+                log(f"  {cid:12s} {run_['rps']:9.0f} req/s  p50 {run_['p50_ms']:.3f} ms  "
+                    f"p99 {run_['p99_ms']:.3f} ms  non-2xx {run_['non_2xx']}")
+        stat_names = sorted(envoy.stats(r"^wasmcustom\.pag0\.store\."))
+    finally:
+        envoy.stop()
+    return {"runs": runs, "cas_stat_names": stat_names}
+
+
+def summarise_cases(s: dict, runs: dict) -> dict:
+    cases = {}
+    for cid, label, listener, _ in CASES:
+        rs = runs[cid]
+        completed = sum(r["envoy_completed"] for r in rs)
+        writes = sum(r["cas_writes"] for r in rs)
+        retries = sum(r["cas_retries"] for r in rs)
+        hits = sum(r["cache_hits"] for r in rs)
+        cases[cid] = {
+            "label": label.format(sessions=s["priced_sessions"], agents=s["priced_agents"]),
+            "listener": listener,
+            "rps": statistics.median(r["rps"] for r in rs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+            "requests": sum(r["requests"] for r in rs),
+            "envoy_completed": completed,
+            "non_2xx": sum(r["non_2xx"] for r in rs),
+            "wrk_errors": sum(sum(r["wrk_errors"].values()) for r in rs),
+            "cas_writes": writes,
+            "cas_retries": retries,
+            "cas_writes_per_request": writes / completed if completed else None,
+            "cas_retry_rate": retries / writes if writes else None,
+            "cache_hits": hits,
+            "cache_hit_ratio": hits / completed if completed else None,
+        }
+    return cases
+
+
+def ratios(runs: dict, cases: dict) -> list[dict]:
+    out = []
+    for name, num, den, target in RATIOS:
+        per_round = [a["rps"] / b["rps"] for a, b in zip(runs[num], runs[den]) if b["rps"]]
+        value = statistics.median(per_round) if per_round else None
+        out.append({
+            "name": name, "numerator": num, "denominator": den,
+            "value": value,
+            "of_medians": cases[num]["rps"] / cases[den]["rps"] if cases[den]["rps"] else None,
+            "per_round": per_round,
+            "target": target,
+            "met": value is not None and value >= target,
+        })
+    return out
+
+
+# ---------------------------------------------------------------- memory
+
+def stream_until(envoy: Envoy, wrk_proc: subprocess.Popen, marks: list[int], what: str) -> list[dict]:
+    """Polls Envoy's completed-request counter; reads RSS as each mark is passed."""
+    readings = []
+    counter = "http.pag0.downstream_rq_completed"
+    last, last_change = -1, time.time()
+    for mark in marks:
+        while True:
+            done = envoy.stats(r"^http\.pag0\.downstream_rq_completed$").get(counter, 0)
+            if done >= mark:
+                readings.append({"requests": done, "rss_kib": envoy.rss_kib()})
+                log(f"  {what}: {done} requests, Envoy RSS {readings[-1]['rss_kib']} KiB")
+                break
+            if done != last:
+                last, last_change = done, time.time()
+            elif time.time() - last_change > 30:
+                raise BenchError(f"{what}: stuck at {done} requests")
+            if wrk_proc.poll() is not None:
+                raise BenchError(f"{what}: wrk stopped early at {done} requests")
+            time.sleep(0.2)
+    return readings
+
+
+def stop_wrk(p: subprocess.Popen) -> dict | None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        PROCS.stop(p)
+        return None
+    PROCS.stop(p)
+    try:
+        return parse_wrk(p.returncode, out, err)
+    except BenchError:
+        return None
+
+
+def single_envoy(s: dict, envoy_bin: str, work: Path, name: str, plugin: str, upstream: int,
+                 route_metadata: str, signer: int | None = None, **plugin_values) -> tuple[Envoy, int]:
+    port, admin = free_port(), free_port()
+    config = render("pag0-single.yaml.in", work / f"{name}.yaml", admin=admin, port=port,
+                    upstream=upstream, signer=signer or free_port(), route_metadata=route_metadata,
+                    pag0_wasm=PAG0_WASM,
+                    pag0_config=one_line_json(BENCH / "envoy" / plugin, **plugin_values))
+    return Envoy(envoy_bin, config, work, name, admin, s["concurrency"]), port
+
+
+def session_memory(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int) -> dict:
+    total, first = s["sessions"], s["sessions_first"]
+    log(f"memory: {total} calls on a priced route, each from a new session")
+    envoy, port = single_envoy(s, envoy_bin, work, "sessions", "sessions.json", upstream_port,
+                               'price: "1", tool: bench')
+    try:
+        status, h, body, _ = request(port, "GET", "/x", ident("sessions-sanity"))
+        if status != 200 or h.get("x-pag0-cost") != "1":
+            raise BenchError(f"sessions: sanity call answered {status} {body[:200]!r}")
+        rss_start = envoy.rss_kib()
+        before = envoy.stats(r"^http\.pag0\.downstream_rq_(completed|2xx|5xx)$")
+        p = wrk_run(wrk, s, port, 36000, {"path": "/x", "mode": "unique-session", "session": "m"},
+                    background=True)
+        t0 = time.time()
+        try:
+            readings = stream_until(envoy, p, [first + 1, total + 1], "sessions")
+        finally:
+            res = stop_wrk(p)
+        seconds = time.time() - t0
+        after = envoy.stats(r"^http\.pag0\.downstream_rq_(completed|2xx|5xx)$")
+        refused = delta(before, after, "http.pag0.downstream_rq_5xx")
+        completed = delta(before, after, "http.pag0.downstream_rq_completed")
+        rss_first, rss_end = readings[0]["rss_kib"], readings[1]["rss_kib"]
+        growth = (rss_end - rss_first) / rss_first
+        return {
+            "sessions": total, "first_mark": first,
+            "rss_start_kib": rss_start,
+            "rss_first_kib": rss_first, "requests_at_first": readings[0]["requests"],
+            "rss_end_kib": rss_end, "requests_at_end": readings[1]["requests"],
+            "requests": completed, "refused_503": refused,
+            "non_2xx": completed - delta(before, after, "http.pag0.downstream_rq_2xx"),
+            "seconds": seconds,
+            "rps": res["requests"] / (res["duration_us"] / 1e6) if res else None,
+            "growth": growth,
+            "target": 0.10,
+            "met": growth <= 0.10,
+        }
+    finally:
+        envoy.stop()
+
+
+def cache_memory(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int) -> dict:
+    entries = s["cache_entries"]
+    log(f"memory: filling a {entries}-entry cache with {s['cache_body']}-byte answers, then 4x over")
+    envoy, port = single_envoy(s, envoy_bin, work, "cache-fill", "cache-fill.json", upstream_port,
+                               'price: "1", tool: bench', cache_entries=entries)
+    try:
+        status, h, body, _ = request(port, "GET", "/big?k=sanity", ident("fill"))
+        if status != 200 or len(body) != s["cache_body"]:
+            raise BenchError(f"cache fill: sanity call answered {status}, {len(body)} bytes")
+        rss_start = envoy.rss_kib()
+        before = envoy.stats(r"^http\.pag0\.downstream_rq_(completed|2xx)$")
+        p = wrk_run(wrk, s, port, 36000, {"path": "/big", "mode": "unique-query", "session": "fill"},
+                    background=True)
+        try:
+            readings = stream_until(envoy, p, [entries + 1, 4 * entries + 1], "cache fill")
+        finally:
+            stop_wrk(p)
+        after = envoy.stats(r"^http\.pag0\.downstream_rq_(completed|2xx)$")
+        completed = delta(before, after, "http.pag0.downstream_rq_completed")
+        status, h, _, _ = request(port, "GET", "/big?k=sanity-2", ident("fill"))
+        status, h, _, _ = request(port, "GET", "/big?k=sanity-2", ident("fill"))
+        return {
+            "entries": entries, "body_bytes": s["cache_body"],
+            "rss_start_kib": rss_start,
+            "rss_full_kib": readings[0]["rss_kib"], "keys_at_full": readings[0]["requests"],
+            "rss_end_kib": readings[1]["rss_kib"], "keys_at_end": readings[1]["requests"],
+            "requests": completed,
+            "non_2xx": completed - delta(before, after, "http.pag0.downstream_rq_2xx"),
+            "still_caching": h.get("x-pag0-cached") == "true",
+        }
+    finally:
+        envoy.stop()
+
+
+# ---------------------------------------------------------------- x402 pay path
+
+class Conn:
+    """A keep-alive client connection that reopens when the server closes it."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def call(self, method: str, path: str, headers: dict, body: bytes | None = None):
+        for attempt in (0, 1):
+            try:
+                t0 = time.perf_counter()
+                self.c.request(method, path, body=body, headers=headers)
+                r = self.c.getresponse()
+                data = r.read()
+                return r.status, {k.lower(): v for k, v in r.getheaders()}, data, time.perf_counter() - t0
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.c.close()
+                if attempt:
+                    raise
+        raise AssertionError
+
+    def close(self):
+        self.c.close()
+
+
+class TimingShim:
+    """An HTTP/1.1 keep-alive relay in front of one backend, run in this process. It
+    records how long the backend took for each request (request sent to whole answer
+    read), so that the backend's own time, which varies by milliseconds from call to call
+    in these Python services, can be taken out of both sides of the comparison."""
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+           "proxy-connection", "content-length"}
+
+    def __init__(self, backend: int):
+        # (request line, arrived, sent to the backend, backend answered, answer sent back),
+        # perf_counter() seconds (the same clock as the client in this process).
+        self.times: list[tuple[str, float, float, float, float]] = []
+        self.lock = threading.Lock()
+        shim = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes: without TCP_NODELAY the second waits
+            # for the peer's delayed ACK (40 ms).
+            disable_nagle_algorithm = True
+
+            def log_message(self, *_args):
+                pass
+
+            def relay(self):
+                arrived = time.perf_counter()
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in shim.HOP}
+                for attempt in (0, 1):
+                    conn = getattr(self, "backend", None)
+                    if conn is None:
+                        conn = self.backend = http.client.HTTPConnection("127.0.0.1", backend, timeout=30)
+                    try:
+                        t0 = time.perf_counter()
+                        conn.request(self.command, self.path, body=body, headers=headers)
+                        r = conn.getresponse()
+                        data = r.read()
+                        t1 = time.perf_counter()
+                        break
+                    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                        conn.close()
+                        self.backend = None
+                        if attempt:
+                            raise
+                self.send_response_only(r.status, r.reason)
+                for k, v in r.getheaders():
+                    if k.lower() not in shim.HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                departed = time.perf_counter()
+                self.end_headers()
+                self.wfile.write(data)
+                with shim.lock:
+                    shim.times.append((f"{self.command} {self.path}", arrived, t0, t1, departed))
+
+            do_GET = do_POST = relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def take(self) -> list[tuple[str, float, float, float, float]]:
+        with self.lock:
+            out, self.times = self.times, []
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def x402_pay_path(s: dict, envoy_bin: str, work: Path) -> dict:
+    n = s["x402_calls"]
+    log(f"x402 pay path: {n} sequential calls through pag0, and {n} paid directly")
+    py = run([str(ROOT / "scripts/ensure-x402-venv.sh")])
+    fac, srv, sig = free_port(), free_port(), free_port()
+    demo = ROOT / "demo/x402"
+    procs = [
+        (PROCS.start("facilitator", [py, str(demo / "facilitator.py"), "--port", str(fac)],
+                     log_path=work / "facilitator.log"), fac, "facilitator"),
+    ]
+    wait_port(fac, procs[0][0], "facilitator")
+    procs.append((PROCS.start("x402 server", [py, str(demo / "server.py"), "--port", str(srv),
+                                              "--facilitator", f"http://127.0.0.1:{fac}"],
+                              log_path=work / "x402-server.log"), srv, "x402 server"))
+    procs.append((PROCS.start("signer", [py, str(demo / "signer.py"), "--port", str(sig)],
+                              log_path=work / "signer.log",
+                              env=dict(os.environ, PAG0_SIGNER_KEY="0x" + "7c" * 32)), sig, "signer"))
+    envoy = None
+    shims: list[TimingShim] = []
+    try:
+        for p, port, what in procs:
+            wait_port(port, p, what)
+        # Both ways reach the server and the signer through the same timing relays.
+        shim_srv, shim_sig = TimingShim(srv), TimingShim(sig)
+        shims = [shim_srv, shim_sig]
+        envoy, port = single_envoy(s, envoy_bin, work, "x402", "x402-pay.json", shim_srv.port,
+                                   "tool: weather", signer=shim_sig.port)
+        via = Conn(port)
+        server, signer = Conn(shim_srv.port), Conn(shim_sig.port)
+
+        def backend_calls() -> list[tuple[str, float, float, float, float]]:
+            seen: list = []
+            deadline = time.time() + 2
+            while len(seen) < 3 and time.time() < deadline:
+                # The relay's thread records a call just after answering it.
+                seen += shim_srv.take() + shim_sig.take()
+                if len(seen) < 3:
+                    time.sleep(0.0005)
+            seen.sort(key=lambda c: c[1])
+            if len(seen) != 3:
+                raise BenchError(f"x402: expected 3 backend calls, saw {seen}")
+            return seen
+
+        def one_through(i: int) -> tuple[float, float]:
+            shim_srv.take(), shim_sig.take()
+            t_start = time.perf_counter()
+            status, h, body, dt = via.call("GET", "/weather", ident(f"x402-{i % 16}"))
+            t_end = t_start + dt
+            pay = h.get("x-pag0-payment", "")
+            if status != 200 or not pay.startswith("settled"):
+                raise BenchError(f"x402 through pag0: {status} {pay!r} {body[:300]!r}")
+            (_, a1, s1, b1, d1), (_, a2, s2, b2, d2), (_, a3, s3, b3, d3) = backend_calls()
+            # Where the time between the backends' answers goes (all in this process's clock).
+            for k, v in (("to_offer", a1 - t_start), ("offer_to_signer", a2 - d1),
+                         ("signer_to_paid", a3 - d2), ("paid_to_client", t_end - d3),
+                         ("relays", (s1 - a1) + (d1 - b1) + (s2 - a2) + (d2 - b2) + (s3 - a3) + (d3 - b3))):
+                gaps[k].append(v)
+            return dt, (b1 - s1) + (b2 - s2) + (b3 - s3)
+
+        def one_direct(i: int) -> tuple[tuple[float, float, float], float]:
+            shim_srv.take(), shim_sig.take()
+            status, h, body, t_offer = server.call("GET", "/weather", {})
+            if status != 402 or "payment-required" not in h:
+                raise BenchError(f"x402 direct: expected a 402 offer, got {status}")
+            offer = json.loads(base64.b64decode(h["payment-required"]))
+            sign_body = json.dumps({"x402Version": 2, "requirement": offer["accepts"][0],
+                                    "resource": offer["resource"], "tenant": "bench",
+                                    "session": f"x402-{i % 16}", "agent": "executor-1"}).encode()
+            status, h, body, t_sign = signer.call("POST", "/sign", {"content-type": "application/json"},
+                                                  sign_body)
+            if status != 200:
+                raise BenchError(f"x402 direct: signer answered {status} {body[:300]!r}")
+            signed = json.loads(body)
+            status, h, body, t_paid = server.call("GET", "/weather", {signed["header"]: signed["value"]})
+            if status != 200 or "payment-response" not in h:
+                raise BenchError(f"x402 direct: paid call answered {status} {body[:300]!r}")
+            return (t_offer, t_sign, t_paid), sum(b - s for _, _, s, b, _ in backend_calls())
+
+        gaps: dict[str, list[float]] = {k: [] for k in ("to_offer", "offer_to_signer", "signer_to_paid",
+                                                         "paid_to_client", "relays")}
+        for i in range(min(5, n)):
+            one_through(i)
+            one_direct(i)
+        for v in gaps.values():
+            v.clear()
+        through, through_backend, direct, direct_backend = [], [], [], []
+        legs = {"offer": [], "sign": [], "paid": []}
+        for i in range(n):
+            # Alternate which goes first, so both ways see the same drift.
+            pair = [lambda: one_through(i), lambda: one_direct(i)]
+            for f in (pair if i % 2 == 0 else pair[::-1]):
+                a, b = f()
+                if isinstance(a, tuple):
+                    direct.append(sum(a))
+                    direct_backend.append(b)
+                    for k, v in zip(("offer", "sign", "paid"), a):
+                        legs[k].append(v)
+                else:
+                    through.append(a)
+                    through_backend.append(b)
+        for c in (via, server, signer):
+            c.close()
+        ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+        over_through = [t - b for t, b in zip(through, through_backend)]
+        over_direct = [t - b for t, b in zip(direct, direct_backend)]
+        added_net = ms(over_through) - ms(over_direct)
+        return {
+            "calls": n,
+            "through_pag0_ms": ms(through),
+            "direct_ms": ms(direct),
+            "direct_legs_ms": {k: ms(v) for k, v in legs.items()},
+            "backend_through_ms": ms(through_backend),
+            "backend_direct_ms": ms(direct_backend),
+            "added_ms": ms(through) - ms(direct),
+            "overhead_through_ms": ms(over_through),
+            "overhead_direct_ms": ms(over_direct),
+            "added_net_ms": added_net,
+            "through_gaps_ms": {k: ms(v) for k, v in gaps.items()},
+            "target_ms": 1.0,
+            "met": added_net < 1.0,
+        }
+    finally:
+        for shim in shims:
+            shim.close()
+        if envoy:
+            envoy.stop()
+        for p, _, _ in reversed(procs):
+            PROCS.stop(p)
+
+
+# ---------------------------------------------------------------- report
+
+def fmt_int(v) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+def fmt(v, digits=3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def yes(met) -> str:
+    return "n/a" if met is None else ("**yes**" if met else "**no**")
+
+
+def reproduce_command(s: dict) -> str:
+    envs = [f"{k}={v}" for k, v in sorted(os.environ.items())
+            if k.startswith("BENCH_") and k not in ("BENCH_OUT", "BENCH_README")]
+    return " ".join(envs + ["make bench-smoke" if s["smoke"] else "make bench"])
+
+
+def summary_tables(r: dict) -> str:
+    """The tables README.md quotes."""
+    s, m = r["settings"], r["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['nproc']} CPUs ({m['cpu']}), Envoy {m['envoy']}, "
+        f"commit {m['commit']}; wrk {s['threads']} threads, {s['connections']} connections, "
+        f"{s['rounds']} rounds x {s['duration']} s per case, Envoy `--concurrency {s['concurrency']}`; "
+        "medians over rounds. Reproduce: `" + r["command"] + "`.",
+        "",
+        "| case | requests/s | p50 ms | p99 ms | non-2xx |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for cid, c in r["cases"].items():
+        lines.append(f"| {c['label']} | {fmt_int(c['rps'])} | {fmt(c['p50_ms'])} | "
+                     f"{fmt(c['p99_ms'])} | {c['non_2xx']} |")
+    lines += ["", "| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for t in r["targets"]:
+        lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {yes(t['met'])} |")
+    return "\n".join(lines)
+
+
+def targets(r: dict) -> list[dict]:
+    out = []
+    for q in r["ratios"]:
+        out.append({"name": q["name"], "measured": fmt(q["value"], 3), "goal": f">= {q['target']:.2f}",
+                    "met": q["met"]})
+    hit = r["cases"]["cache_hit"]
+    out.append({"name": "cache hit p99", "measured": f"{fmt(hit['p99_ms'])} ms", "goal": "< 2 ms",
+                "met": hit["p99_ms"] < 2.0})
+    x = r.get("x402")
+    out.append({"name": "x402 pay path, added over signer + upstream",
+                "measured": f"{fmt(x['added_net_ms'], 3)} ms" if x else "skipped", "goal": "< 1 ms",
+                "met": x["met"] if x else None})
+    w = r["wasm"]
+    out.append({"name": "pag0.wasm size", "measured": f"{w['pag0_bytes']:,} B",
+                "goal": f"<= {WASM_SIZE_TARGET:,} B", "met": w["pag0_bytes"] <= WASM_SIZE_TARGET})
+    sm = r.get("session_memory")
+    out.append({"name": (f"Envoy RSS growth, {sm['first_mark']:,} -> {sm['sessions']:,} sessions"
+                         if sm else "Envoy RSS growth over the session stream"),
+                "measured": f"{sm['growth'] * 100:+.1f} %" if sm else "skipped",
+                "goal": "<= +10 %", "met": sm["met"] if sm else None})
+    return out
+
+
+def results_md(r: dict) -> str:
+    s, m = r["settings"], r["machine"]
+    L = [
+        "# pag0 benchmark results",
+        "",
+        "Written by `bench/run.py` (`make bench`); every figure below comes from that run. "
+        "Do not edit by hand: run it again.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| date | {m['date']} |",
+        f"| machine | {m['nproc']} CPUs (`nproc`), {m['cpu']}, {fmt_int((m['memory_kib'] or 0) / 1024)} MiB, "
+        f"Linux {m['kernel']} |",
+        f"| Envoy | {m['envoy']} (`{m['envoy_bin']}`) |",
+        f"| commit | {m['commit']} |",
+        f"| load | {m['wrk']}: {s['threads']} threads, {s['connections']} connections, {s['rounds']} rounds "
+        f"x {s['duration']} s per case (cases interleaved, order rotated each round), "
+        f"{s['warmup']} s warm-up per case |",
+        f"| Envoy | `--concurrency {s['concurrency']}`, one process for all side-by-side cases "
+        f"(one listener each), upstream: a second Envoy answering {s['body_bytes']} bytes "
+        "with `direct_response` |",
+        f"| reproduce | `{r['command']}` |",
+        "",
+        "## Requests per second and latency",
+        "",
+        "Medians over the rounds (latency percentiles as wrk measures them, per run, then the median).",
+        "Non-2xx counts every answer Envoy gave in the measured runs that was not a 2xx.",
+        "",
+        "| case | requests/s | p50 ms | p99 ms | non-2xx | requests |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for cid, c in r["cases"].items():
+        L.append(f"| {c['label']} | {fmt_int(c['rps'])} | {fmt(c['p50_ms'])} | {fmt(c['p99_ms'])} | "
+                 f"{c['non_2xx']} | {c['envoy_completed']:,} |")
+    L += ["", "## Targets (issue 6)", "",
+          "Ratios are the median over rounds of the per-round ratio (both cases of a round ran "
+          "within seconds of each other); the ratio of the medians above is in `results.json`.", "",
+          "| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for t in r["targets"]:
+        L.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {yes(t['met'])} |")
+    hit = r["cases"]["cache_hit"]
+    L += ["", "## Shared-data compare-and-swap", "",
+          "From Envoy's counters `wasmcustom.pag0.store.cas_writes` and `wasmcustom.pag0.store.cas_retries` "
+          "(a retry is a write that lost to another worker and read again), over the measured runs.", "",
+          "| case | CAS writes | writes per request | retries | retry rate |", "|---|---:|---:|---:|---:|"]
+    for cid in ("free", "free_new", "priced", "hot", "cache_hit"):
+        c = r["cases"][cid]
+        rate = "n/a" if c["cas_retry_rate"] is None else f"{c['cas_retry_rate'] * 100:.2f} %"
+        L.append(f"| {c['label']} | {c['cas_writes']:,} | {fmt(c['cas_writes_per_request'], 2)} | "
+                 f"{c['cas_retries']:,} | {rate} |")
+    if not r["cas_stat_names"]:
+        L += ["", "(The CAS counters were not in Envoy's `/stats`: this build of pag0 does not define them.)"]
+    L += ["", f"Cache hits: {hit['cache_hits']:,} of {hit['envoy_completed']:,} requests in case 6c "
+          f"({fmt((hit['cache_hit_ratio'] or 0) * 100, 2)} %, from pag0's `cache_hits` counters).", ""]
+    L += ["## Memory", ""]
+    sm = r.get("session_memory")
+    if sm:
+        L += [f"A fresh Envoy with pag0 (`maxSessions` 16384, `idleTimeoutSeconds` 1, "
+              f"bench/envoy/sessions.json); wrk sends calls to a priced route, each from a new session id, "
+              f"at {fmt_int(sm['rps'])} requests/s. Resident memory (`VmRSS`):", "",
+              "| point | requests | Envoy RSS KiB |", "|---|---:|---:|",
+              f"| started | 1 | {sm['rss_start_kib']:,} |",
+              f"| after {sm['first_mark']:,} sessions | {sm['requests_at_first']:,} | {sm['rss_first_kib']:,} |",
+              f"| after {sm['sessions']:,} sessions | {sm['requests_at_end']:,} | {sm['rss_end_kib']:,} |",
+              "",
+              f"Growth {sm['growth'] * 100:+.1f} % ({'within' if sm['met'] else 'above'} the 10 % target); "
+              f"{sm['refused_503']:,} calls refused 503 (full session table), {sm['non_2xx']:,} non-2xx in all.",
+              ""]
+    else:
+        L += ["Session stream skipped (`BENCH_SESSIONS=0`).", ""]
+    cm = r["cache_memory"]
+    L += [f"Cache: a fresh Envoy with pag0's cache at {cm['entries']:,} entries (bench/envoy/cache-fill.json), "
+          f"filled with distinct keys whose answers are {cm['body_bytes']:,} bytes:", "",
+          "| point | keys | Envoy RSS KiB |", "|---|---:|---:|",
+          f"| started | 1 | {cm['rss_start_kib']:,} |",
+          f"| cache full | {cm['keys_at_full']:,} | {cm['rss_full_kib']:,} |",
+          f"| 4x the entries | {cm['keys_at_end']:,} | {cm['rss_end_kib']:,} |", "",
+          f"{cm['non_2xx']:,} non-2xx; after the fill a repeated key was "
+          f"{'served from the cache' if cm['still_caching'] else 'NOT served from the cache'}.", ""]
+    w = r["wasm"]
+    L += ["## Module size", "",
+          f"`target/wasm32-wasip1/release/pag0.wasm`: {w['pag0_bytes']:,} bytes (target {WASM_SIZE_TARGET:,}); "
+          f"the do-nothing filter: {w['noop_bytes']:,} bytes.", ""]
+    L += ["## x402 pay path", ""]
+    x = r.get("x402")
+    if x:
+        legs = x["direct_legs_ms"]
+        L += [f"Sequential calls (one at a time, keep-alive), {x['calls']} each way, alternating. "
+              "Through pag0: `GET /weather` to Envoy with pag0 in pay mode; pag0 gets the 402, asks the "
+              "reference signer, retries with the payment, and the official x402 middleware verifies and "
+              "settles with the local facilitator. Directly: the client makes the same three calls "
+              "itself (offer, signer, paid call). Both ways reach the server and the signer through "
+              "the same in-process timing relays, which record each backend's own time: the paid call "
+              "takes about a hundred milliseconds in these Python services and varies by several "
+              "from call to call, so the comparison that decides the target takes each call's "
+              "backend time out first (what is left is loopback, relays and, through pag0, Envoy "
+              "and pag0).", "",
+              "| | median ms |", "|---|---:|",
+              f"| through pag0, one paid call | {fmt(x['through_pag0_ms'], 2)} |",
+              f"| directly: 402 offer | {fmt(legs['offer'], 2)} |",
+              f"| directly: signer | {fmt(legs['sign'], 2)} |",
+              f"| directly: paid call | {fmt(legs['paid'], 2)} |",
+              f"| directly: the three | {fmt(x['direct_ms'], 2)} |",
+              f"| difference of the two medians above (backend noise included) | {fmt(x['added_ms'], 2)} |",
+              f"| through pag0 minus its backend time | {fmt(x['overhead_through_ms'], 3)} |",
+              f"| directly minus its backend time | {fmt(x['overhead_direct_ms'], 3)} |",
+              f"| **added by the pay path through pag0** (difference of the two above) "
+              f"| **{fmt(x['added_net_ms'], 3)}** |", "",
+              "Where the time outside the backends goes on the way through pag0 (medians; the relays' "
+              "own time is listed apart):", "",
+              "| stretch | median ms |", "|---|---:|",
+              f"| client sends -> the offer request reaches the server's relay (Envoy, pag0 on the request) "
+              f"| {fmt(x['through_gaps_ms']['to_offer'], 3)} |",
+              f"| the 402 leaves the relay -> the signer request reaches its relay (pag0 reads the offer, "
+              f"reserves, asks the signer) | {fmt(x['through_gaps_ms']['offer_to_signer'], 3)} |",
+              f"| the signature leaves the relay -> the paid retry reaches the server's relay "
+              f"| {fmt(x['through_gaps_ms']['signer_to_paid'], 3)} |",
+              f"| the paid answer leaves the relay -> the client has it (pag0 settles and answers) "
+              f"| {fmt(x['through_gaps_ms']['paid_to_client'], 3)} |",
+              f"| the relays themselves (3 calls) | {fmt(x['through_gaps_ms']['relays'], 3)} |", ""]
+    else:
+        L += ["Skipped (`BENCH_X402_CALLS=0`).", ""]
+    L += ["## Notes", "",
+          "- The machine is shared and the load generator, the upstream Envoy and the Envoy under test "
+          "share its CPUs: compare figures of one run with each other (the ratios), not across runs.",
+          "- Cases 3-5 use bench/envoy/pag0.json (one tenant with an API key, so every call also hashes "
+          "its key; session, agent, daily and monthly budgets large enough never to refuse; cache off). "
+          "Case 3's session made one priced call before the runs, as an agent's session would have; "
+          "case 3b's session never paid, so pag0 has no record of it. "
+          "Case 4 cycles through every session x agent pair; case 5 sends every call as one session "
+          "and one agent. Case 6c uses bench/envoy/pag0-cache.json (cache on, scope session): one key, "
+          "warmed before the runs, so every measured call is a hit.",
+          "- Every case sends the same identity headers, and wrk builds every request in its Lua "
+          "`request()` (bench/wrk/bench.lua), so the load generator's work is the same for all.",
+          ""]
+    return "\n".join(L)
+
+
+def update_readme(r: dict) -> None:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if begin not in text or end not in text:
+        log("README.md has no bench markers; left as it is")
+        return
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + begin + "\n" + summary_tables(r) + "\n" + end + tail)
+    log("README.md: benchmark block rewritten")
+
+
+def check_well_formed(r: dict, out: Path) -> list[str]:
+    """The smoke run's check: every figure is there and has the right type (not its value)."""
+    problems = []
+
+    def num(path: str, v, positive=True):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (positive and not v > 0):
+            problems.append(f"{path} = {v!r}")
+
+    for cid, *_ in CASES:
+        c = r["cases"].get(cid)
+        if not c:
+            problems.append(f"case {cid} missing")
+            continue
+        for k in ("rps", "p50_ms", "p99_ms", "envoy_completed"):
+            num(f"cases.{cid}.{k}", c[k])
+        num(f"cases.{cid}.non_2xx", c["non_2xx"], positive=False)
+    for q in r["ratios"]:
+        num(f"ratios.{q['name']}", q["value"])
+    for k in ("priced", "hot"):
+        if r["cas_stat_names"]:
+            num(f"cases.{k}.cas_writes", r["cases"][k]["cas_writes"])
+    num("cases.cache_hit.cache_hits", r["cases"]["cache_hit"]["cache_hits"])
+    num("wasm.pag0_bytes", r["wasm"]["pag0_bytes"])
+    if r.get("session_memory"):
+        for k in ("rss_start_kib", "rss_first_kib", "rss_end_kib"):
+            num(f"session_memory.{k}", r["session_memory"][k])
+    for k in ("rss_start_kib", "rss_full_kib", "rss_end_kib"):
+        num(f"cache_memory.{k}", r["cache_memory"][k])
+    if r.get("x402"):
+        for k in ("through_pag0_ms", "direct_ms", "overhead_through_ms", "overhead_direct_ms"):
+            num(f"x402.{k}", r["x402"][k])
+    try:
+        again = json.loads((out / "results.json").read_text())
+        if again.get("cases", {}).keys() != r["cases"].keys():
+            problems.append("results.json does not round-trip")
+    except (OSError, ValueError) as e:
+        problems.append(f"results.json: {e}")
+    md = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").exists() else ""
+    for needle in ("| case | requests/s", "| target |", "## Memory", "## x402 pay path"):
+        if needle not in md:
+            problems.append(f"RESULTS.md lacks {needle!r}")
+    return problems
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="pag0 benchmark (make bench)")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run, checked for form only")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    s = settings(a.smoke)
+    out = Path(s["out"])
+    if not out.is_absolute():
+        out = ROOT / out
+    work = ROOT / ("target/bench-smoke/work" if a.smoke else "target/bench/work")
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        if not PAG0_WASM.exists():
+            raise BenchError(f"{PAG0_WASM} is missing: run `make build`")
+        wrk = ensure_wrk()
+        envoy_bin = run([str(ROOT / "scripts/ensure-envoy.sh")])
+        build_noop()
+        machine = machine_info(envoy_bin, wrk)
+        log(f"{machine['nproc']} CPUs ({machine['cpu']}), Envoy {machine['envoy']}, commit {machine['commit']}")
+        # Every answer (upstream and direct_response) is the same 1 KiB body.
+        s["body_bytes"] = 1024
+        s["body"] = "x" * s["body_bytes"]
+        up_port, up_admin = free_port(), free_port()
+        up_cfg = render("upstream.yaml.in", work / "upstream.yaml", admin=up_admin, port=up_port,
+                        body=s["body"], big_body="y" * s["cache_body"])
+        upstream = Envoy(envoy_bin, up_cfg, work, "upstream", up_admin, s["concurrency"])
+
+        result: dict = {"machine": machine}
+        side = side_by_side(s, envoy_bin, wrk, work, up_port)
+        runs = side["runs"]
+        cases = summarise_cases(s, runs)
+        result.update(cases=cases, ratios=ratios(runs, cases), runs=runs,
+                      cas_stat_names=side["cas_stat_names"])
+        result["session_memory"] = (session_memory(s, envoy_bin, wrk, work, up_port)
+                                    if s["sessions"] else None)
+        result["cache_memory"] = cache_memory(s, envoy_bin, wrk, work, up_port)
+        upstream.stop()
+        result["x402"] = x402_pay_path(s, envoy_bin, work) if s["x402_calls"] else None
+        result["wasm"] = {"pag0_bytes": PAG0_WASM.stat().st_size, "noop_bytes": NOOP_WASM.stat().st_size,
+                          "target_bytes": WASM_SIZE_TARGET}
+        result["command"] = reproduce_command(s)
+        result["settings"] = {k: v for k, v in s.items() if k not in ("body",)}
+        result["seconds"] = round(time.time() - started, 1)
+        result["targets"] = targets(result)
+
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "RESULTS.md").write_text(results_md(result))
+        log(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'} ({result['seconds']} s)")
+        print(summary_tables(result))
+        if s["readme"]:
+            update_readme(result)
+        if a.smoke:
+            problems = check_well_formed(result, out)
+            if problems:
+                print("bench-smoke: malformed results:\n  " + "\n  ".join(problems), file=sys.stderr)
+                return 1
+            log("bench-smoke: results are well formed")
+        return 0
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        PROCS.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
