@@ -897,6 +897,61 @@ def scenario_ultrawork(client: Client, checks: Checks) -> None:
                       "ultrawork: report savings = 4 x price", reply, major=True)
 
 
+X402_PRICE = 10_000
+BUYER_BUDGET = 1_000_000
+
+
+def scenario_x402(client: Client, checks: Checks) -> None:
+    """A buyer agent calls a paid x402 API (the official x402 SDK's middleware on
+    x402.local). pag0 answers each 402 itself: it checks the price against the session's
+    policy, reserves it, has the reference signer sign the payment, retries, and settles.
+    The agent's budget of $1 buys exactly 100 calls; the 101st is refused before anything
+    is signed. The same agent may not call anything but x402.local."""
+    out()
+    out(paint("== 6. x402: pag0 pays a paid API for buyer-1 " + "=" * 36, "bold", "cyan"))
+    session = new_session_id("x402")
+    headers = {"x-pag0-api-key": API_KEY, "x-pag0-session": session, "x-pag0-agent": "buyer-1"}
+    paid: list[Reply] = []
+    refused: Reply | None = None
+    for n in range(1, BUYER_BUDGET // X402_PRICE + 2):
+        reply = client.request("GET", "x402.local", "/weather", headers)
+        if reply.status != 200:
+            refused = reply
+            break
+        paid.append(reply)
+        if n <= 2:
+            out(f"    buyer-1 #{n:<3} GET x402.local/weather  {paint('200', 'green')}  cost "
+                f"{usd(int(reply.headers.get('x-pag0-cost', '0')))}  "
+                f"{paint(reply.headers.get('x-pag0-payment', ''), 'dim')}")
+    if len(paid) > 2:
+        out(f"    ... {len(paid) - 2} more paid calls ...")
+    settled = [r for r in paid if r.headers.get("x-pag0-payment", "").startswith("settled")]
+    checks.expect(len(paid) == BUYER_BUDGET // X402_PRICE,
+                  f"x402: buyer-1's budget buys exactly {BUYER_BUDGET // X402_PRICE} payments "
+                  f"(got {len(paid)})", refused, major=True)
+    checks.expect(len(settled) == len(paid), "x402: every paid call reports a settled payment")
+    checks.expect(all(r.headers.get("x-pag0-cost") == str(X402_PRICE) for r in paid),
+                  "x402: each paid call costs the price the server asked")
+    if refused is not None:
+        out(f"    buyer-1 #{len(paid) + 1:<3} GET x402.local/weather  "
+            f"{paint(f'{refused.status} {refused.code}', 'red', 'bold')}")
+        out(paint(f"{'':>20}why: {why(refused, 'buyer-1')}", "red"))
+        checks.expect(refused.code == "AGENT_BUDGET_EXCEEDED",
+                      "x402: the next payment is refused: AGENT_BUDGET_EXCEEDED", refused, major=True)
+    other = client.request("POST", TAVILY.host, TAVILY.path, headers, {"query": "x402"})
+    out(f"    buyer-1      GET api.tavily.com/search  {paint(f'{other.status} {other.code}', 'red', 'bold')}"
+        f"  (buyers may call x402.local only)")
+    checks.expect(other.code == "ENDPOINT_NOT_ALLOWED", "x402: buyer-1 may not call Tavily", other)
+    reply = client.request("GET", "pag0", f"/_pag0/v1/sessions/{session}/report",
+                           {"authorization": f"Bearer {ADMIN_KEY}"})
+    if checks.expect(reply.status == 200, "x402: report readable", reply):
+        report = json.loads(reply.body)
+        out(f"  paid {usd(int(report['totalCost']))} in {len(settled)} settled x402 payments; "
+            f"unconfirmed: {report['unconfirmedPayments']['count']}")
+        checks.expect(report["totalCost"] == str(len(paid) * X402_PRICE),
+                      "x402: report totalCost = payments x price", reply, major=True)
+
+
 def show_reports(client: Client, checks: Checks, sessions: list[Session]) -> None:
     """Reads each session's report from the report API and checks it against what the
     agents were charged, call by call."""
@@ -964,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         show_reports(client, checks, sessions)
         scenario_ultrawork(client, checks)
+        scenario_x402(client, checks)
     except Unreachable as exc:
         out(f"play.py: lost the listener while reading reports ({exc}).")
         return EXIT_UNUSABLE

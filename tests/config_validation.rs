@@ -80,6 +80,7 @@ fn the_reference_session_is_exactly_the_product_one() {
             ("reviewer-*", 500_000),
             ("ralph-*", 3_000_000),
             ("ultrawork-*", 1_000_000),
+            ("buyer-*", 1_000_000),
         ];
         assert_eq!(
             budgets,

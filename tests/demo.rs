@@ -4,12 +4,15 @@
 
 mod support;
 
+use support::x402::Peers;
 use support::{repo_root, Envoy, Upstream};
 
 #[test]
 fn the_demo_scenarios_play_out_as_the_product_says() {
     let up = Upstream::start();
-    let envoy = Envoy::reference(up.port);
+    // x402.local: the official SDK's paid API, paid through the reference signer.
+    let peers = Peers::start();
+    let envoy = Envoy::reference_with_x402(up.port, peers.v2, peers.signer);
     let out = std::process::Command::new("python3")
         .arg(repo_root().join("demo/play.py"))
         .args([
@@ -29,4 +32,7 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
         text.contains("checks match the reference session"),
         "{text}"
     );
+    // buyer-1's $1 bought exactly 100 payments, each really settled.
+    assert_eq!(peers.settlements()["count"], 100);
+    assert_eq!(peers.settled_total(), 1_000_000);
 }

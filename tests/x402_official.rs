@@ -7,10 +7,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use support::envoy::{route, EnvoyConfig};
+use support::x402::{node, Peers};
 use support::{free_port, repo_root, unique, Client, Envoy};
 
 const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
@@ -24,80 +25,11 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-struct Python(Child);
-
-impl Drop for Python {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn python() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-x402-venv.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "x402 venv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn start(py: &str, script: &str, args: &[&str], env: &[(&str, &str)]) -> Python {
-    let mut cmd = Command::new(py);
-    cmd.arg(repo_root().join("demo/x402").join(script))
-        .current_dir(repo_root().join("demo/x402"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Python(cmd.spawn().unwrap())
-}
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn pag0_pays_the_official_sdk_server_through_the_reference_signer() {
     let _turn = turn();
-    let py = python();
-    let (fac_port, srv_port, sig_port) = (free_port(), free_port(), free_port());
-    let key = format!("0x{}", "7c".repeat(32));
-    let _facilitator = start(
-        &py,
-        "facilitator.py",
-        &["--port", &fac_port.to_string()],
-        &[],
-    );
-    wait_port(fac_port);
-    let _server = start(
-        &py,
-        "server.py",
-        &[
-            "--port",
-            &srv_port.to_string(),
-            "--facilitator",
-            &format!("http://127.0.0.1:{fac_port}"),
-        ],
-        &[],
-    );
-    let _signer = start(
-        &py,
-        "signer.py",
-        &["--port", &sig_port.to_string()],
-        &[("PAG0_SIGNER_KEY", key.as_str())],
-    );
-    wait_port(srv_port);
-    wait_port(sig_port);
+    let peers = Peers::start();
+    let (fac_port, srv_port, sig_port) = (peers.facilitator, peers.v2, peers.signer);
 
     let plugin = format!(
         r#"{{"signer": {{"cluster": "signer", "path": "/sign", "timeoutMs": 3000}},
@@ -207,128 +139,27 @@ fn pag0_pays_the_official_sdk_server_through_the_reference_signer() {
     assert_eq!(settled["count"], 3, "{settled}");
 }
 
-/// Node with the npm x402 v1 packages installed (demo/x402/v1).
-fn node() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-x402-npm.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "x402 npm: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 const AGENT_KEY: &str = "0x5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 const ADMIN_KEY: &str = "x402-admin";
 
-/// The x402 world on loopback: facilitator, the v2 (Python SDK) and v1 (npm
-/// x402-express) paid servers, and the reference signer. Stopped on drop.
-struct Peers {
-    py: String,
-    facilitator: u16,
-    v2: u16,
-    v1: u16,
-    signer: u16,
-    _procs: Vec<Python>,
-}
-
-impl Peers {
-    fn start() -> Peers {
-        let (py, node) = (python(), node());
-        let (facilitator, v2, v1, signer) = (free_port(), free_port(), free_port(), free_port());
-        let fac_url = format!("http://127.0.0.1:{facilitator}");
-        let mut procs = vec![start(
-            &py,
-            "facilitator.py",
-            &["--port", &facilitator.to_string()],
-            &[],
-        )];
-        wait_port(facilitator);
-        procs.push(start(
-            &py,
-            "server.py",
-            &["--port", &v2.to_string(), "--facilitator", &fac_url],
-            &[],
-        ));
-        procs.push(start(
-            &node,
-            "v1/server.mjs",
-            &["--port", &v1.to_string(), "--facilitator", &fac_url],
-            &[],
-        ));
-        let key = format!("0x{}", "7c".repeat(32));
-        procs.push(start(
-            &py,
-            "signer.py",
-            &["--port", &signer.to_string()],
-            &[("PAG0_SIGNER_KEY", key.as_str())],
-        ));
-        for port in [v2, v1, signer] {
-            wait_port(port);
-        }
-        Peers {
-            py,
-            facilitator,
-            v2,
-            v1,
-            signer,
-            _procs: procs,
-        }
-    }
-
-    fn settlements(&self) -> serde_json::Value {
-        Client::new(self.facilitator)
-            .get("facilitator", "/settlements", &[])
-            .json()
-    }
-
-    fn settled_total(&self) -> u64 {
-        self.settlements()["total"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    fn control(&self, port: u16, body: &str) {
-        let r = Client::new(port).post(
-            "peer",
-            "/control",
-            &[("content-type", "application/json")],
-            body,
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    }
-
-    fn signed(&self) -> u64 {
-        Client::new(self.signer)
-            .get("signer", "/signed", &[])
-            .json()["count"]
-            .as_u64()
-            .unwrap()
-    }
-
-    /// Envoy with pag0 in front of both paid servers: hosts `v2.api` / `v1.api` in pay
-    /// mode, `relay-v2.api` / `127.0.0.1` in relay mode (x402-fetch cannot set Host).
-    fn envoy(&self, plugin: &str, signer_port: u16) -> Envoy {
-        let mut config = EnvoyConfig::new(
-            plugin,
-            vec![
-                route("v2.api", "/", &[("tool", "weather")]).to("x402_v2"),
-                route("v1.api", "/", &[("tool", "weather")]).to("x402_v1"),
-                route("relay-v2.api", "/", &[("policy", "relay")]).to("x402_v2"),
-                route("127.0.0.1", "/", &[("policy", "relay")]).to("x402_v1"),
-            ],
-        );
-        config.clusters = vec![
-            ("x402_v2".to_string(), self.v2),
-            ("x402_v1".to_string(), self.v1),
-            ("signer".to_string(), signer_port),
-        ];
-        Envoy::with_config(&config, self.v2)
-    }
+/// Envoy with pag0 in front of both paid servers: hosts `v2.api` / `v1.api` in pay
+/// mode, `relay-v2.api` / `127.0.0.1` in relay mode (x402-fetch cannot set Host).
+fn envoy_for(peers: &Peers, plugin: &str, signer_port: u16) -> Envoy {
+    let mut config = EnvoyConfig::new(
+        plugin,
+        vec![
+            route("v2.api", "/", &[("tool", "weather")]).to("x402_v2"),
+            route("v1.api", "/", &[("tool", "weather")]).to("x402_v1"),
+            route("relay-v2.api", "/", &[("policy", "relay")]).to("x402_v2"),
+            route("127.0.0.1", "/", &[("policy", "relay")]).to("x402_v1"),
+        ],
+    );
+    config.clusters = vec![
+        ("x402_v2".to_string(), peers.v2),
+        ("x402_v1".to_string(), peers.v1),
+        ("signer".to_string(), signer_port),
+    ];
+    Envoy::with_config(&config, peers.v2)
 }
 
 /// A plugin configuration: pay mode by default, `relay` for agents' own wallets.
@@ -365,7 +196,7 @@ fn total_cost(report: &serde_json::Value) -> u64 {
 fn pag0_pays_the_official_v1_express_server_and_stops_at_the_budget() {
     let _turn = turn();
     let peers = Peers::start();
-    let envoy = peers.envoy(&plugin(25_000, ""), peers.signer);
+    let envoy = envoy_for(&peers, &plugin(25_000, ""), peers.signer);
     let mut c = Client::new(envoy.port);
     let s = unique("v1-pay");
     let h = [("x-pag0-session", s.as_str()), ("x-pag0-agent", "buyer-1")];
@@ -438,7 +269,7 @@ fn run_agent(program: &str, args: &[String]) -> Vec<serde_json::Value> {
 fn relay_mode_budgets_what_the_official_clients_pay_themselves() {
     let _turn = turn();
     let peers = Peers::start();
-    let envoy = peers.envoy(&plugin(25_000, ""), peers.signer);
+    let envoy = envoy_for(&peers, &plugin(25_000, ""), peers.signer);
 
     // v2: the Python SDK's x402HttpxClient pays the 402 that pag0 lets through.
     let s2 = unique("relay-v2");
@@ -527,7 +358,8 @@ fn after_every_fault_the_ledger_is_settled_plus_unconfirmed() {
     let _turn = turn();
     let peers = Peers::start();
     // The paid retry gives up after 1 s: a settlement slower than that is unknown.
-    let envoy = peers.envoy(
+    let envoy = envoy_for(
+        &peers,
         &plugin(1_000_000, r#", "retryTimeoutMs": 1000"#),
         peers.signer,
     );
@@ -607,7 +439,7 @@ fn after_every_fault_the_ledger_is_settled_plus_unconfirmed() {
     assert_eq!(total_cost(&rep), peers.settled_total());
 
     // The signer down: 503, released.
-    let down = peers.envoy(&plugin(1_000_000, ""), free_port());
+    let down = envoy_for(&peers, &plugin(1_000_000, ""), free_port());
     let r = Client::new(down.port).get("v1.api", "/weather", &h);
     assert_eq!(
         (r.status, r.error_code().as_deref(), r.cost()),
@@ -622,7 +454,7 @@ fn two_hundred_concurrent_paid_calls_never_pay_past_the_budget() {
     let peers = Peers::start();
     // 50 payments fit the session budget; 200 agents call at once.
     // The signer signs one at a time (Python): give it time for the crowd.
-    let envoy = peers.envoy(&plugin_with(500_000, 10_000, ""), peers.signer);
+    let envoy = envoy_for(&peers, &plugin_with(500_000, 10_000, ""), peers.signer);
     let s = unique("crowd");
     let port = envoy.port;
     let start = std::sync::Arc::new(std::sync::Barrier::new(200));

@@ -176,10 +176,23 @@ static_resources:
     }
 }
 
-/// envoy/reference.yaml with its ports and the .wasm path rewritten for a test.
+/// envoy/reference.yaml with its ports and the .wasm path rewritten for a test. The
+/// x402 demo API and signer (18402, 18403) go to `x402` ports, else to closed ones.
 pub fn reference_yaml(listener: u16, admin: u16, upstream: u16) -> String {
+    reference_yaml_with(listener, admin, upstream, None)
+}
+
+pub fn reference_yaml_with(
+    listener: u16,
+    admin: u16,
+    upstream: u16,
+    x402: Option<(u16, u16)>,
+) -> String {
     let text = std::fs::read_to_string(repo_root().join("envoy/reference.yaml")).unwrap();
+    let (x402_api, signer) = x402.unwrap_or_else(|| (free_port(), free_port()));
     text.replace("port_value: 10000", &format!("port_value: {listener}"))
+        .replace("port_value: 18402", &format!("port_value: {x402_api}"))
+        .replace("port_value: 18403", &format!("port_value: {signer}"))
         .replace("port_value: 9901", &format!("port_value: {admin}"))
         .replace("port_value: 18080", &format!("port_value: {upstream}"))
         .replace(
@@ -240,6 +253,13 @@ impl Envoy {
 
     pub fn reference(upstream: u16) -> Envoy {
         Envoy::start(|port, admin| reference_yaml(port, admin, upstream))
+    }
+
+    /// The reference configuration with the x402 demo API and signer on these ports.
+    pub fn reference_with_x402(upstream: u16, x402_api: u16, signer: u16) -> Envoy {
+        Envoy::start(|port, admin| {
+            reference_yaml_with(port, admin, upstream, Some((x402_api, signer)))
+        })
     }
 
     fn wait_ready(&mut self) {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod envoy;
 pub mod redis;
 pub mod upstream;
+pub mod x402;
 
 pub use client::{Client, Response};
 pub use envoy::{Envoy, EnvoyConfig};
