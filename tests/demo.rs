@@ -35,4 +35,5 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     // buyer-1's $1 bought exactly 100 payments, each really settled.
     assert_eq!(peers.settlements()["count"], 100);
     assert_eq!(peers.settled_total(), 1_000_000);
+    assert_eq!(peers.settlements()["sdkVerified"], 100);
 }

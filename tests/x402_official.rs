@@ -242,6 +242,8 @@ fn pag0_pays_the_official_v1_express_server_and_stops_at_the_budget() {
     let settled = peers.settlements();
     assert_eq!(settled["count"], 2, "{settled}");
     assert_eq!(settled["settlements"][0]["x402Version"], 1);
+    // The official SDK's own EIP-3009 check accepted the reference signer's v1 payments.
+    assert_eq!(settled["sdkVerified"], 2, "{settled}");
     assert_eq!(total_cost(&report(&envoy, &s)), peers.settled_total());
 }
 
@@ -349,8 +351,10 @@ fn relay_mode_budgets_what_the_official_clients_pay_themselves() {
     }
     assert!(got[1]["body"].as_str().unwrap().contains("\"q\":1"));
     assert_eq!(total_cost(&report(&envoy, &s1)), 20_000);
-    // Every unit pag0 charged was settled by the facilitator, and no more.
+    // Every unit pag0 charged was settled by the facilitator, and no more; the official
+    // SDK's own EIP-3009 check accepted every payment.
     assert_eq!(peers.settled_total(), 40_000);
+    assert_eq!(peers.settlements()["sdkVerified"], 4);
 }
 
 #[test]

@@ -155,12 +155,16 @@ class Facilitator:
             raise Invalid("invalid_exact_evm_payload_signature", f"recover failed: {e}") from None
         if recovered.lower() != frm.lower():
             raise Invalid("invalid_exact_evm_payload_signature", f"signed by {recovered}, not {frm}")
+        sdk_checked = sdk_accepts(inner, chain_id, asset, name, ver)
+        if sdk_checked is False:
+            raise Invalid("invalid_exact_evm_payload_signature", "the x402 SDK's EIP-3009 check refused it")
         key = (chain_id, asset.lower(), frm.lower(), nonce)
         with self.lock:
             if key in self.used:
                 raise Invalid("invalid_exact_evm_nonce_already_used", "nonce already used")
         return {"payer": recovered, "key": key, "network": network, "amount": str(value),
-                "payTo": pay_to, "asset": asset, "x402Version": version, "nonce": "0x" + nonce.hex()}
+                "payTo": pay_to, "asset": asset, "x402Version": version, "nonce": "0x" + nonce.hex(),
+                "sdkVerified": bool(sdk_checked)}
 
     def verify(self, body):
         with self.lock:
@@ -209,6 +213,7 @@ class Facilitator:
         with self.lock:
             s = list(self.settlements)
             return {"count": len(s), "total": str(sum(int(x["amount"]) for x in s)),
+                    "sdkVerified": sum(1 for x in s if x.get("sdkVerified")),
                     "verifyCount": self.verify_count, "settlements": s}
 
 
@@ -236,6 +241,27 @@ def _network_hint(body):
         return n if isinstance(n, str) and n else "unknown"
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def sdk_accepts(inner: dict, chain_id: int, asset: str, name: str, version: str) -> bool | None:
+    """The official x402 SDK's own EIP-3009 signature check, on top of ours; None when
+    the SDK is not installed. The chain is offline here: every address counts as an EOA."""
+    try:
+        from x402.mechanisms.evm.exact.eip3009_utils import classify_eip3009_signature
+        from x402.mechanisms.evm.types import ExactEIP3009Payload
+    except ImportError:
+        return None
+
+    class EOAOnly:
+        def get_code(self, address):
+            return b""
+
+    try:
+        p = ExactEIP3009Payload.from_dict(inner)
+        sig = bytes.fromhex(p.signature[2:] if p.signature.startswith("0x") else p.signature)
+        return bool(classify_eip3009_signature(EOAOnly(), p.authorization, sig, chain_id, asset, name, version).valid)
+    except Exception:  # noqa: BLE001 - anything the SDK cannot read is refused
+        return False
 
 
 def make_handler(fac: Facilitator):
