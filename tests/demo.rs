@@ -36,4 +36,6 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     assert_eq!(peers.settlements()["count"], 100);
     assert_eq!(peers.settled_total(), 1_000_000);
     assert_eq!(peers.settlements()["sdkVerified"], 100);
+    // The 101st call was refused before the signer was asked.
+    assert_eq!(peers.signed(), 100);
 }

@@ -304,6 +304,26 @@ fn relay_mode_budgets_what_the_official_clients_pay_themselves() {
         "{lines:?}"
     );
     assert_eq!(total_cost(&report(&envoy, &s2)), 20_000);
+    // POST with a body, in a fresh session.
+    let s3 = unique("relay-v2-post");
+    let lines = run_agent(
+        &peers.py,
+        &[
+            "demo/x402/agent.py".into(),
+            format!("http://127.0.0.1:{}/echo", envoy.port),
+            "--host".into(),
+            "relay-v2.api".into(),
+            "--method".into(),
+            "POST".into(),
+            "--body".into(),
+            "{\"q\":2}".into(),
+            "--header".into(),
+            format!("x-pag0-session:{s3}"),
+        ],
+    );
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    assert_eq!(lines[0]["headers"]["x-pag0-cost"], "10000");
+    assert!(lines[0]["body"].as_str().unwrap().contains("\"q\":2"));
 
     // v1: the npm x402-fetch pays x402-express's 402, GET and POST with a body.
     let node = node();
@@ -353,8 +373,8 @@ fn relay_mode_budgets_what_the_official_clients_pay_themselves() {
     assert_eq!(total_cost(&report(&envoy, &s1)), 20_000);
     // Every unit pag0 charged was settled by the facilitator, and no more; the official
     // SDK's own EIP-3009 check accepted every payment.
-    assert_eq!(peers.settled_total(), 40_000);
-    assert_eq!(peers.settlements()["sdkVerified"], 4);
+    assert_eq!(peers.settled_total(), 50_000);
+    assert_eq!(peers.settlements()["sdkVerified"], 5);
 }
 
 #[test]
