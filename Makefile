@@ -10,6 +10,7 @@ wasm-target:
 
 build: wasm-target
 	$(CARGO) build --release --target wasm32-wasip1
+	@scripts/shrink-wasm.sh $(WASM)
 	@ls -l $(WASM) | awk '{print "built $(WASM): " $$5 " bytes"}'
 
 envoy:
