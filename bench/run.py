@@ -878,6 +878,37 @@ def x402_pay_path(s: dict, envoy_bin: str, work: Path) -> dict:
             PROCS.stop(p)
 
 
+# ---------------------------------------------------------------- host calls
+
+def host_calls() -> dict | None:
+    """Per request: the host calls pag0 makes and the bytes it moves, case by case
+    (bench/hostcalls.mjs: the module in Node's V8 behind a counting proxy-wasm host).
+    Exact counts, unlike timings: they change only when pag0's code does."""
+    node = shutil.which("node")
+    if not node:
+        log("node not found: host-call counts skipped")
+        return None
+    log("counting pag0's host calls per request (bench/hostcalls.mjs)")
+    out = run([node, str(BENCH / "hostcalls.mjs"), f"--wasm={PAG0_WASM}", f"--noop={NOOP_WASM}", "--n=2000"])
+    rows = {}
+    for c in json.loads(out)["results"]:
+        calls = c["host_calls"]
+        rows[c["case"]] = {
+            "host_calls": c["host_calls_per_request"],
+            "shared_data_reads": calls.get("proxy_get_shared_data", 0),
+            "shared_data_writes": calls.get("proxy_set_shared_data", 0),
+            "shared_data_bytes_read": c["shared_data_bytes_read_per_request"],
+            "properties_read": calls.get("proxy_get_property", 0),
+            "properties_written": calls.get("proxy_set_property", 0),
+            "header_calls": sum(v for k, v in calls.items() if "header_map" in k),
+            "metric_calls": sum(v for k, v in calls.items() if "metric" in k),
+            "clock_reads": calls.get("proxy_get_current_time_nanoseconds", 0),
+            "bytes_into_wasm": c["bytes_into_wasm_per_request"],
+            "by_call": calls,
+        }
+    return rows
+
+
 # ---------------------------------------------------------------- report
 
 def fmt_int(v) -> str:
@@ -1021,6 +1052,25 @@ def results_md(r: dict) -> str:
           f"| 4x the entries | {cm['keys_at_end']:,} | {cm['rss_end_kib']:,} |", "",
           f"{cm['non_2xx']:,} non-2xx; after the fill a repeated key was "
           f"{'served from the cache' if cm['still_caching'] else 'NOT served from the cache'}.", ""]
+    hc = r.get("host_calls")
+    if hc:
+        L += ["## Inside pag0, per request", "",
+              "Host calls pag0 makes per request (each crosses from wasm into Envoy; the ones that "
+              "return data also call back into the module to allocate), counted by `bench/hostcalls.mjs` "
+              "(the same `.wasm` in Node's V8 behind a counting proxy-wasm host that plays each case's "
+              "callbacks). These are exact and change only with pag0's code: compare them before and "
+              "after a change to the hot path.", "",
+              "| case | host calls | shared-data reads / writes | bytes read from shared data | "
+              "properties read / written | header-map calls | metric calls | clock reads |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        labels = {cid: label for cid, label, _, _ in CASES}
+        labels["noop"] = "do-nothing filter"
+        for cid, h in hc.items():
+            label = labels.get(cid, cid).format(sessions=1000, agents=8)  # hostcalls.mjs's case 4
+            L.append(f"| {label} | {h['host_calls']:g} | {h['shared_data_reads']:g} / {h['shared_data_writes']:g} | "
+                     f"{h['shared_data_bytes_read']:,} | {h['properties_read']:g} / {h['properties_written']:g} | "
+                     f"{h['header_calls']:g} | {h['metric_calls']:g} | {h['clock_reads']:g} |")
+        L += [""]
     w = r["wasm"]
     L += ["## Module size", "",
           f"`target/wasm32-wasip1/release/pag0.wasm`: {w['pag0_bytes']:,} bytes (target {WASM_SIZE_TARGET:,}); "
@@ -1116,6 +1166,9 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
             num(f"cases.{k}.cas_writes", r["cases"][k]["cas_writes"])
     num("cases.cache_hit.cache_hits", r["cases"]["cache_hit"]["cache_hits"])
     num("wasm.pag0_bytes", r["wasm"]["pag0_bytes"])
+    if shutil.which("node"):
+        for cid in ("free", "priced", "hot", "cache_hit"):
+            num(f"host_calls.{cid}.host_calls", (r.get("host_calls") or {}).get(cid, {}).get("host_calls"))
     if r.get("session_memory"):
         for k in ("rss_start_kib", "rss_first_kib", "rss_end_kib"):
             num(f"session_memory.{k}", r["session_memory"][k])
@@ -1180,6 +1233,7 @@ def main() -> int:
         result["cache_memory"] = cache_memory(s, envoy_bin, wrk, work, up_port)
         upstream.stop()
         result["x402"] = x402_pay_path(s, envoy_bin, work) if s["x402_calls"] else None
+        result["host_calls"] = host_calls()
         result["wasm"] = {"pag0_bytes": PAG0_WASM.stat().st_size, "noop_bytes": NOOP_WASM.stat().st_size,
                           "target_bytes": WASM_SIZE_TARGET}
         result["command"] = reproduce_command(s)
