@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Shrinks the built pag0.wasm in place with binaryen's wasm-opt -Oz (installed from
-# Debian when missing). Skipped when the file is already the shrunk one.
+# Debian when missing). Cargo puts its own build back at that path on every `cargo
+# build`, so the shrunk result is cached by the hash of cargo's output.
 set -euo pipefail
 wasm="${1:?usage: shrink-wasm.sh path/to/pag0.wasm}"
-stamp="$wasm.shrunk"
-if [[ -f "$stamp" && ! "$wasm" -nt "$stamp" ]]; then exit 0; fi
+cache="$wasm.shrunk"
+input_hash="$(sha256sum "$wasm" | cut -d' ' -f1)"
+if [[ -f "$cache" && -f "$cache.from" && "$(cat "$cache.from")" == "$input_hash" ]]; then
+  rm -f "$wasm" && cp "$cache" "$wasm"
+  exit 0
+fi
+if [[ -f "$cache" ]] && cmp -s "$cache" "$wasm"; then exit 0; fi
 if ! command -v wasm-opt >/dev/null 2>&1; then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq binaryen >&2
@@ -13,7 +19,8 @@ fi
 features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
   --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types)
 before=$(stat -c %s "$wasm")
-wasm-opt -Oz "${features[@]}" "$wasm" -o "$wasm.tmp"
-mv "$wasm.tmp" "$wasm"
-touch "$stamp"
+wasm-opt -Oz "${features[@]}" "$wasm" -o "$cache"
+echo "$input_hash" > "$cache.from"
+# A new file, not a write through cargo's hard link into deps/.
+rm -f "$wasm" && cp "$cache" "$wasm"
 echo "wasm-opt -Oz: $before -> $(stat -c %s "$wasm") bytes"
