@@ -31,6 +31,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -68,6 +69,8 @@ CASES = [
     ("direct_noop", "6b. direct_response + do-nothing wasm", "direct_noop", {"path": "/bench"}),
     ("cache_hit", "6c. pag0 serving cache hits", "cache", {"path": "/hit", "session": "bench-cache"}),
 ]
+# Also measured at one connection, for latency without queueing.
+QUIET_CASES = ["direct_noop", "cache_hit"]
 # (name, numerator, denominator, target ratio)
 RATIOS = [
     ("free / proxy+wasm (3/2)", "free", "proxy_noop", 0.95),
@@ -170,6 +173,38 @@ def on_signal(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+# A round's ratio counts as quiet when other processes used less than this many CPUs
+# during both of its runs.
+QUIET_CPUS = 0.15
+
+
+def cpu_snapshot(pids: list[int]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds used by processes other than this run's), cumulative:
+    every CPU's busy time minus what this script, its finished children (wrk) and the
+    running Envoys `pids` used. The difference of two snapshots over their wall time is
+    how many CPUs others (parallel test runs, say) took while a case was measured."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / HZ
+    ours = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            rest = stat[stat.rindex(")") + 2:].split()
+            ours += (int(rest[11]) + int(rest[12])) / HZ
+        except (OSError, ValueError, IndexError):
+            pass
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        ours += r.ru_utime + r.ru_stime
+    return time.monotonic(), busy - ours
+
+
+def foreign_cpus(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return max(0.0, (after[1] - before[1]) / max(1e-9, after[0] - before[0]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -236,7 +271,8 @@ def machine_info(envoy_bin: str, wrk: str) -> dict:
     commit = run(["git", "rev-parse", "--short=12", "HEAD"])
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "Cargo.toml", "Cargo.lock"],
                            cwd=ROOT).returncode != 0
-    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()
+    wrk_version = [re.sub(r"\s*Copyright.*", "", line) for line in
+                   subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": int(run(["nproc"])),
@@ -353,13 +389,13 @@ def ident(session: str) -> dict:
 # ---------------------------------------------------------------- wrk
 
 def wrk_run(wrk: str, s: dict, port: int, seconds: int, args: dict, connections: int | None = None,
-            background: bool = False):
+            background: bool = False, threads: int | None = None):
     base = {"apikey": API_KEY, "agent": "executor-1", "session": "bench-static"}
     base.update(args)
     if base.get("mode") == "many":
         base.setdefault("sessions", str(s["priced_sessions"]))
         base.setdefault("agents", str(s["priced_agents"]))
-    cmd = [wrk, f"-t{s['threads']}", f"-c{connections or s['connections']}", f"-d{seconds}s",
+    cmd = [wrk, f"-t{threads or s['threads']}", f"-c{connections or s['connections']}", f"-d{seconds}s",
            "--timeout", "5s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--"]
     cmd += [f"{k}={v}" for k, v in base.items()]
     if background:
@@ -427,7 +463,8 @@ def sanity(ports: dict) -> None:
     raise BenchError(f"sanity: the cache never served a hit (last: {status} {h})")
 
 
-def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int) -> dict:
+def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int,
+                 upstream_pid: int) -> dict:
     ports = {name: free_port() for name in
              ["proxy", "proxy_noop", "pag0", "direct", "direct_noop", "cache", "admin"]}
     config = render(
@@ -446,13 +483,17 @@ def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: i
             for cid, _, listener, args in CASES:
                 wrk_run(wrk, s, ports[listener], s["warmup"], args)
         runs: dict[str, list[dict]] = {c[0]: [] for c in CASES}
+        # Latency without queueing: one connection, one request at a time.
+        quiet: dict[str, list[dict]] = {cid: [] for cid in QUIET_CASES}
         for rnd in range(s["rounds"]):
             shift = rnd % len(CASES)
             order = CASES[shift:] + CASES[:shift]
             log(f"round {rnd + 1}/{s['rounds']}: {', '.join(c[0] for c in order)}")
             for cid, _, listener, args in order:
                 before = snapshot(envoy)
+                cpu0 = cpu_snapshot([envoy.proc.pid, upstream_pid])
                 res = wrk_run(wrk, s, ports[listener], s["duration"], args)
+                cpu1 = cpu_snapshot([envoy.proc.pid, upstream_pid])
                 after = snapshot(envoy)
                 completed = delta(before, after, f"http.{listener}.downstream_rq_completed")
                 ok2xx = delta(before, after, f"http.{listener}.downstream_rq_2xx")
@@ -468,14 +509,27 @@ def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: i
                     "cas_writes": delta(before, after, "wasmcustom.pag0.store.cas_writes"),
                     "cas_retries": delta(before, after, "wasmcustom.pag0.store.cas_retries"),
                     "cache_hits": cache_hits(after) - cache_hits(before),
+                    "other_cpus": foreign_cpus(cpu0, cpu1),
                 }
                 runs[cid].append(run_)
                 log(f"  {cid:12s} {run_['rps']:9.0f} req/s  p50 {run_['p50_ms']:.3f} ms  "
-                    f"p99 {run_['p99_ms']:.3f} ms  non-2xx {run_['non_2xx']}")
+                    f"p99 {run_['p99_ms']:.3f} ms  non-2xx {run_['non_2xx']}  "
+                    f"other processes {run_['other_cpus']:.2f} CPUs")
+            for cid in QUIET_CASES:
+                listener, args = next((c[2], c[3]) for c in CASES if c[0] == cid)
+                cpu0 = cpu_snapshot([envoy.proc.pid, upstream_pid])
+                res = wrk_run(wrk, s, ports[listener], s["duration"], args, connections=1, threads=1)
+                cpu1 = cpu_snapshot([envoy.proc.pid, upstream_pid])
+                quiet[cid].append({"round": rnd + 1, "rps": res["requests"] / (res["duration_us"] / 1e6),
+                                   "other_cpus": foreign_cpus(cpu0, cpu1),
+                                   "p50_ms": res["latency_us"]["p50"] / 1000,
+                                   "p99_ms": res["latency_us"]["p99"] / 1000})
+                log(f"  {cid:12s} one connection: p50 {quiet[cid][-1]['p50_ms']:.3f} ms  "
+                    f"p99 {quiet[cid][-1]['p99_ms']:.3f} ms")
         stat_names = sorted(envoy.stats(r"^wasmcustom\.pag0\.store\."))
     finally:
         envoy.stop()
-    return {"runs": runs, "cas_stat_names": stat_names}
+    return {"runs": runs, "quiet": quiet, "cas_stat_names": stat_names}
 
 
 def summarise_cases(s: dict, runs: dict) -> dict:
@@ -502,6 +556,8 @@ def summarise_cases(s: dict, runs: dict) -> dict:
             "cas_retry_rate": retries / writes if writes else None,
             "cache_hits": hits,
             "cache_hit_ratio": hits / completed if completed else None,
+            "other_cpus": statistics.median(r["other_cpus"] for r in rs),
+            "other_cpus_max": max(r["other_cpus"] for r in rs),
         }
     return cases
 
@@ -509,11 +565,18 @@ def summarise_cases(s: dict, runs: dict) -> dict:
 def ratios(runs: dict, cases: dict) -> list[dict]:
     out = []
     for name, num, den, target in RATIOS:
-        per_round = [a["rps"] / b["rps"] for a, b in zip(runs[num], runs[den]) if b["rps"]]
-        value = statistics.median(per_round) if per_round else None
+        pairs = [(a, b) for a, b in zip(runs[num], runs[den]) if b["rps"]]
+        per_round = [a["rps"] / b["rps"] for a, b in pairs]
+        quiet = [a["rps"] / b["rps"] for a, b in pairs
+                 if a["other_cpus"] < QUIET_CPUS and b["other_cpus"] < QUIET_CPUS]
+        # Rounds where other processes took CPU say more about them than about pag0: judge on
+        # the quiet rounds when there are any.
+        value = statistics.median(quiet or per_round) if per_round else None
         out.append({
             "name": name, "numerator": num, "denominator": den,
             "value": value,
+            "quiet_rounds": len(quiet),
+            "all_rounds_median": statistics.median(per_round) if per_round else None,
             "of_medians": cases[num]["rps"] / cases[den]["rps"] if cases[den]["rps"] else None,
             "per_round": per_round,
             "target": target,
@@ -953,11 +1016,13 @@ def summary_tables(r: dict) -> str:
 def targets(r: dict) -> list[dict]:
     out = []
     for q in r["ratios"]:
-        out.append({"name": q["name"], "measured": fmt(q["value"], 3), "goal": f">= {q['target']:.2f}",
-                    "met": q["met"]})
-    hit = r["cases"]["cache_hit"]
-    out.append({"name": "cache hit p99", "measured": f"{fmt(hit['p99_ms'])} ms", "goal": "< 2 ms",
-                "met": hit["p99_ms"] < 2.0})
+        rounds = (f"{q['quiet_rounds']} quiet rounds" if q["quiet_rounds"]
+                  else f"all {len(q['per_round'])} rounds, none quiet")
+        out.append({"name": q["name"], "measured": f"{fmt(q['value'], 3)} ({rounds})",
+                    "goal": f">= {q['target']:.2f}", "met": q["met"]})
+    hit = r["one_connection"]["cache_hit"]
+    out.append({"name": "cache hit p99, one connection", "measured": f"{fmt(hit['p99_ms'])} ms",
+                "goal": "< 2 ms", "met": hit["p99_ms"] < 2.0})
     x = r.get("x402")
     out.append({"name": "x402 pay path, added over signer + upstream",
                 "measured": f"{fmt(x['added_net_ms'], 3)} ms" if x else "skipped", "goal": "< 1 ms",
@@ -1001,15 +1066,24 @@ def results_md(r: dict) -> str:
         "Medians over the rounds (latency percentiles as wrk measures them, per run, then the median).",
         "Non-2xx counts every answer Envoy gave in the measured runs that was not a 2xx.",
         "",
-        "| case | requests/s | p50 ms | p99 ms | non-2xx | requests |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | requests/s | p50 ms | p99 ms | non-2xx | requests | other processes, CPUs (median / max) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cid, c in r["cases"].items():
         L.append(f"| {c['label']} | {fmt_int(c['rps'])} | {fmt(c['p50_ms'])} | {fmt(c['p99_ms'])} | "
-                 f"{c['non_2xx']} | {c['envoy_completed']:,} |")
+                 f"{c['non_2xx']} | {c['envoy_completed']:,} | {c['other_cpus']:.2f} / {c['other_cpus_max']:.2f} |")
+    L += ["", f"The same {s['rounds']} rounds, at one connection (one request at a time: latency "
+          "without queueing; the runs above keep both CPUs saturated, so their latency is mostly "
+          "waiting in line):", "",
+          "| case | requests/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
+    for cid, q in r["one_connection"].items():
+        L.append(f"| {r['cases'][cid]['label']} | {fmt_int(q['rps'])} | {fmt(q['p50_ms'])} | {fmt(q['p99_ms'])} |")
     L += ["", "## Targets (issue 6)", "",
-          "Ratios are the median over rounds of the per-round ratio (both cases of a round ran "
-          "within seconds of each other); the ratio of the medians above is in `results.json`.", "",
+          "Ratios are the median of the per-round ratios (both cases of a round ran within seconds "
+          f"of each other), over the quiet rounds: those where other processes on the machine used "
+          f"less than {QUIET_CPUS} CPUs during both runs (measured from /proc: all CPU time minus this "
+          "run's Envoys, wrk and driver). Every round's ratio and the ratio of the medians above are "
+          "in `results.json`.", "",
           "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for t in r["targets"]:
         L.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {yes(t['met'])} |")
@@ -1165,6 +1239,8 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
         if r["cas_stat_names"]:
             num(f"cases.{k}.cas_writes", r["cases"][k]["cas_writes"])
     num("cases.cache_hit.cache_hits", r["cases"]["cache_hit"]["cache_hits"])
+    for cid in QUIET_CASES:
+        num(f"one_connection.{cid}.p99_ms", r["one_connection"][cid]["p99_ms"])
     num("wasm.pag0_bytes", r["wasm"]["pag0_bytes"])
     if shutil.which("node"):
         for cid in ("free", "priced", "hot", "cache_hit"):
@@ -1223,10 +1299,14 @@ def main() -> int:
         upstream = Envoy(envoy_bin, up_cfg, work, "upstream", up_admin, s["concurrency"])
 
         result: dict = {"machine": machine}
-        side = side_by_side(s, envoy_bin, wrk, work, up_port)
+        side = side_by_side(s, envoy_bin, wrk, work, up_port, upstream.proc.pid)
         runs = side["runs"]
         cases = summarise_cases(s, runs)
-        result.update(cases=cases, ratios=ratios(runs, cases), runs=runs,
+        quiet = {cid: {"p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                       "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                       "rps": statistics.median(r["rps"] for r in rs), "runs": rs}
+                 for cid, rs in side["quiet"].items()}
+        result.update(cases=cases, ratios=ratios(runs, cases), runs=runs, one_connection=quiet,
                       cas_stat_names=side["cas_stat_names"])
         result["session_memory"] = (session_memory(s, envoy_bin, wrk, work, up_port)
                                     if s["sessions"] else None)
