@@ -16,6 +16,7 @@ pub mod headers;
 pub mod identity;
 pub mod ledger;
 pub mod policy;
+pub mod route_meta;
 pub mod sessions;
 pub mod store;
 pub mod window;

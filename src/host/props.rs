@@ -3,7 +3,11 @@
 
 use proxy_wasm::hostcalls;
 
+use proxy_wasm::hostcalls::log;
+use proxy_wasm::types::LogLevel;
+
 use crate::core::firewall::RouteSettings;
+use crate::core::route_meta;
 
 fn string_property(path: Vec<&str>) -> Option<String> {
     match hostcalls::get_property(path) {
@@ -17,25 +21,22 @@ fn string_property(path: Vec<&str>) -> Option<String> {
     }
 }
 
-fn route_field(field: &str) -> Option<String> {
-    string_property(vec![
-        "xds",
-        "route_metadata",
-        "filter_metadata",
-        "pag0",
-        field,
-    ])
-}
-
-/// `filter_metadata.pag0` of the matched route.
+/// `filter_metadata.pag0` of the matched route, in one property call (see
+/// `core::route_meta`). Metadata that cannot be decoded makes the policy and price unreadable
+/// text, so the call fails closed with CONFIG_ERROR.
 pub fn route_settings() -> RouteSettings {
-    RouteSettings {
-        policy: route_field("policy"),
-        price: route_field("price"),
-        tool: route_field("tool"),
-        charge_on: route_field("chargeOn"),
-        endpoint: route_field("endpoint"),
-        cache_ttl: route_field("cacheTTL"),
+    let path = vec!["xds", "route_metadata", "filter_metadata", "pag0"];
+    match hostcalls::get_property(path) {
+        Ok(Some(bytes)) => route_meta::decode(&bytes).unwrap_or_else(|e| {
+            let _ = log(LogLevel::Error, &format!("pag0: route metadata: {e}"));
+            let bad = || Some(route_meta::NOT_TEXT.to_string());
+            RouteSettings {
+                policy: bad(),
+                price: bad(),
+                ..RouteSettings::default()
+            }
+        }),
+        _ => RouteSettings::default(),
     }
 }
 
