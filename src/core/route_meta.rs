@@ -38,8 +38,11 @@ fn u32_at(bytes: &[u8], at: usize) -> Result<usize, String> {
     usize::try_from(u32::from_le_bytes(word)).map_err(|_| "length too large".to_string())
 }
 
+/// One key and its value, as bytes.
+type Pair<'a> = (&'a [u8], &'a [u8]);
+
 /// proxy-wasm's map encoding, checked end to end (no slice past the input).
-fn pairs(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+fn pairs(bytes: &[u8]) -> Result<Vec<Pair<'_>>, String> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
