@@ -160,8 +160,10 @@ async function makeVm(wasmFile, pluginConfig) {
       const parts = dec.decode(read(pp, pl)).split("\0").filter((x) => x.length);
       const key = parts.join(".");
       let value;
-      const prefix = "xds.route_metadata.filter_metadata.pag0.";
-      if (key.startsWith(prefix)) value = vm.route[key.slice(prefix.length)];
+      const prefix = "xds.route_metadata.filter_metadata.pag0";
+      // The whole map comes back as Envoy sends it: proxy-wasm pairs encoding.
+      if (key === prefix) return give(serializeMap(Object.entries(vm.route)), retPtr, retSize);
+      if (key.startsWith(prefix + ".")) value = vm.route[key.slice(prefix.length + 1)];
       else if (key === "response.code_details") value = "via_upstream";
       else if (key === "xds.cluster_name") value = "upstream";
       else if (key === "xds.route_name") value = "bench";
@@ -291,15 +293,16 @@ const FREE = { tool: "bench", endpoint: "bench/free" };
 const PRICED = { price: "20000", tool: "bench", endpoint: "bench/priced" };
 const CACHED = { price: "20000", tool: "bench", endpoint: "bench/cached" };
 
+// (case, plugin config, request headers for the i-th call, route metadata, what the answer must say)
 const cases = [
-  ["free", "pag0.json", (i) => headers("/free", "bench-free", "executor-1"), FREE],
-  ["free_new", "pag0.json", (i) => headers("/free", "bench-never-paid", "executor-1"), FREE],
-  ["priced", "pag0.json", (i) => headers("/priced", `bench-many-${i % 1000}`, `executor-${Math.floor(i / 1000) % 8}`), PRICED],
-  ["hot", "pag0.json", (i) => headers("/priced", "bench-hot", "executor-1"), PRICED],
-  ["cache_hit", "pag0-cache.json", (i) => headers("/hit", "bench-cache", "executor-1"), CACHED],
+  ["free", "pag0.json", (i) => headers("/free", "bench-free", "executor-1"), FREE, { cost: "0" }],
+  ["free_new", "pag0.json", (i) => headers("/free", "bench-never-paid", "executor-1"), FREE, { cost: "0" }],
+  ["priced", "pag0.json", (i) => headers("/priced", `bench-many-${i % 1000}`, `executor-${Math.floor(i / 1000) % 8}`), PRICED, { cost: "20000" }],
+  ["hot", "pag0.json", (i) => headers("/priced", "bench-hot", "executor-1"), PRICED, { cost: "20000" }],
+  ["cache_hit", "pag0-cache.json", (i) => headers("/hit", "bench-cache", "executor-1"), CACHED, { cost: "0", cached: "true" }],
 ];
 
-async function measure(name, wasmFile, config, make, route, warm) {
+async function measure(name, wasmFile, config, make, route, warm, expect = {}) {
   const vm = await makeVm(wasmFile, config);
   for (const pre of warm) vm.request(pre[0], pre[1]);
   for (let i = 0; i < 8000; i++) vm.request(make(i), route);  // every session x agent of case 4 once; V8 tiers up
@@ -312,6 +315,14 @@ async function measure(name, wasmFile, config, make, route, warm) {
     const status = s.local || 200;
     statuses.set(status, (statuses.get(status) || 0) + 1);
     if (i === 0) vm.lastResponseHeaders = s.resp;
+    // The case must be what it claims (a priced call charged, a hit served), or the counts
+    // would describe another path.
+    const got = Object.fromEntries(s.resp || []);
+    for (const [k, v] of Object.entries(expect)) {
+      if (got[`x-pag0-${k}`] !== v) {
+        throw new Error(`${name}: x-pag0-${k} is ${got[`x-pag0-${k}`]}, expected ${v}: ${JSON.stringify(s.resp)} ${vm.logs.slice(-3).join(" | ")}`);
+      }
+    }
   }
   vm.counting = false;
   // Timed pass.
@@ -336,10 +347,10 @@ const results = [];
 if (fs.existsSync(noopPath) && (!only || only.includes("noop"))) {
   results.push(await measure("noop", noopPath, "", () => headers("/bench", "bench-static", "executor-1"), {}, []));
 }
-for (const [name, cfg, make, route] of cases) {
+for (const [name, cfg, make, route, expect] of cases) {
   if (only && !only.includes(name)) continue;
   const warm = [];
   if (name === "free") warm.push([headers("/priced", "bench-free", "executor-1"), PRICED]);
-  results.push(await measure(name, wasmPath, readJson(cfg), make, route, warm));
+  results.push(await measure(name, wasmPath, readJson(cfg), make, route, warm, expect));
 }
 process.stdout.write(JSON.stringify({ wasm: wasmPath, requests_per_case: N, results }, null, 1) + "\n");

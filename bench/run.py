@@ -952,7 +952,11 @@ def host_calls() -> dict | None:
         log("node not found: host-call counts skipped")
         return None
     log("counting pag0's host calls per request (bench/hostcalls.mjs)")
-    out = run([node, str(BENCH / "hostcalls.mjs"), f"--wasm={PAG0_WASM}", f"--noop={NOOP_WASM}", "--n=2000"])
+    try:
+        out = run([node, str(BENCH / "hostcalls.mjs"), f"--wasm={PAG0_WASM}", f"--noop={NOOP_WASM}", "--n=2000"])
+    except subprocess.CalledProcessError as e:
+        # The counting host checks that each case really is what it claims (charged, hit).
+        raise BenchError(f"bench/hostcalls.mjs failed:\n{e.stderr[-2000:]}")
     rows = {}
     for c in json.loads(out)["results"]:
         calls = c["host_calls"]
