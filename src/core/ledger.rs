@@ -346,6 +346,16 @@ impl SessionRecord {
     }
 
     /// Empty bytes are a free slot. Anything malformed is an error, never a guess.
+    /// Whether encoded record bytes belong to `session_id`, without decoding the rest
+    /// (a lookup probes several slots per call).
+    pub fn encoded_id_is(bytes: &[u8], session_id: &str) -> bool {
+        // version, flags, alerts, then eight u64 counters, then the id (u8 length).
+        const ID_AT: usize = 3 + 8 * 8;
+        bytes.first() == Some(&SESSION_VERSION)
+            && bytes.get(ID_AT).map(|len| usize::from(*len)) == Some(session_id.len())
+            && bytes.get(ID_AT + 1..ID_AT + 1 + session_id.len()) == Some(session_id.as_bytes())
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<SessionRecord, DecodeError> {
         if bytes.is_empty() {
             return Ok(SessionRecord::default());

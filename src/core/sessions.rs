@@ -56,9 +56,14 @@ pub fn lookup<S: SharedStore + ?Sized>(
     limits: &SessionLimits,
 ) -> Result<Option<(u32, SessionRecord)>, Refusal> {
     for slot in probe_slots(session_id, limits.max_sessions) {
-        let record = decode(&read(store, &session_slot_key(tenant, slot))?)?;
-        if record.session_id == session_id {
-            return Ok(Some((slot, record)));
+        let bytes = read(store, &session_slot_key(tenant, slot))?;
+        if bytes.is_empty() {
+            // A claim takes the first free slot of the probe order and slots are never
+            // emptied again, so the session cannot be further along.
+            return Ok(None);
+        }
+        if SessionRecord::encoded_id_is(&bytes, session_id) {
+            return Ok(Some((slot, decode(&bytes)?)));
         }
     }
     Ok(None)
