@@ -1042,6 +1042,56 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+HISTORY = BENCH / "history.jsonl"
+HISTORY_CASES = ["free", "priced", "hot", "cache_hit"]
+
+
+def history_row(r: dict) -> dict:
+    """The headline figures of one full run, kept to show before/after across runs."""
+    ratio = {t["name"]: t["measured"] for t in r.get("targets", [])}
+    calls = r.get("host_calls") or {}
+    return {"commit": r["machine"]["commit"], "date": r["machine"]["date"],
+            "rps": {cid: (r["cases"].get(cid) or {}).get("rps") for cid in
+                    ["proxy_noop", "free", "priced", "hot", "direct_noop", "cache_hit"]},
+            "ratios": ratio,
+            "host_calls": {cid: (calls.get(cid) or {}).get("host_calls") for cid in HISTORY_CASES},
+            "wasm_bytes": r["wasm"]["pag0_bytes"]}
+
+
+def remember_previous(out: Path) -> list[dict]:
+    """Adds the run about to be replaced (bench/results.json) to bench/history.jsonl."""
+    rows = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()] \
+        if HISTORY.exists() else []
+    previous = out / "results.json"
+    if previous.exists():
+        try:
+            row = history_row(json.loads(previous.read_text()))
+        except (ValueError, KeyError, TypeError):
+            row = None
+        if row and not any(x["commit"] == row["commit"] and x["date"] == row["date"] for x in rows):
+            rows.append(row)
+            HISTORY.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return rows
+
+
+def history_md(rows: list[dict], current: dict) -> list[str]:
+    if not rows:
+        return []
+    names = ["free / proxy+wasm (3/2)", "priced / proxy+wasm (4/2)", "one hot session / proxy+wasm (5/2)",
+             "cache hit / direct_response+wasm (6c/6b)"]
+    L = ["## Before and after", "",
+         "Earlier full runs of this script (bench/history.jsonl; each `make bench` adds the run it "
+         "replaces), then this one: what changes to the hot path did. Ratios from different runs "
+         "were measured on a shared machine at different times; host calls per request are exact.", "",
+         "| run | commit | 3/2 | 4/2 | 5/2 | 6c/6b | host calls free / priced / hot / hit | .wasm bytes |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, row in [(x["date"], x) for x in rows] + [("this run", current)]:
+        hc = " / ".join(str(row["host_calls"].get(c)) for c in HISTORY_CASES)
+        ratios = " | ".join(str(row["ratios"].get(n, "")).split(" (")[0] for n in names)
+        L.append(f"| {label} | {row['commit']} | {ratios} | {hc} | {fmt_int(row['wasm_bytes'])} |")
+    return L + [""]
+
+
 def results_md(r: dict) -> str:
     s, m = r["settings"], r["machine"]
     L = [
@@ -1325,8 +1375,13 @@ def main() -> int:
         result["seconds"] = round(time.time() - started, 1)
         result["targets"] = targets(result)
 
+        history = [] if a.smoke else remember_previous(out)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "RESULTS.md").write_text(results_md(result))
+        md = results_md(result)
+        extra = history_md(history, history_row(result))
+        if extra:
+            md = md.rstrip("\n") + "\n\n" + "\n".join(extra)
+        (out / "RESULTS.md").write_text(md)
         log(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'} ({result['seconds']} s)")
         print(summary_tables(result))
         if s["readme"]:

@@ -1098,3 +1098,33 @@ fn x402_amounts_and_headers_parse_the_same_in_32_bit_wasm() {
         vec![0u8, 255, 7]
     );
 }
+
+#[wasm_bindgen_test]
+fn route_metadata_pairs_decode_with_32_bit_lengths() {
+    use pag0::core::route_meta::{decode, NOT_TEXT};
+    let pairs: [(&[u8], &[u8]); 2] = [
+        (b"price", b"20000"),
+        (b"cacheTTL", &[0, 0, 0, 0, 0, 0x88, 0xd3, 0x40]),
+    ];
+    let mut bytes = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in &pairs {
+        bytes.extend((k.len() as u32).to_le_bytes());
+        bytes.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in &pairs {
+        bytes.extend_from_slice(k);
+        bytes.push(0);
+        bytes.extend_from_slice(v);
+        bytes.push(0);
+    }
+    let s = decode(&bytes).unwrap();
+    assert_eq!(s.price.as_deref(), Some("20000"));
+    assert_eq!(s.cache_ttl.as_deref(), Some(NOT_TEXT));
+    // A count or a length near u32::MAX must not overflow 32-bit arithmetic.
+    assert!(decode(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    let mut huge = 1u32.to_le_bytes().to_vec();
+    huge.extend(u32::MAX.to_le_bytes());
+    huge.extend(u32::MAX.to_le_bytes());
+    huge.extend(b"k\0v\0");
+    assert!(decode(&huge).is_err());
+}
