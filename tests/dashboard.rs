@@ -11,15 +11,7 @@ use support::envoy::TempDir;
 use support::{agent_headers, repo_root, unique, Client, Envoy, Upstream};
 
 fn chromium() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-chromium.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "no chromium: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    support::ensure("ensure-chromium.sh")
 }
 
 /// Runs headless Chromium on `url` with `extra` args: (stdout, stderr).

@@ -16,14 +16,7 @@ pub struct Webdis {
 
 impl Webdis {
     pub fn start() -> Webdis {
-        let out = Command::new(repo_root().join("scripts/ensure-redis.sh"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ensure-redis failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        super::ensure("ensure-redis.sh");
         let dir = TempDir::new();
         let redis_port = free_port();
         let redis = Command::new("redis-server")

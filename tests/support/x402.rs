@@ -18,15 +18,7 @@ impl Drop for Python {
 }
 
 pub fn python() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-x402-venv.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "x402 venv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    super::ensure("ensure-x402-venv.sh")
 }
 
 pub fn start(py: &str, script: &str, args: &[&str], env: &[(&str, &str)]) -> Python {
@@ -52,15 +44,7 @@ pub fn wait_port(port: u16) {
 
 /// Node with the npm x402 v1 packages installed (demo/x402/v1).
 pub fn node() -> String {
-    let out = Command::new(repo_root().join("scripts/ensure-x402-npm.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "x402 npm: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    super::ensure("ensure-x402-npm.sh")
 }
 
 /// The x402 world on loopback: facilitator, the v2 (Python SDK) and v1 (npm
