@@ -310,6 +310,31 @@ pub enum PaymentOutcome {
     Unconfirmed,
 }
 
+/// What the ledger does with a payment's outcome, and what the agent is told.
+pub struct PaymentEffect {
+    /// Keep the reservation as spent (else release it).
+    pub commit: bool,
+    /// Count it in the report's unconfirmed payments.
+    pub unconfirmed: bool,
+    /// The `x-pag0-payment` header.
+    pub header: String,
+}
+
+impl PaymentOutcome {
+    pub fn effect(&self, amount: Amount, network: &str) -> PaymentEffect {
+        let (commit, unconfirmed, status, tx) = match self {
+            PaymentOutcome::Settled(tx) => (true, false, "settled", tx.as_deref()),
+            PaymentOutcome::Failed(_) => (false, false, "failed", None),
+            PaymentOutcome::Unconfirmed => (true, true, "unconfirmed", None),
+        };
+        PaymentEffect {
+            commit,
+            unconfirmed,
+            header: x402::payment_header(status, amount, network, tx),
+        }
+    }
+}
+
 pub fn payment_outcome(status: Option<u32>, settlement: Option<&[u8]>) -> PaymentOutcome {
     if status == Some(402) {
         return PaymentOutcome::Failed("the server answered 402 again".into());

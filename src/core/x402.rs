@@ -19,6 +19,15 @@ pub const V2_REQUIRED_HEADER: &str = "payment-required";
 pub const V2_PAYMENT_HEADER: &str = "payment-signature";
 pub const V2_RESPONSE_HEADER: &str = "payment-response";
 
+/// Where a server of this protocol version puts its settlement.
+pub fn settlement_header(version: u8) -> &'static str {
+    if version == 1 {
+        V1_RESPONSE_HEADER
+    } else {
+        V2_RESPONSE_HEADER
+    }
+}
+
 /// Largest encoded header or body pag0 will parse (a real one is well under 8 KiB).
 const MAX_ENCODED: usize = 64 * 1024;
 

@@ -608,31 +608,11 @@ impl Pag0Http {
             (pay.version, pay.network.clone(), pay.amount)
         };
         let status = callout::response_status(self);
-        let settlement_name = if version == 1 {
-            x402::V1_RESPONSE_HEADER
-        } else {
-            x402::V2_RESPONSE_HEADER
-        };
-        let settlement = self.get_http_call_response_header(settlement_name);
+        let settlement = self.get_http_call_response_header(x402::settlement_header(version));
         let outcome = firewall::payment_outcome(status, settlement.as_deref().map(str::as_bytes));
-        let (commit, unconfirmed, note) = match &outcome {
-            firewall::PaymentOutcome::Settled(tx) => (
-                true,
-                false,
-                x402::payment_header("settled", amount, &network, tx.as_deref()),
-            ),
-            firewall::PaymentOutcome::Failed(_) => (
-                false,
-                false,
-                x402::payment_header("failed", amount, &network, None),
-            ),
-            firewall::PaymentOutcome::Unconfirmed => (
-                true,
-                true,
-                x402::payment_header("unconfirmed", amount, &network, None),
-            ),
-        };
-        let cost = settle_stream_payment(&config, &self.state, commit, unconfirmed);
+        let effect = outcome.effect(amount, &network);
+        let note = effect.header;
+        let cost = settle_stream_payment(&config, &self.state, effect.commit, effect.unconfirmed);
         if let firewall::PaymentOutcome::Failed(reason) = &outcome {
             let reason = if status == Some(402) {
                 let required = self.get_http_call_response_header(x402::V2_REQUIRED_HEADER);
@@ -712,45 +692,26 @@ impl Pag0Http {
         let cost = match &payment {
             None => settle_stream(&config, &self.state, upstream_status),
             Some(paid) => {
-                let settlement_header = if paid.version == 1 {
-                    x402::V1_RESPONSE_HEADER
-                } else {
-                    x402::V2_RESPONSE_HEADER
-                };
-                let settlement =
-                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, settlement_header)
-                        .ok()
-                        .flatten();
+                let settlement = hostcalls::get_map_value_bytes(
+                    MapType::HttpResponseHeaders,
+                    x402::settlement_header(paid.version),
+                )
+                .ok()
+                .flatten();
                 let outcome = firewall::payment_outcome(upstream_status, settlement.as_deref());
-                let (commit, unconfirmed, note) = match &outcome {
-                    firewall::PaymentOutcome::Settled(tx) => (
-                        true,
-                        false,
-                        x402::payment_header("settled", paid.value, &paid.network, tx.as_deref()),
-                    ),
-                    firewall::PaymentOutcome::Failed(reason) => {
-                        log(
-                            LogLevel::Info,
-                            &format!("pag0: relayed payment refused: {reason}"),
-                        );
-                        (
-                            false,
-                            false,
-                            x402::payment_header("failed", paid.value, &paid.network, None),
-                        )
-                    }
-                    firewall::PaymentOutcome::Unconfirmed => (
-                        true,
-                        true,
-                        x402::payment_header("unconfirmed", paid.value, &paid.network, None),
-                    ),
-                };
+                if let firewall::PaymentOutcome::Failed(reason) = &outcome {
+                    log(
+                        LogLevel::Info,
+                        &format!("pag0: relayed payment refused: {reason}"),
+                    );
+                }
+                let effect = outcome.effect(paid.value, &paid.network);
                 let _ = hostcalls::set_map_value(
                     MapType::HttpResponseHeaders,
                     "x-pag0-payment",
-                    Some(&note),
+                    Some(&effect.header),
                 );
-                settle_stream_payment(&config, &self.state, commit, unconfirmed)
+                settle_stream_payment(&config, &self.state, effect.commit, effect.unconfirmed)
             }
         };
         set_state("pag0_cost", &cost.to_string());
@@ -952,8 +913,12 @@ impl HttpContext for Pag0Http {
             && config.policies.get(call.policy).is_some_and(|p| p.pay_x402);
         if pays {
             if let Some(cluster) = props::cluster_name() {
-                let kept =
-                    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+                // The request as it goes upstream: without pag0's own headers.
+                let kept = headers
+                    .iter()
+                    .filter(|(name, _)| !name.starts_with(OWN_HEADER_PREFIX))
+                    .cloned()
+                    .collect();
                 self.state.borrow_mut().pay = Some(PayFlow {
                     caller: caller.clone(),
                     call: call.clone(),
