@@ -73,23 +73,37 @@ fn the_reference_session_is_exactly_the_product_one() {
             .iter()
             .map(|a| (a.pattern.source().to_string(), a.agent_budget))
             .collect();
+        // PRODUCT.md's roles, the demo's x402 buyer, and two agents the session budget
+        // alone stops: the autopilot loop (scenario 1) and the main agent (no header).
         let expected = [
-            ("executor-*", 2_000_000),
-            ("researcher-*", 1_500_000),
-            ("debugger-*", 1_000_000),
-            ("reviewer-*", 500_000),
-            ("ralph-*", 3_000_000),
-            ("ultrawork-*", 1_000_000),
-            ("buyer-*", 1_000_000),
+            ("executor-*", Some(2_000_000)),
+            ("researcher-*", Some(1_500_000)),
+            ("debugger-*", Some(1_000_000)),
+            ("reviewer-*", Some(500_000)),
+            ("ralph-*", Some(3_000_000)),
+            ("ultrawork-*", Some(1_000_000)),
+            ("buyer-*", Some(1_000_000)),
+            ("autopilot-*", None),
+            ("main", None),
         ];
         assert_eq!(
             budgets,
             expected
                 .iter()
-                .map(|(p, b)| (p.to_string(), Some(*b)))
+                .map(|(p, b)| (p.to_string(), *b))
                 .collect::<Vec<_>>(),
             "{path}"
         );
+        assert!(
+            p.refuse_unpriced,
+            "{path}: every path of a paid host is priced or refused"
+        );
+        match &p.unmatched {
+            pag0::core::policy::Unmatched::Pool(rule) => {
+                assert_eq!(rule.agent_budget, Some(500_000), "{path}")
+            }
+            other => panic!("{path}: unmatched agents must share a budget, not {other:?}"),
+        }
         assert_eq!(cfg.tenant_for_key(b"demo-key"), Some(0));
         let cache = cfg
             .cache

@@ -150,7 +150,11 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
         tally(endpoints, "endpoint", "api.deepl.com/v2/translate")["cost"],
         "50000"
     );
-    assert_eq!(tally(endpoints, "endpoint", "api.openai.com")["cost"], "0");
+    // /v1/models is priced "0" (free on purpose) in the reference, labelled by its route.
+    assert_eq!(
+        tally(endpoints, "endpoint", "api.openai.com/v1/models")["cost"],
+        "0"
+    );
     assert_eq!(report["refusals"], json!({"AGENT_BUDGET_EXCEEDED": 1}));
     assert_eq!(report["recentRefusals"][0]["agentId"], "ralph-1");
     assert_eq!(
@@ -374,16 +378,18 @@ fn the_manual_kill_switch_stops_the_next_priced_call_on_every_worker() {
         );
     }
     assert_eq!(up.count(), 1);
-    // Free calls still pass; resume lets priced calls through again.
-    assert_eq!(
-        c.get(
-            "api.openai.com",
-            "/v1/models",
-            &agent_headers(KEY, &s, "executor-1")
-        )
-        .status,
-        200
+    // A manual kill stops everything the session does: free calls too (issue 10).
+    let free = c.get(
+        "api.openai.com",
+        "/v1/models",
+        &agent_headers(KEY, &s, "executor-1"),
     );
+    assert_eq!(
+        (free.status, free.error_code().as_deref()),
+        (403, Some("KILL_SWITCH_ACTIVE"))
+    );
+    assert_eq!(up.count(), 1);
+    // Resume lets calls through again.
     let resumed = c.post("h", &format!("/_pag0/v1/sessions/{s}/resume"), &ADMIN, "");
     assert_eq!(resumed.json()["killed"], false);
     for _ in 0..4 {
@@ -402,7 +408,8 @@ fn the_manual_kill_switch_stops_the_next_priced_call_on_every_worker() {
     let report = c
         .get("h", &format!("/_pag0/v1/sessions/{s}/report"), &ADMIN)
         .json();
-    assert_eq!(report["refusals"]["KILL_SWITCH_ACTIVE"], 16);
+    // 16 priced calls and the free one after the kill.
+    assert_eq!(report["refusals"]["KILL_SWITCH_ACTIVE"], 17);
     assert_eq!(
         c.post("h", "/_pag0/v1/sessions/never-seen/resume", &ADMIN, "")
             .status,
@@ -444,7 +451,7 @@ fn each_alert_fires_exactly_once_even_when_both_workers_cross_together() {
                     let r = call(
                         &mut c,
                         &s,
-                        &format!("worker-{i}"),
+                        &format!("autopilot-{i}"),
                         "api.anthropic.com",
                         "/v1/messages",
                     );
@@ -583,7 +590,9 @@ fn prometheus_and_the_access_log_show_the_calls() {
         100_000
     );
     assert_eq!(
-        value(r#"pag0_requests{tenant="demo",role="researcher",tool="llm",endpoint="other"}"#),
+        value(
+            r#"pag0_requests{tenant="demo",role="researcher",tool="llm",endpoint="api_openai_com_v1_models"}"#
+        ),
         1
     );
     // The total cost over all labels equals the report's.

@@ -32,7 +32,7 @@ fn pag0_pays_the_official_sdk_server_through_the_reference_signer() {
     let (fac_port, srv_port, sig_port) = (peers.facilitator, peers.v2, peers.signer);
 
     let plugin = format!(
-        r#"{{"signer": {{"cluster": "signer", "path": "/sign", "timeoutMs": 3000}},
+        r#"{{"signer": {{"cluster": "signer", "loopbackCluster": "loopback", "path": "/sign", "timeoutMs": 3000}},
             "policies": {{"pay": {{"sessionBudget": "25000", "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}},
                           "relay": {{"sessionBudget": "25000", "x402": {{"networks": ["eip155:84532"]}}}}}},
             "defaultPolicy": "pay"}}"#
@@ -40,11 +40,11 @@ fn pag0_pays_the_official_sdk_server_through_the_reference_signer() {
     let mut config = EnvoyConfig::new(
         &plugin,
         vec![
-            route("paid.api", "/", &[("tool", "weather")]),
+            route("paid.api", "/", &[("tool", "weather"), ("x402", "true")]),
             route(
                 "relay.api",
                 "/",
-                &[("tool", "weather"), ("policy", "relay")],
+                &[("tool", "weather"), ("policy", "relay"), ("x402", "true")],
             ),
         ],
     );
@@ -148,10 +148,15 @@ fn envoy_for(peers: &Peers, plugin: &str, signer_port: u16) -> Envoy {
     let mut config = EnvoyConfig::new(
         plugin,
         vec![
-            route("v2.api", "/", &[("tool", "weather")]).to("x402_v2"),
-            route("v1.api", "/", &[("tool", "weather")]).to("x402_v1"),
-            route("relay-v2.api", "/", &[("policy", "relay")]).to("x402_v2"),
-            route("127.0.0.1", "/", &[("policy", "relay")]).to("x402_v1"),
+            route("v2.api", "/", &[("tool", "weather"), ("x402", "true")]).to("x402_v2"),
+            route("v1.api", "/", &[("tool", "weather"), ("x402", "true")]).to("x402_v1"),
+            route(
+                "relay-v2.api",
+                "/",
+                &[("policy", "relay"), ("x402", "true")],
+            )
+            .to("x402_v2"),
+            route("127.0.0.1", "/", &[("policy", "relay"), ("x402", "true")]).to("x402_v1"),
         ],
     );
     config.clusters = vec![
@@ -170,7 +175,7 @@ fn plugin(session_budget: u64, signer_extra: &str) -> String {
 fn plugin_with(session_budget: u64, signer_timeout_ms: u64, signer_extra: &str) -> String {
     let admin = pag0::core::compile::sha256_hex(ADMIN_KEY.as_bytes());
     format!(
-        r#"{{"signer": {{"cluster": "signer", "path": "/sign", "timeoutMs": {signer_timeout_ms}{signer_extra}}},
+        r#"{{"signer": {{"cluster": "signer", "loopbackCluster": "loopback", "path": "/sign", "timeoutMs": {signer_timeout_ms}{signer_extra}}},
             "admin": {{"apiKeySha256": "{admin}"}},
             "policies": {{"pay": {{"sessionBudget": "{session_budget}", "x402": {{"mode": "pay", "networks": ["eip155:84532", "base-sepolia"], "payees": ["{PAY_TO}"]}}}},
                           "relay": {{"sessionBudget": "{session_budget}", "x402": {{"networks": ["eip155:84532", "base-sepolia"], "payees": ["{PAY_TO}"]}}}}}},

@@ -18,7 +18,14 @@ fn config() -> EnvoyConfig {
         r#"{{"policies": {{"p": {{"sessionBudget": "25000", "maxPerRequest": "20000",
             "x402": {{"networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
     );
-    EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[("tool", "search")])])
+    EnvoyConfig::new(
+        &plugin,
+        vec![route(
+            "paid.api",
+            "/",
+            &[("tool", "search"), ("x402", "true")],
+        )],
+    )
 }
 
 fn payment(value: &str, pay_to: &str, network: &str) -> String {
@@ -164,11 +171,18 @@ fn relayed_payments_are_budgeted_settled_or_released() {
 
 fn pay_config(signer_cluster: &str) -> EnvoyConfig {
     let plugin = format!(
-        r#"{{"signer": {{"cluster": "{signer_cluster}", "path": "/sign", "timeoutMs": 500}},
+        r#"{{"signer": {{"cluster": "{signer_cluster}", "loopbackCluster": "loopback", "path": "/sign", "timeoutMs": 500}},
             "policies": {{"p": {{"sessionBudget": "25000", "maxPerRequest": "20000",
             "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
     );
-    let mut config = EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[("tool", "search")])]);
+    let mut config = EnvoyConfig::new(
+        &plugin,
+        vec![route(
+            "paid.api",
+            "/",
+            &[("tool", "search"), ("x402", "true")],
+        )],
+    );
     config
         .clusters
         .push(("signer_dead".to_string(), support::free_port()));
@@ -362,14 +376,14 @@ fn calls_above_the_approval_threshold_wait_for_the_approval_service() {
 #[test]
 fn pay_mode_asks_for_approval_before_signing() {
     let plugin = format!(
-        r#"{{"signer": {{"cluster": "upstream", "path": "/sign", "timeoutMs": 500}},
+        r#"{{"signer": {{"cluster": "upstream", "loopbackCluster": "loopback", "path": "/sign", "timeoutMs": 500}},
             "policies": {{"p": {{"sessionBudget": "25000",
             "requireApproval": {{"threshold": "5000", "cluster": "upstream", "path": "/approve", "timeoutMs": 500}},
             "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"]}}}}}}}}"#
     );
     let up = Upstream::start();
     let envoy = Envoy::with_config(
-        &EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[])]),
+        &EnvoyConfig::new(&plugin, vec![route("paid.api", "/", &[("x402", "true")])]),
         up.port,
     );
     let s = unique("pay-approve");

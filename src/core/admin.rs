@@ -5,13 +5,17 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::core::alerts::{Alert, AlertKind, ScopeAlert};
-use crate::core::amount::{utilization, Amount};
+use crate::core::amount::{reaches, utilization, Amount};
 use crate::core::compile::Config;
 use crate::core::errors::{ErrorCode, Refusal, Scope};
 use crate::core::identity::{role, valid_id};
-use crate::core::ledger::{SessionRecord, Tally, TenantRecord};
-use crate::core::sessions;
-use crate::core::store::{read, session_slot_key, tenant_windows_key, SharedStore};
+use crate::core::ledger::budget::{BudgetRecord, POOL};
+use crate::core::ledger::report::{ReportRecord, Tally, Tokens};
+use crate::core::ledger::sessions;
+use crate::core::ledger::windows::WindowsRecord;
+use crate::core::store::{
+    read, report_slot_key, session_slot_key, tenant_windows_key, SharedStore,
+};
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 /// Sessions listed by `GET …/sessions`, most recently active first.
@@ -117,6 +121,10 @@ pub struct AdminResponse {
     pub content_type: &'static str,
     pub body: String,
     pub alerts: Vec<Alert>,
+    /// Headers beyond content type and caching (the page's security headers).
+    pub headers: Vec<(&'static str, String)>,
+    /// The error code, for `x-pag0-error`.
+    pub code: Option<ErrorCode>,
 }
 
 impl AdminResponse {
@@ -126,6 +134,8 @@ impl AdminResponse {
             content_type: "application/json",
             body: body.to_string(),
             alerts: Vec::new(),
+            headers: Vec::new(),
+            code: None,
         }
     }
 
@@ -135,22 +145,50 @@ impl AdminResponse {
             content_type: "application/json",
             body: refusal.to_json(),
             alerts: Vec::new(),
+            headers: Vec::new(),
+            code: Some(refusal.code),
         }
     }
 }
 
-/// The dashboard page (no data in it: it reads the JSON API with the user's key).
+/// The dashboard page (no data in it: it reads the JSON API with the user's key),
+/// with a Content-Security-Policy that allows only its own inline script and style
+/// (by hash) and calls to its own origin, and no framing.
 pub fn dashboard(cfg: &Config) -> AdminResponse {
+    let body = DASHBOARD_HTML.replace("__PAG0_PREFIX__", &cfg.admin.path_prefix);
+    let hash = |tag: &str| -> String {
+        let open = format!("<{tag}>");
+        let close = format!("</{tag}>");
+        let inner = body
+            .split_once(open.as_str())
+            .and_then(|(_, rest)| rest.split_once(close.as_str()))
+            .map_or("", |(inner, _)| inner);
+        let digest = Sha256::digest(inner.as_bytes());
+        format!("'sha256-{}'", crate::core::base64::encode(&digest))
+    };
+    let csp = format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash("script"),
+        hash("style")
+    );
     AdminResponse {
         status: 200,
         content_type: "text/html; charset=utf-8",
-        body: DASHBOARD_HTML.replace("__PAG0_PREFIX__", &cfg.admin.path_prefix),
+        body,
         alerts: Vec::new(),
+        headers: vec![
+            ("content-security-policy", csp),
+            ("x-frame-options", "DENY".to_string()),
+            ("x-content-type-options", "nosniff".to_string()),
+            ("referrer-policy", "no-referrer".to_string()),
+        ],
+        code: None,
     }
 }
 
 /// Answers an authorized report API call. `tenant_param` is `?tenant=` (the admin's
-/// choice; a tenant key always reads its own tenant).
+/// choice; a tenant key always reads its own tenant). The caller has asked every VM to
+/// write what it counted first (see `LocalLedger::request_flush`).
 pub fn handle<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -165,6 +203,47 @@ pub fn handle<S: SharedStore + ?Sized>(
     }
 }
 
+/// The tenant an admin call reads: a tenant key's own, or the admin's `?tenant=`.
+pub fn tenant_of(
+    cfg: &Config,
+    access: Access,
+    tenant_param: Option<&str>,
+) -> Result<usize, Refusal> {
+    match (access, tenant_param) {
+        (Access::Tenant(t), _) => Ok(t),
+        (Access::Admin, None) => Ok(0),
+        (Access::Admin, Some(name)) => cfg
+            .tenants
+            .iter()
+            .position(|t| t.id == name)
+            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, format!("no tenant {name:?}"))),
+    }
+}
+
+/// A session's records: budget (always) and report (when it counted anything).
+pub struct SessionRecords {
+    pub budget: BudgetRecord,
+    pub report: ReportRecord,
+}
+
+pub fn read_session<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    tenant: &str,
+    id: &str,
+) -> Result<Option<SessionRecords>, Refusal> {
+    let Some((slot, budget)) = sessions::lookup(store, tenant, id, &cfg.sessions)? else {
+        return Ok(None);
+    };
+    let bytes = read(store, &report_slot_key(tenant, slot))?;
+    let report = if ReportRecord::encoded_id_is(&bytes, id) {
+        ReportRecord::decode(&bytes).unwrap_or_else(|_| ReportRecord::new(id))
+    } else {
+        ReportRecord::new(id)
+    };
+    Ok(Some(SessionRecords { budget, report }))
+}
+
 fn handle_inner<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -173,33 +252,24 @@ fn handle_inner<S: SharedStore + ?Sized>(
     tenant_param: Option<&str>,
     now: u64,
 ) -> Result<AdminResponse, Refusal> {
-    let tenant_index = match (access, tenant_param) {
-        (Access::Tenant(t), _) => t,
-        (Access::Admin, None) => 0,
-        (Access::Admin, Some(name)) => cfg
-            .tenants
-            .iter()
-            .position(|t| t.id == name)
-            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, format!("no tenant {name:?}")))?,
-    };
+    let tenant_index = tenant_of(cfg, access, tenant_param)?;
     let tenant = cfg
         .tenants
         .get(tenant_index)
         .map(|t| t.id.clone())
         .ok_or_else(|| Refusal::new(ErrorCode::InternalError, "tenant index out of range"))?;
-    let find = |id: &str| -> Result<SessionRecord, Refusal> {
-        sessions::lookup(store, &tenant, id, &cfg.sessions)?
-            .map(|(_, record)| record)
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::NotFound,
-                    format!("no session {id:?} for tenant {tenant}"),
-                )
-                .with_fields(vec![("sessionId", id.to_string())])
-            })
+    let not_found = |id: &str| {
+        Refusal::new(
+            ErrorCode::NotFound,
+            format!("no session {id:?} for tenant {tenant}"),
+        )
+        .with_fields(vec![("sessionId", id.to_string())])
     };
-    let windows = || -> Result<TenantRecord, Refusal> {
-        let mut record = TenantRecord::decode(&read(store, &tenant_windows_key(&tenant))?)
+    let find = |id: &str| -> Result<SessionRecords, Refusal> {
+        read_session(cfg, store, &tenant, id)?.ok_or_else(|| not_found(id))
+    };
+    let windows = || -> Result<WindowsRecord, Refusal> {
+        let mut record = WindowsRecord::decode(&read(store, &tenant_windows_key(&tenant))?)
             .map_err(|_| Refusal::new(ErrorCode::InternalError, "corrupt tenant record"))?;
         record.roll(now);
         Ok(record)
@@ -213,48 +283,57 @@ fn handle_inner<S: SharedStore + ?Sized>(
                 if bytes.is_empty() {
                     continue;
                 }
-                if let Ok(record) = SessionRecord::decode(&bytes) {
+                if let Ok(record) = BudgetRecord::decode(&bytes) {
                     if !record.session_id.is_empty() {
-                        list.push(record);
+                        list.push((slot, record));
                     }
                 }
             }
-            list.sort_by_key(|r| std::cmp::Reverse(r.last_active));
+            list.sort_by_key(|(_, r)| std::cmp::Reverse(r.last_active));
             let total = list.len();
-            let sessions: Vec<Value> = list
-                .iter()
-                .take(SESSION_LIST_LIMIT)
-                .map(|r| {
-                    json!({
-                        "sessionId": r.session_id,
-                        "totalCost": r.spent.to_string(),
-                        "reserved": r.reserved.to_string(),
-                        "totalRequests": r.requests,
-                        "cacheHits": r.cache_hits,
-                        "cacheSavings": r.savings.to_string(),
-                        "agents": r.agents.len(),
-                        "killed": r.killed,
-                        "lastActive": r.last_active,
-                    })
-                })
-                .collect();
+            let policy = cfg.policy(None);
+            let mut sessions = Vec::new();
+            for (slot, r) in list.iter().take(SESSION_LIST_LIMIT) {
+                let bytes = read(store, &report_slot_key(&tenant, *slot))?;
+                let report = if ReportRecord::encoded_id_is(&bytes, &r.session_id) {
+                    ReportRecord::decode(&bytes).unwrap_or_default()
+                } else {
+                    ReportRecord::default()
+                };
+                let limit = policy.and_then(|p| p.session_budget);
+                let used = r.spent.saturating_add(r.reserved());
+                sessions.push(json!({
+                    "sessionId": r.session_id,
+                    "totalCost": r.spent.to_string(),
+                    "reserved": r.reserved().to_string(),
+                    "budget": limit.map(|l| l.to_string()),
+                    "budgetUtilization": limit.map(|l| utilization(used, l)),
+                    "state": session_state(cfg, r),
+                    "totalRequests": report.requests,
+                    "cacheHits": report.cache_hits,
+                    "cacheSavings": report.savings.to_string(),
+                    "agents": report.agents.len().max(r.agents.len()),
+                    "killed": r.killed,
+                    "lastActive": r.last_active,
+                }));
+            }
             Ok(AdminResponse::json(
                 200,
                 json!({"tenant": tenant, "sessions": sessions, "total": total}),
             ))
         }
         AdminRoute::Budget(id) => {
-            let record = find(id)?;
+            let records = find(id)?;
             Ok(AdminResponse::json(
                 200,
-                budget_json(cfg, &tenant, &record, &windows()?),
+                budget_json(cfg, &tenant, &records.budget, &windows()?),
             ))
         }
         AdminRoute::Report(id) => {
-            let record = find(id)?;
+            let records = find(id)?;
             Ok(AdminResponse::json(
                 200,
-                report_json(cfg, &tenant, &record, &windows()?),
+                report_json(cfg, &tenant, &records, &windows()?),
             ))
         }
         AdminRoute::Kill(id) | AdminRoute::Resume(id) => {
@@ -268,11 +347,7 @@ fn handle_inner<S: SharedStore + ?Sized>(
             let kill = matches!(route, AdminRoute::Kill(_));
             let changed = sessions::set_killed(store, &tenant, id, &cfg.sessions, now, kill)?;
             let Some((record, was_killed)) = changed else {
-                return Err(Refusal::new(
-                    ErrorCode::NotFound,
-                    format!("no session {id:?} for tenant {tenant}"),
-                )
-                .with_fields(vec![("sessionId", id.clone())]));
+                return Err(not_found(id));
             };
             let mut response = AdminResponse::json(
                 200,
@@ -298,6 +373,25 @@ fn handle_inner<S: SharedStore + ?Sized>(
     }
 }
 
+/// `killed` (manual), `stopped` (kill switch threshold), or `active`.
+fn session_state(cfg: &Config, r: &BudgetRecord) -> &'static str {
+    match kill_switch(cfg, r) {
+        Some("manual") => "killed",
+        Some(_) => "stopped",
+        None => "active",
+    }
+}
+
+/// Why priced calls are refused by the kill switch, if they are.
+fn kill_switch(cfg: &Config, record: &BudgetRecord) -> Option<&'static str> {
+    if record.killed {
+        return Some("manual");
+    }
+    let policy = cfg.policy(None)?;
+    let (limit, ppm) = (policy.session_budget?, policy.kill_ppm?);
+    reaches(record.spent.saturating_add(record.reserved()), limit, ppm).then_some("threshold")
+}
+
 fn scope_json(limit: Amount, spent: Amount, reserved: Amount) -> Value {
     json!({
         "limit": limit.to_string(),
@@ -308,60 +402,50 @@ fn scope_json(limit: Amount, spent: Amount, reserved: Amount) -> Value {
     })
 }
 
-/// Budgets of a session under the default policy: per scope and per agent.
+/// Budgets of a session under the default policy: per scope and per agent budget.
 pub fn budget_json(
     cfg: &Config,
     tenant: &str,
-    record: &SessionRecord,
-    windows: &TenantRecord,
+    record: &BudgetRecord,
+    windows: &WindowsRecord,
 ) -> Value {
     let mut out = serde_json::Map::new();
     out.insert("sessionId".into(), json!(record.session_id));
     out.insert("tenant".into(), json!(tenant));
     out.insert("killed".into(), json!(record.killed));
+    out.insert("killSwitch".into(), json!(kill_switch(cfg, record)));
     let Some(policy) = cfg.policy(None) else {
         return Value::Object(out);
     };
-    // Why priced calls are refused, if they are: the manual switch or the threshold.
-    let tripped = match (policy.session_budget, policy.kill_ppm) {
-        (Some(limit), Some(ppm)) => {
-            crate::core::amount::reaches(record.spent.saturating_add(record.reserved), limit, ppm)
-        }
-        _ => false,
-    };
-    let kill_switch = if record.killed {
-        json!("manual")
-    } else if tripped {
-        json!("threshold")
-    } else {
-        Value::Null
-    };
-    out.insert("killSwitch".into(), kill_switch.clone());
     out.insert("policy".into(), json!(policy.name));
+    let reserved = record.reserved();
     if let Some(limit) = policy.session_budget {
-        out.insert(
-            "session".into(),
-            scope_json(limit, record.spent, record.reserved),
-        );
+        out.insert("session".into(), scope_json(limit, record.spent, reserved));
     }
+    let windows_reserved = windows.reserved();
     if let Some(limit) = policy.daily_budget {
         out.insert(
             "daily".into(),
-            scope_json(limit, windows.day.spent, windows.day.reserved),
+            scope_json(limit, windows.day.spent, windows_reserved),
         );
     }
     if let Some(limit) = policy.monthly_budget {
         out.insert(
             "monthly".into(),
-            scope_json(limit, windows.month.spent, windows.month.reserved),
+            scope_json(limit, windows.month.spent, windows_reserved),
         );
     }
     let mut agents = serde_json::Map::new();
     for agent in &record.agents {
-        if let Some(limit) = policy.agent_rule(&agent.id).and_then(|r| r.agent_budget) {
+        if let Some(limit) = policy.budget_limit(&agent.id) {
+            let key = if agent.id == POOL {
+                "unmatched"
+            } else {
+                agent.id.as_str()
+            };
             agents.insert(
-                agent.id.clone(),
-                scope_json(limit, agent.spent, agent.reserved),
+                key.to_string(),
+                scope_json(limit, agent.spent, record.agent_reserved(&agent.id)),
             );
         }
     }
@@ -377,14 +461,24 @@ pub fn budget_json(
     Value::Object(out)
 }
 
+fn tokens_json(t: &Tokens) -> Value {
+    json!({"input": t.input, "output": t.output, "cacheWrite": t.cache_write, "cacheRead": t.cache_read})
+}
+
 fn tally_json(key: &str, t: &Tally) -> Value {
-    json!({
+    let mut v = json!({
         key: t.name,
         "cost": t.cost.to_string(),
         "requests": t.requests,
         "cacheHits": t.cache_hits,
         "cacheSavings": t.savings.to_string(),
-    })
+    });
+    if t.tokens != Tokens::default() {
+        if let Some(map) = v.as_object_mut() {
+            map.insert("tokens".into(), tokens_json(&t.tokens));
+        }
+    }
+    v
 }
 
 fn rate(part: u64, whole: u64) -> f64 {
@@ -395,64 +489,106 @@ fn rate(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// The session report: totals, by agent, by tool, by endpoint, refusals.
+/// The session report: totals, by agent, by tool, by endpoint, by model, refusals,
+/// how each agent stopped, spend over time.
 pub fn report_json(
     cfg: &Config,
     tenant: &str,
-    record: &SessionRecord,
-    windows: &TenantRecord,
+    records: &SessionRecords,
+    windows: &WindowsRecord,
 ) -> Value {
+    let (record, report) = (&records.budget, &records.report);
     let budget = budget_json(cfg, tenant, record, windows);
     let policy = cfg.policy(None);
-    let by_agent: Vec<Value> = record
+    let mut by_agent: Vec<Value> = report
         .agents
         .iter()
         .map(|a| {
-            let budget = policy
-                .and_then(|p| p.agent_rule(&a.id))
-                .and_then(|r| r.agent_budget);
+            let key = policy.and_then(|p| p.agent_budget(&a.id));
+            let (spent, reserved) = key.map_or((a.cost, 0), |(k, _)| {
+                let (s, r) = record.agent_totals(k);
+                (if k == POOL { a.cost } else { s }, r)
+            });
+            let limit = key.map(|(_, l)| l);
             json!({
                 "agentId": a.id,
                 "role": role(&a.id),
-                "cost": a.spent.to_string(),
-                "reserved": a.reserved.to_string(),
+                "parentAgentId": a.parent,
+                "cost": a.cost.to_string(),
+                "reserved": reserved.to_string(),
                 "requests": a.requests,
                 "cacheHits": a.cache_hits,
                 "cacheSavings": a.savings.to_string(),
-                "budget": budget.map(|b| b.to_string()),
-                "budgetUtilization": budget.map(|b| utilization(a.spent, b)),
+                "tokens": tokens_json(&a.tokens),
+                "budget": limit.map(|b| b.to_string()),
+                "budgetShared": key.is_some_and(|(k, _)| k == POOL),
+                "budgetUtilization": limit.map(|b| utilization(spent.saturating_add(reserved), b)),
+                "stoppedBy": a.stop.as_ref().map(|s| json!({
+                    "code": s.code, "at": s.at, "calls": s.calls, "refusedSince": s.refused_since,
+                })),
             })
         })
         .collect();
-    let refusals: serde_json::Map<String, Value> = record
+    // Agents that reserved but whose calls are not counted yet (in flight).
+    for agent in &record.agents {
+        if agent.id != POOL && report.agent(&agent.id).is_none() {
+            by_agent.push(json!({
+                "agentId": agent.id, "role": role(&agent.id), "parentAgentId": null,
+                "cost": agent.spent.to_string(),
+                "reserved": record.agent_reserved(&agent.id).to_string(),
+                "requests": 0, "cacheHits": 0, "cacheSavings": "0",
+                "tokens": tokens_json(&Tokens::default()),
+                "budget": policy.and_then(|p| p.budget_limit(&agent.id)).map(|b| b.to_string()),
+                "budgetShared": false,
+                "budgetUtilization": policy.and_then(|p| p.budget_limit(&agent.id))
+                    .map(|b| utilization(agent.spent.saturating_add(record.agent_reserved(&agent.id)), b)),
+                "stoppedBy": null,
+            }));
+        }
+    }
+    let refusals: serde_json::Map<String, Value> = report
         .refusals
         .iter()
         .map(|(code, n)| (code.clone(), json!(n)))
         .collect();
-    let recent: Vec<Value> = record
+    let recent: Vec<Value> = report
         .recent_refusals
         .iter()
         .rev()
         .map(|r| json!({"at": r.at, "agentId": r.agent, "code": r.code}))
         .collect();
+    let timeline: Vec<Value> = report
+        .timeline
+        .iter()
+        .filter_map(|p| {
+            report
+                .agents
+                .get(usize::from(p.agent))
+                .map(|a| json!({"at": p.at, "agentId": a.id, "cost": p.cost.to_string()}))
+        })
+        .collect();
     json!({
         "sessionId": record.session_id,
         "tenant": tenant,
         "totalCost": record.spent.to_string(),
-        "reserved": record.reserved.to_string(),
-        "totalRequests": record.requests,
-        "cacheHits": record.cache_hits,
-        "cacheHitRate": rate(record.cache_hits, record.requests),
-        "cacheSavings": record.savings.to_string(),
+        "reserved": record.reserved().to_string(),
+        "totalRequests": report.requests,
+        "cacheHits": report.cache_hits,
+        "cacheHitRate": rate(report.cache_hits, report.requests),
+        "cacheSavings": report.savings.to_string(),
         "killed": record.killed,
         "killSwitch": budget["killSwitch"].clone(),
         "lastActive": record.last_active,
-        "unconfirmedPayments": {"count": record.unconfirmed, "amount": record.unconfirmed_amount.to_string()},
+        "unconfirmedPayments": {"count": report.unconfirmed, "amount": report.unconfirmed_amount.to_string()},
+        "unmeteredCalls": {"count": report.unmetered, "amount": report.unmetered_amount.to_string()},
+        "tokens": tokens_json(&report.tokens),
         "byAgent": by_agent,
-        "byTool": record.tools.iter().map(|t| tally_json("tool", t)).collect::<Vec<_>>(),
-        "byEndpoint": record.endpoints.iter().map(|t| tally_json("endpoint", t)).collect::<Vec<_>>(),
+        "byTool": report.tools.iter().map(|t| tally_json("tool", t)).collect::<Vec<_>>(),
+        "byEndpoint": report.endpoints.iter().map(|t| tally_json("endpoint", t)).collect::<Vec<_>>(),
+        "byModel": report.models.iter().map(|t| tally_json("model", t)).collect::<Vec<_>>(),
         "refusals": refusals,
         "recentRefusals": recent,
+        "spendOverTime": timeline,
         "budget": budget,
     })
 }
@@ -460,10 +596,11 @@ pub fn report_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::call::{HeaderValue, RouteSettings};
     use crate::core::compile::{compile_json, sha256_hex};
-    use crate::core::firewall::{
-        admit, describe_call, identify, settle, HeaderValue, RouteSettings,
-    };
+    use crate::core::firewall::{describe_call, identify};
+    use crate::core::ledger::local::LocalLedger;
+    use crate::core::ledger::{admit, record_refusal, settle, Outcome};
     use crate::core::store::MemoryStore;
 
     fn config() -> Config {
@@ -522,9 +659,27 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_allows_only_its_own_script_and_no_framing() {
+        let page = dashboard(&config());
+        let csp = &page
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "content-security-policy")
+            .unwrap()
+            .1;
+        assert!(csp.contains("script-src 'sha256-"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"));
+        assert!(page
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "x-frame-options" && v == "DENY"));
+    }
+
+    #[test]
     fn ralph_stops_at_three_dollars_and_the_report_says_so() {
         let cfg = config();
         let store = MemoryStore::new();
+        let mut local = LocalLedger::new();
         let headers = |agent: &'static str| {
             move |name: &str| match name {
                 "x-pag0-api-key" => HeaderValue::One(b"demo-key".to_vec()),
@@ -533,6 +688,7 @@ mod tests {
                 _ => HeaderValue::Missing,
             }
         };
+        let mut key = |k: &[u8]| cfg.tenant_for_key(k);
         let route_settings = RouteSettings {
             price: Some("150000".into()),
             tool: Some("llm".into()),
@@ -540,30 +696,33 @@ mod tests {
         };
         let call =
             describe_call(&cfg, b"api.anthropic.com", b"/v1/messages", &route_settings).unwrap();
-        let ralph = identify(&cfg, &headers("ralph-1")).unwrap();
+        let ralph = identify(&cfg, &headers("ralph-1"), &mut key, None).unwrap();
         let mut alerts = Vec::new();
         let mut ok = 0;
         loop {
-            match admit(&cfg, &store, &ralph, &call, 100) {
+            match admit(&cfg, &store, &mut local, &ralph, &call, 100_000) {
                 Ok(admission) => {
-                    let settled = settle(&cfg, &store, &admission.ticket, true, 100).unwrap();
-                    assert_eq!(settled.cost, 150_000);
+                    let settled = settle(
+                        &cfg,
+                        &store,
+                        &mut local,
+                        &admission.ticket,
+                        &Outcome::commit(150_000),
+                        100_000,
+                    )
+                    .unwrap();
                     alerts.extend(settled.alerts);
+                    alerts.extend(local.flush(&cfg, &store, 100_000));
                     ok += 1;
                 }
-                Err(refused) => {
-                    assert_eq!(refused.refusal.code, ErrorCode::AgentBudgetExceeded);
-                    alerts.extend(
-                        crate::core::firewall::record_refusal(
-                            &cfg,
-                            &store,
-                            &ralph,
-                            &call,
-                            &refused.refusal,
-                            100,
-                        )
-                        .unwrap(),
+                Err(rejection) => {
+                    assert_eq!(
+                        rejection.refused.refusal.code,
+                        ErrorCode::AgentBudgetExceeded
                     );
+                    alerts.extend(rejection.alerts);
+                    let refused = rejection.refused;
+                    record_refusal(&mut local, &cfg, &ralph, &refused.refusal, 100);
                     break;
                 }
             }
@@ -581,9 +740,18 @@ mod tests {
             ]
         );
         // The executor goes on.
-        let executor = identify(&cfg, &headers("executor-1")).unwrap();
-        let admission = admit(&cfg, &store, &executor, &call, 101).unwrap();
-        settle(&cfg, &store, &admission.ticket, true, 101).unwrap();
+        let executor = identify(&cfg, &headers("executor-1"), &mut key, None).unwrap();
+        let admission = admit(&cfg, &store, &mut local, &executor, &call, 101_000).unwrap();
+        settle(
+            &cfg,
+            &store,
+            &mut local,
+            &admission.ticket,
+            &Outcome::commit(150_000),
+            101_000,
+        )
+        .unwrap();
+        local.flush(&cfg, &store, 101_000);
 
         let response = handle(
             &cfg,
@@ -596,10 +764,16 @@ mod tests {
         assert_eq!(response.status, 200);
         let report: Value = serde_json::from_str(&response.body).unwrap();
         assert_eq!(report["totalCost"], "3150000");
+        assert_eq!(report["reserved"], "0");
         assert_eq!(report["totalRequests"], 22);
         assert_eq!(report["refusals"]["AGENT_BUDGET_EXCEEDED"], 1);
         assert_eq!(report["byAgent"][0]["agentId"], "ralph-1");
         assert_eq!(report["byAgent"][0]["budgetUtilization"], 1.0);
+        assert_eq!(
+            report["byAgent"][0]["stoppedBy"]["code"],
+            "AGENT_BUDGET_EXCEEDED"
+        );
+        assert_eq!(report["byAgent"][0]["stoppedBy"]["calls"], 20);
         assert_eq!(report["byTool"][0]["requests"], 21);
         let missing = handle(
             &cfg,
@@ -610,5 +784,14 @@ mod tests {
             102,
         );
         assert_eq!(missing.status, 404);
+        let kill_unknown = handle(
+            &cfg,
+            &store,
+            Access::Admin,
+            &AdminRoute::Kill("nope".into()),
+            None,
+            102,
+        );
+        assert_eq!(kill_unknown.status, 404);
     }
 }

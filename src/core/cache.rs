@@ -17,7 +17,7 @@ use crate::core::store::{read, update, SharedStore, Step, CREATE_CAS};
 
 /// Slots a key may use.
 pub const WAYS: u32 = 4;
-const ENTRY_VERSION: u8 = 1;
+const ENTRY_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheScope {
@@ -165,21 +165,161 @@ impl CacheConfig {
     }
 }
 
+/// What a cache key is made of. Everything that can change an answer is in it: the
+/// tenant and namespace, the method, the authority as sent (host and port), the
+/// endpoint and raw query, and a SHA-256 over the request's `content-type`, `accept`,
+/// `accept-encoding`, its credentials (`authorization`, `x-api-key`, `api-key`,
+/// `cookie`: callers with other credentials never share an answer) and its body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyParts<'a> {
+    pub tenant: &'a str,
+    pub namespace: &'a str,
+    pub method: &'a str,
+    pub authority: &'a [u8],
+    pub endpoint: &'a str,
+    pub query: &'a [u8],
+    pub content_type: &'a [u8],
+    pub accept: &'a [u8],
+    pub accept_encoding: &'a [u8],
+    pub credentials: &'a [&'a [u8]],
+    pub body: &'a [u8],
+}
+
+/// Request headers whose values are hashed into the key as credentials.
+pub const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "cookie"];
+
 /// The full cache key. It is stored in the entry and compared on every hit, so two
 /// requests that hash alike can never see each other's answers.
-pub fn cache_key(
-    tenant: &str,
-    namespace: &str,
-    method: &str,
-    endpoint: &str,
-    query: &str,
-    body: &[u8],
-) -> String {
-    let body_hash: String = Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{tenant}\n{namespace}\n{method}\n{endpoint}\n{query}\n{body_hash}")
+pub fn cache_key(p: &KeyParts) -> String {
+    let mut h = Sha256::new();
+    for part in [p.content_type, p.accept, p.accept_encoding] {
+        h.update((part.len() as u32).to_le_bytes());
+        h.update(part);
+    }
+    h.update((p.credentials.len() as u32).to_le_bytes());
+    for c in p.credentials {
+        h.update((c.len() as u32).to_le_bytes());
+        h.update(c);
+    }
+    h.update(p.body);
+    let digest = h.finalize();
+    let authority = String::from_utf8_lossy(p.authority).to_ascii_lowercase();
+    let query = String::from_utf8_lossy(p.query);
+    let mut key = String::with_capacity(
+        p.tenant.len()
+            + p.namespace.len()
+            + p.method.len()
+            + authority.len()
+            + p.endpoint.len()
+            + query.len()
+            + 72,
+    );
+    for part in [
+        p.tenant,
+        p.namespace,
+        p.method,
+        &authority,
+        p.endpoint,
+        &query,
+    ] {
+        key.push_str(part);
+        key.push('\n');
+    }
+    push_hex(&mut key, &digest);
+    key
+}
+
+/// Lowercase hex, without `format!` per byte (keys are built on every cached call).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+}
+
+/// Whether a request must skip the cache (neither read nor fill): it asks for a part
+/// of the answer (`Range`), or its `Cache-Control` says `no-store` or `no-cache`.
+pub fn request_bypasses(cache_control: Option<&[u8]>, range: bool) -> bool {
+    range
+        || cache_control.is_some_and(|cc| {
+            directives(&String::from_utf8_lossy(cc))
+                .any(|(name, _)| matches!(name.as_str(), "no-store" | "no-cache"))
+        })
+}
+
+/// What decides whether an answer may be stored (RFC 9111, for a shared cache).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerFacts<'a> {
+    pub status: u32,
+    pub cache_control: Option<&'a str>,
+    pub has_set_cookie: bool,
+    pub vary: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub has_content_range: bool,
+}
+
+fn directives(value: &str) -> impl Iterator<Item = (String, Option<String>)> + '_ {
+    value.split(',').filter_map(|d| {
+        let d = d.trim();
+        if d.is_empty() {
+            return None;
+        }
+        let (name, arg) = match d.split_once('=') {
+            Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"').to_string())),
+            None => (d, None),
+        };
+        Some((name.to_ascii_lowercase(), arg))
+    })
+}
+
+/// Whether an answer may be stored, and for how long at most (its `s-maxage` or
+/// `max-age`); the reason when it may not: not 200/203/204, `no-store`, `no-cache`,
+/// `private`, a zero max-age, `Set-Cookie`, `Vary` on anything but `Accept-Encoding`
+/// (which is in the key), a partial answer, or a stream (`text/event-stream`, which
+/// is never held back to be stored).
+pub fn storable(facts: &AnswerFacts) -> Result<Option<u64>, &'static str> {
+    if !matches!(facts.status, 200 | 203 | 204) {
+        return Err("status is not 200, 203 or 204");
+    }
+    if facts.has_content_range {
+        return Err("a partial answer");
+    }
+    if facts.has_set_cookie {
+        return Err("Set-Cookie");
+    }
+    if facts.content_type.is_some_and(|ct| {
+        ct.trim()
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+    }) {
+        return Err("a stream");
+    }
+    if let Some(vary) = facts.vary {
+        if vary
+            .split(',')
+            .map(|v| v.trim().to_ascii_lowercase())
+            .any(|v| !v.is_empty() && v != "accept-encoding")
+        {
+            return Err("Vary on a request header not in the key");
+        }
+    }
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for (name, arg) in directives(facts.cache_control.unwrap_or("")) {
+        match name.as_str() {
+            "no-store" => return Err("Cache-Control: no-store"),
+            "no-cache" => return Err("Cache-Control: no-cache"),
+            "private" => return Err("Cache-Control: private"),
+            "max-age" => max_age = arg.and_then(|a| a.parse::<u64>().ok()).or(Some(0)),
+            "s-maxage" => s_maxage = arg.and_then(|a| a.parse::<u64>().ok()).or(Some(0)),
+            _ => {}
+        }
+    }
+    match s_maxage.or(max_age) {
+        Some(0) => Err("max-age=0"),
+        other => Ok(other),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +341,9 @@ pub struct Entry {
     /// What the original call cost: each hit saves that much.
     pub cost: u64,
     pub content_type: String,
+    /// The answer's `Content-Encoding` (replayed with it; the key holds the request's
+    /// `Accept-Encoding`, so only clients that asked for it get it).
+    pub content_encoding: String,
     pub body: Vec<u8>,
 }
 
@@ -241,6 +384,7 @@ impl Entry {
         for part in [
             self.key.as_bytes(),
             self.content_type.as_bytes(),
+            self.content_encoding.as_bytes(),
             &self.body,
         ] {
             w.extend_from_slice(&(part.len() as u32).to_le_bytes());
@@ -273,6 +417,7 @@ impl Entry {
         };
         let key = String::from_utf8(part()?).ok()?;
         let content_type = String::from_utf8(part()?).ok()?;
+        let content_encoding = String::from_utf8(part()?).ok()?;
         let body = part()?;
         if at != bytes.len() {
             return None;
@@ -292,6 +437,7 @@ impl Entry {
             status,
             cost,
             content_type,
+            content_encoding,
             body,
         })
     }
@@ -299,7 +445,7 @@ impl Entry {
 
 /// Shared-data key of a cache slot.
 pub fn slot_key(slot: u32) -> String {
-    format!("pag0/v1/c/{slot}")
+    crate::core::store::cache_slot_key(slot)
 }
 
 fn slots_for(key: &str, entries: u32) -> impl Iterator<Item = u32> {
@@ -368,6 +514,7 @@ pub fn find_or_claim<S: SharedStore + ?Sized>(
             status: 0,
             cost: 0,
             content_type: String::new(),
+            content_encoding: String::new(),
             body: Vec::new(),
         };
         // Claim with the CAS seen in the scan: if the slot changed since (another call
@@ -427,11 +574,10 @@ pub fn abandon<S: SharedStore + ?Sized>(store: &S, slot: u32, key: &str) -> Resu
 
 /// The Redis key of a cache key: fixed length and URL-safe.
 pub fn level2_key(key: &str) -> String {
-    let digest: String = Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("pag0:{digest}")
+    let mut out = String::with_capacity(69);
+    out.push_str("pag0:");
+    push_hex(&mut out, &Sha256::digest(key.as_bytes()));
+    out
 }
 
 /// Webdis path that reads a key.
@@ -457,17 +603,6 @@ pub fn level2_entry(body: &[u8], key: &str, now_ms: u64) -> Option<Entry> {
     let entry = Entry::decode(&crate::core::base64::decode(text)?)?;
     (entry.key == key && entry.state == EntryState::Filled && !entry.expired(now_ms))
         .then_some(entry)
-}
-
-/// Whether a response may be stored: 2xx, and no `no-store` or `private`.
-pub fn storable(status: u32, cache_control: Option<&str>) -> bool {
-    if !(200..300).contains(&status) {
-        return false;
-    }
-    let directives = cache_control.unwrap_or("").to_ascii_lowercase();
-    !directives
-        .split(',')
-        .any(|d| matches!(d.trim(), "no-store" | "private"))
 }
 
 #[cfg(test)]
@@ -511,6 +646,7 @@ mod tests {
             status: 200,
             cost: 20_000,
             content_type: "application/json".into(),
+            content_encoding: String::new(),
             body: b"{}".to_vec(),
         }
     }
@@ -529,14 +665,7 @@ mod tests {
     fn one_claim_then_waiters_then_a_hit() {
         let store = MemoryStore::new();
         let c = cfg(64);
-        let key = cache_key(
-            "t",
-            "s:1",
-            "POST",
-            "api.tavily.com/search",
-            "",
-            b"{\"q\":1}",
-        );
+        let key = key("t", "s:1", "POST", "", b"{\"q\":1}");
         let Found::Claimed(slot) = find_or_claim(&store, &c, &key, 1000).unwrap() else {
             panic!()
         };
@@ -556,14 +685,71 @@ mod tests {
         ));
     }
 
+    fn key(tenant: &str, ns: &str, method: &str, query: &str, body: &[u8]) -> String {
+        cache_key(&KeyParts {
+            tenant,
+            namespace: ns,
+            method,
+            authority: b"api.tavily.com",
+            endpoint: "api.tavily.com/search",
+            query: query.as_bytes(),
+            body,
+            ..KeyParts::default()
+        })
+    }
+
     #[test]
-    fn keys_differ_by_tenant_namespace_body_and_query() {
-        let a = cache_key("t1", "s:1", "POST", "e", "", b"x");
-        assert_ne!(a, cache_key("t2", "s:1", "POST", "e", "", b"x"));
-        assert_ne!(a, cache_key("t1", "s:2", "POST", "e", "", b"x"));
-        assert_ne!(a, cache_key("t1", "s:1", "POST", "e", "", b"y"));
-        assert_ne!(a, cache_key("t1", "s:1", "POST", "e", "q=1", b"x"));
-        assert_ne!(a, cache_key("t1", "s:1", "GET", "e", "", b"x"));
+    fn keys_differ_by_everything_that_can_change_an_answer() {
+        let a = key("t1", "s:1", "POST", "", b"x");
+        assert_ne!(a, key("t2", "s:1", "POST", "", b"x"));
+        assert_ne!(a, key("t1", "s:2", "POST", "", b"x"));
+        assert_ne!(a, key("t1", "s:1", "POST", "", b"y"));
+        assert_ne!(a, key("t1", "s:1", "POST", "q=1", b"x"));
+        assert_ne!(a, key("t1", "s:1", "GET", "", b"x"));
+        let base = KeyParts {
+            tenant: "t",
+            namespace: "t",
+            method: "POST",
+            authority: b"api.tavily.com",
+            endpoint: "api.tavily.com/search",
+            body: b"{}",
+            ..KeyParts::default()
+        };
+        let k = cache_key(&base);
+        let other_port = KeyParts {
+            authority: b"api.tavily.com:8443",
+            ..base
+        };
+        let gzip = KeyParts {
+            accept_encoding: b"gzip",
+            ..base
+        };
+        let xml = KeyParts {
+            accept: b"application/xml",
+            ..base
+        };
+        let form = KeyParts {
+            content_type: b"application/x-www-form-urlencoded",
+            ..base
+        };
+        let alice: &[&[u8]] = &[b"Bearer alice"];
+        let bob: &[&[u8]] = &[b"Bearer bob"];
+        let as_alice = KeyParts {
+            credentials: alice,
+            ..base
+        };
+        let as_bob = KeyParts {
+            credentials: bob,
+            ..base
+        };
+        for other in [other_port, gzip, xml, form, as_alice] {
+            assert_ne!(k, cache_key(&other));
+        }
+        assert_ne!(cache_key(&as_alice), cache_key(&as_bob));
+        assert_eq!(k, cache_key(&base));
+        let mut hex = String::new();
+        push_hex(&mut hex, &[0x00, 0xab, 0xff]);
+        assert_eq!(hex, "00abff");
     }
 
     #[test]
@@ -613,12 +799,77 @@ mod tests {
     }
 
     #[test]
-    fn storable_answers() {
-        assert!(storable(200, None));
-        assert!(storable(204, Some("max-age=60")));
-        assert!(!storable(500, None));
-        assert!(!storable(200, Some("no-store")));
-        assert!(!storable(200, Some("max-age=0, private")));
+    fn storable_answers_follow_rfc_9111_for_a_shared_cache() {
+        let ok = AnswerFacts {
+            status: 200,
+            ..AnswerFacts::default()
+        };
+        assert_eq!(storable(&ok), Ok(None));
+        assert_eq!(
+            storable(&AnswerFacts {
+                status: 204,
+                cache_control: Some("public, max-age=60"),
+                ..ok
+            }),
+            Ok(Some(60))
+        );
+        assert_eq!(
+            storable(&AnswerFacts {
+                cache_control: Some("max-age=60, s-maxage=5"),
+                ..ok
+            }),
+            Ok(Some(5))
+        );
+        for bad in [
+            AnswerFacts { status: 500, ..ok },
+            AnswerFacts { status: 206, ..ok },
+            AnswerFacts {
+                cache_control: Some("no-store"),
+                ..ok
+            },
+            AnswerFacts {
+                cache_control: Some("No-Cache"),
+                ..ok
+            },
+            AnswerFacts {
+                cache_control: Some("max-age=0"),
+                ..ok
+            },
+            AnswerFacts {
+                cache_control: Some("max-age=60, private"),
+                ..ok
+            },
+            AnswerFacts {
+                has_set_cookie: true,
+                ..ok
+            },
+            AnswerFacts {
+                vary: Some("Authorization"),
+                ..ok
+            },
+            AnswerFacts {
+                vary: Some("*"),
+                ..ok
+            },
+            AnswerFacts {
+                has_content_range: true,
+                ..ok
+            },
+            AnswerFacts {
+                content_type: Some("text/event-stream; charset=utf-8"),
+                ..ok
+            },
+        ] {
+            assert!(storable(&bad).is_err(), "{bad:?}");
+        }
+        assert!(storable(&AnswerFacts {
+            vary: Some("Accept-Encoding"),
+            ..ok
+        })
+        .is_ok());
+        assert!(request_bypasses(None, true));
+        assert!(request_bypasses(Some(b"no-cache"), false));
+        assert!(!request_bypasses(Some(b"max-age=5"), false));
     }
 
     #[test]
@@ -670,6 +921,7 @@ mod concurrency_tests {
                                 status: 200,
                                 cost: 1,
                                 content_type: String::new(),
+                                content_encoding: String::new(),
                                 body: vec![1; 800],
                             };
                             assert!(fill(&*store, slot, &e).unwrap(), "fill lost for {key}");
@@ -701,6 +953,7 @@ mod concurrency_tests {
                 status: 200,
                 cost: 1,
                 content_type: String::new(),
+                content_encoding: String::new(),
                 body: vec![],
             };
             assert!(fill(&*store, slot, &e).unwrap());

@@ -9,7 +9,9 @@ use crate::core::amount::{parse_amount, threshold_ppm, Amount};
 use crate::core::config::{RawAgentPolicy, RawConfig, RawPolicy};
 use crate::core::glob::Glob;
 use crate::core::identity::valid_id;
-use crate::core::policy::{AgentRule, ChargeOn, IdPattern, Policy};
+use crate::core::payments::{canonical_network, AssetRule, PaymentRules, BUDGET_DECIMALS};
+use crate::core::policy::{AgentRule, ChargeOn, IdPattern, Policy, Unmatched};
+pub use crate::core::settings::{LedgerTimings, Service, SessionLimits};
 
 pub const DEFAULT_SESSION_HEADER: &str = "x-pag0-session";
 pub const DEFAULT_AGENT_HEADER: &str = "x-pag0-agent";
@@ -20,9 +22,12 @@ pub const DEFAULT_TENANT: &str = "default";
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub session_header: String,
-    pub agent_header: String,
+    /// Header names that may carry the agent id, first present wins.
+    pub agent_headers: Vec<String>,
+    pub parent_agent_header: Option<String>,
     pub api_key_header: String,
     pub default_agent: String,
+    pub default_session: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,19 +35,12 @@ pub struct Tenant {
     pub id: String,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
-    /// Slots in each tenant's session table.
-    pub max_sessions: u32,
-    pub max_agents: u16,
-    pub idle_timeout_secs: u64,
-}
-
 #[derive(Debug, Clone)]
 pub struct EndpointRule {
     pub glob: Glob,
     pub price: Option<Amount>,
     pub tool: Option<String>,
+    pub x402: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -56,17 +54,24 @@ pub struct Config {
     pub policy_by_name: HashMap<String, usize>,
     pub default_policy: usize,
     pub endpoints: Vec<EndpointRule>,
+    pub ledger: LedgerTimings,
+    /// Chaos testing: the header that crashes the VM (never set in production).
+    pub crash_header: Option<String>,
     /// Some policy has a daily or monthly budget: every priced call counts in the
     /// tenant's windows.
     pub track_windows: bool,
     pub admin: Admin,
-    pub alerts: Option<AlertSink>,
+    pub alerts: Option<Service>,
     pub cache: Option<crate::core::cache::CacheConfig>,
-    pub signer: Option<AlertSink>,
+    pub signer: Option<Service>,
     /// Pay mode: largest request body kept to retry a paid call.
     pub pay_body_limit: usize,
+    /// Pay mode: request bodies kept for retries, in total per VM.
+    pub pay_buffer_limit: usize,
     /// Pay mode: how long the paid retry may take (then its outcome is unknown).
     pub pay_retry_timeout_ms: u64,
+    /// Pay mode: the cluster that leads back into this listener, for paid retries.
+    pub pay_loopback: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,15 +83,9 @@ pub struct Admin {
 
 /// Pay mode keeps the request body to retry it with a payment: 1 MiB unless set.
 const DEFAULT_PAY_BODY_LIMIT: usize = 1024 * 1024;
+/// Bodies kept for paid retries, in total per VM, unless set.
+const DEFAULT_PAY_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
 const MAX_PAY_BODY_LIMIT: u64 = 16 * 1024 * 1024;
-
-#[derive(Debug, Clone)]
-pub struct AlertSink {
-    pub cluster: String,
-    pub path: String,
-    pub authority: String,
-    pub timeout_ms: u64,
-}
 
 impl Config {
     pub fn requires_api_key(&self) -> bool {
@@ -126,22 +125,52 @@ pub fn compile_json(bytes: &[u8]) -> Result<Config, String> {
 }
 
 pub fn compile(raw: RawConfig) -> Result<Config, String> {
+    let mut agent_headers = Vec::new();
+    match raw.identity.agent_header.map(|h| h.into_vec()) {
+        None => agent_headers.push(DEFAULT_AGENT_HEADER.to_string()),
+        Some(list) if list.is_empty() || list.len() > 4 => {
+            return Err(
+                "identity.agentHeader: give one header name, or a list of 1 to 4".to_string(),
+            )
+        }
+        Some(list) => {
+            for (i, h) in list.into_iter().enumerate() {
+                agent_headers.push(header_name(
+                    Some(h),
+                    DEFAULT_AGENT_HEADER,
+                    &format!("identity.agentHeader[{i}]"),
+                )?);
+            }
+        }
+    }
     let identity = Identity {
         session_header: header_name(raw.identity.session_header, DEFAULT_SESSION_HEADER, "identity.sessionHeader")?,
-        agent_header: header_name(raw.identity.agent_header, DEFAULT_AGENT_HEADER, "identity.agentHeader")?,
+        agent_headers,
+        parent_agent_header: match raw.identity.parent_agent_header {
+            None => None,
+            Some(h) => Some(header_name(Some(h), "", "identity.parentAgentHeader")?),
+        },
         api_key_header: header_name(raw.identity.api_key_header, DEFAULT_API_KEY_HEADER, "identity.apiKeyHeader")?,
         default_agent: match raw.identity.default_agent {
             None => DEFAULT_AGENT.to_string(),
             Some(a) if valid_id(a.as_bytes()) => a,
             Some(a) => return Err(format!("identity.defaultAgent: {a:?} is not a valid agent id (1-128 of A-Z a-z 0-9 . _ : @ -)")),
         },
+        default_session: match raw.identity.default_session {
+            None => None,
+            Some(s) if valid_id(s.as_bytes()) => Some(s),
+            Some(s) => return Err(format!("identity.defaultSession: {s:?} is not a valid session id (1-128 of A-Z a-z 0-9 . _ : @ -)")),
+        },
     };
 
-    let names = [
-        ("identity.sessionHeader", &identity.session_header),
-        ("identity.agentHeader", &identity.agent_header),
-        ("identity.apiKeyHeader", &identity.api_key_header),
-    ];
+    let mut names = vec![("identity.sessionHeader", &identity.session_header)];
+    for h in &identity.agent_headers {
+        names.push(("identity.agentHeader", h));
+    }
+    if let Some(h) = &identity.parent_agent_header {
+        names.push(("identity.parentAgentHeader", h));
+    }
+    names.push(("identity.apiKeyHeader", &identity.api_key_header));
     for (i, (field, name)) in names.iter().enumerate() {
         if names[..i].iter().any(|(_, other)| other == name) {
             return Err(format!(
@@ -247,6 +276,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             glob,
             price,
             tool: rule.tool,
+            x402: rule.x402.unwrap_or(false),
         });
     }
 
@@ -292,7 +322,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
                     "alerts.timeoutMs: {timeout_ms} must be between 1 and 60000"
                 ));
             }
-            Some(AlertSink {
+            Some(Service {
                 path: url_path(a.path, "/", "alerts.path")?,
                 authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
                 cluster: a.cluster,
@@ -301,7 +331,9 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         }
     };
     let mut pay_body_limit = DEFAULT_PAY_BODY_LIMIT;
+    let mut pay_buffer_limit = DEFAULT_PAY_BUFFER_LIMIT;
     let mut pay_retry_timeout_ms = 30_000;
+    let mut pay_loopback = None;
     let signer = match raw.signer {
         None => None,
         Some(sg) => {
@@ -321,13 +353,29 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             if sg.cluster.is_empty() {
                 return Err("signer.cluster: must name an Envoy cluster".to_string());
             }
+            let buffered = sg
+                .max_buffered_bytes
+                .unwrap_or(DEFAULT_PAY_BUFFER_LIMIT as u64);
+            if !(limit..=4 * 1024 * 1024 * 1024).contains(&buffered) {
+                return Err(format!(
+                    "signer.maxBufferedBytes: {buffered} must be at least signer.maxBodyBytes ({limit}) and at most 4 GiB"
+                ));
+            }
+            pay_buffer_limit = usize::try_from(buffered).unwrap_or(usize::MAX);
+            pay_loopback = match sg.loopback_cluster {
+                None => None,
+                Some(c) if c.is_empty() => {
+                    return Err("signer.loopbackCluster: must name an Envoy cluster".to_string())
+                }
+                Some(c) => Some(c),
+            };
             let timeout_ms = sg.timeout_ms.unwrap_or(2000);
             if !(1..=60_000).contains(&timeout_ms) {
                 return Err(format!(
                     "signer.timeoutMs: {timeout_ms} must be between 1 and 60000"
                 ));
             }
-            Some(AlertSink {
+            Some(Service {
                 path: url_path(sg.path, "/sign", "signer.path")?,
                 authority: sg.authority.unwrap_or_else(|| sg.cluster.clone()),
                 cluster: sg.cluster,
@@ -335,9 +383,14 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
             })
         }
     };
-    if signer.is_none() {
-        if let Some(p) = policies.iter().find(|p| p.pay_x402) {
+    if let Some(p) = policies.iter().find(|p| p.pay_x402) {
+        if signer.is_none() {
             return Err(format!("policies.{}.x402.mode: \"pay\" needs a signer (top-level \"signer\": {{\"cluster\": …}})", p.name));
+        }
+        // A paid retry must reach what the route sent the first time (its rewrites and
+        // added headers); only the route itself knows that.
+        if pay_loopback.is_none() {
+            return Err(format!("policies.{}.x402.mode: \"pay\" needs signer.loopbackCluster: a cluster that leads back into this listener, so that the paid retry goes through the route's rewrites and added headers again (see README, x402)", p.name));
         }
     }
     let cache = match raw.cache {
@@ -347,6 +400,15 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
     let track_windows = policies
         .iter()
         .any(|p| p.daily_budget.is_some() || p.monthly_budget.is_some());
+    let ledger = compile_ledger(&raw.ledger)?;
+    let crash_header = match raw.fault_injection {
+        None => None,
+        Some(f) => Some(header_name(
+            Some(f.crash_header),
+            "",
+            "faultInjection.crashHeader",
+        )?),
+    };
     Ok(Config {
         identity,
         tenants,
@@ -356,13 +418,56 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         policy_by_name,
         default_policy,
         endpoints,
+        ledger,
+        crash_header,
         track_windows,
         admin,
         alerts,
         cache,
         signer,
         pay_body_limit,
+        pay_buffer_limit,
         pay_retry_timeout_ms,
+        pay_loopback,
+    })
+}
+
+fn compile_ledger(raw: &crate::core::config::RawLedger) -> Result<LedgerTimings, String> {
+    match raw.store.as_deref() {
+        None | Some("shared-data") => {}
+        Some(other) => {
+            return Err(format!(
+                "ledger.store: {other:?} must be \"shared-data\" or \"redis\""
+            ))
+        }
+    }
+    let defaults = LedgerTimings::default();
+    let lease = raw
+        .owner_lease_seconds
+        .unwrap_or(defaults.owner_lease_ms / 1000);
+    if !(3..=3600).contains(&lease) {
+        return Err(format!(
+            "ledger.ownerLeaseSeconds: {lease} must be between 3 and 3600"
+        ));
+    }
+    let timeout = raw
+        .reservation_timeout_seconds
+        .unwrap_or(defaults.reservation_timeout_ms / 1000);
+    if !(10..=604_800).contains(&timeout) {
+        return Err(format!(
+            "ledger.reservationTimeoutSeconds: {timeout} must be between 10 and 604800"
+        ));
+    }
+    let flush = raw.flush_interval_ms.unwrap_or(defaults.flush_interval_ms);
+    if !(10..=10_000).contains(&flush) {
+        return Err(format!(
+            "ledger.flushIntervalMs: {flush} must be between 10 and 10000"
+        ));
+    }
+    Ok(LedgerTimings {
+        owner_lease_ms: lease * 1000,
+        reservation_timeout_ms: timeout * 1000,
+        flush_interval_ms: flush,
     })
 }
 
@@ -455,35 +560,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         raw.blocked_endpoints.as_deref().unwrap_or(&[]),
         &f("blockedEndpoints"),
     )?;
-    let mut payments = crate::core::x402::PaymentRules::default();
-    for (i, n) in raw.x402.networks.iter().enumerate() {
-        if n.is_empty()
-            || n.len() > 64
-            || !n
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_'))
-        {
-            return Err(format!(
-                "{}[{i}]: {n:?} is not a network name (e.g. eip155:84532)",
-                f("x402.networks")
-            ));
-        }
-        payments.networks.push(n.clone());
-    }
-    for (field, list, out) in [
-        ("x402.assets", &raw.x402.assets, &mut payments.assets),
-        ("x402.payees", &raw.x402.payees, &mut payments.payees),
-    ] {
-        for (i, a) in list.iter().enumerate() {
-            let address = crate::core::x402::evm_address(a).ok_or_else(|| {
-                format!(
-                    "{}[{i}]: {a:?} is not an address (0x and 40 hex digits)",
-                    f(field)
-                )
-            })?;
-            out.push(address);
-        }
-    }
+    let payments = compile_payments(&raw.x402, &f)?;
     let approval = match raw.require_approval {
         None => None,
         Some(a) => {
@@ -504,7 +581,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
             }
             Some(crate::core::policy::Approval {
                 threshold,
-                service: AlertSink {
+                service: Service {
                     path: url_path(a.path, "/approve", &f("requireApproval.path"))?,
                     authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
                     cluster: a.cluster,
@@ -531,6 +608,32 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
             raw_agent,
         )?);
     }
+    let refuse_unpriced = match raw.unpriced_routes.as_deref() {
+        None | Some("allow") => false,
+        Some("refuse") => true,
+        Some(other) => {
+            return Err(format!(
+                "{}: {other:?} must be \"allow\" or \"refuse\"",
+                f("unpricedRoutes")
+            ))
+        }
+    };
+    let unmatched = match raw.unmatched_agents {
+        None => Unmatched::Open,
+        Some(Value::String(s)) if s == "refuse" => Unmatched::Refuse,
+        Some(Value::Object(map)) => {
+            let field = f("unmatchedAgents");
+            let raw_rule: RawAgentPolicy = serde_json::from_value(Value::Object(map))
+                .map_err(|e| format!("{field}: {e}"))?;
+            Unmatched::Pool(compile_agent(&field, "*", raw_rule)?)
+        }
+        Some(other) => {
+            return Err(format!(
+                "{}: {other} must be \"refuse\" or a rule like an agents entry ({{\"agentBudget\": \"500000\"}})",
+                f("unmatchedAgents")
+            ))
+        }
+    };
     Ok(Policy {
         name: name.to_string(),
         session_budget,
@@ -543,10 +646,108 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         kill_ppm,
         charge_on,
         agents,
+        unmatched,
+        refuse_unpriced,
         payments,
         pay_x402,
         approval,
     })
+}
+
+fn compile_payments(
+    raw: &crate::core::config::RawX402,
+    f: &dyn Fn(&str) -> String,
+) -> Result<PaymentRules, String> {
+    let mut payments = PaymentRules::default();
+    for (i, n) in raw.networks.iter().enumerate() {
+        if !network_name(n) {
+            return Err(format!(
+                "{}[{i}]: {n:?} is not a network name (e.g. eip155:84532 or base-sepolia)",
+                f("x402.networks")
+            ));
+        }
+        let id = canonical_network(n);
+        if !payments.networks.contains(&id) {
+            payments.networks.push(id);
+        }
+    }
+    for (i, a) in raw.assets.iter().enumerate() {
+        let field = format!("{}[{i}]", f("x402.assets"));
+        let rule = match a {
+            Value::String(text) => {
+                let address = crate::core::x402::evm_address(text).ok_or_else(|| {
+                    format!("{field}: {text:?} is not an address (0x and 40 hex digits)")
+                })?;
+                if PaymentRules::default()
+                    .to_budget_any_network(&address)
+                    .is_none()
+                {
+                    return Err(format!(
+                        "{field}: {text} is not a known USDC contract; give its decimals to count it: {{\"address\": \"{text}\", \"decimals\": 18, \"network\": \"eip155:1\"}} (a USD-pegged token only)"
+                    ));
+                }
+                AssetRule {
+                    address,
+                    network: None,
+                    decimals: BUDGET_DECIMALS,
+                }
+            }
+            Value::Object(map) => {
+                let text = map.get("address").and_then(Value::as_str).unwrap_or("");
+                let address = crate::core::x402::evm_address(text).ok_or_else(|| {
+                    format!("{field}.address: {text:?} is not an address (0x and 40 hex digits)")
+                })?;
+                let decimals = map
+                    .get("decimals")
+                    .and_then(Value::as_u64)
+                    .filter(|d| *d <= 36)
+                    .ok_or_else(|| format!("{field}.decimals: required, a number from 0 to 36"))?;
+                let network = match map.get("network") {
+                    None => None,
+                    Some(Value::String(n)) if network_name(n) => Some(canonical_network(n)),
+                    Some(other) => {
+                        return Err(format!("{field}.network: {other} is not a network name"))
+                    }
+                };
+                if let Some(k) = map
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "address" | "decimals" | "network"))
+                {
+                    return Err(format!(
+                        "{field}: unknown field {k:?} (address, decimals, network)"
+                    ));
+                }
+                AssetRule {
+                    address,
+                    network,
+                    decimals: decimals as u8,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "{field}: {other} must be an address or {{address, decimals, network}}"
+                ))
+            }
+        };
+        payments.assets.push(rule);
+    }
+    for (i, a) in raw.payees.iter().enumerate() {
+        let address = crate::core::x402::evm_address(a).ok_or_else(|| {
+            format!(
+                "{}[{i}]: {a:?} is not an address (0x and 40 hex digits)",
+                f("x402.payees")
+            )
+        })?;
+        payments.payees.push(address);
+    }
+    Ok(payments)
+}
+
+fn network_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_'))
 }
 
 fn compile_agent(field: &str, pattern: &str, raw: RawAgentPolicy) -> Result<AgentRule, String> {

@@ -38,6 +38,33 @@ pub struct RawConfig {
     /// The shared answer cache.
     #[serde(default)]
     pub cache: Option<RawCache>,
+    /// Where the ledger lives and how it treats dead VMs and endless calls.
+    #[serde(default)]
+    pub ledger: RawLedger,
+    /// Chaos testing only: lets a request header crash the VM on purpose.
+    #[serde(default)]
+    pub fault_injection: Option<RawFaultInjection>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawLedger {
+    /// `shared-data` (default) or `redis`.
+    pub store: Option<String>,
+    /// A VM silent this long is dead: its reservations are charged and released.
+    pub owner_lease_seconds: Option<u64>,
+    /// A reservation open this long is settled as an unknown outcome (charged).
+    pub reservation_timeout_seconds: Option<u64>,
+    /// How often each VM writes its counts and commits.
+    pub flush_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawFaultInjection {
+    /// A request carrying this header crashes the VM that serves it (a trap, as a
+    /// panic would). Never set it outside chaos tests.
+    pub crash_header: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -98,10 +125,33 @@ pub struct RawAlerts {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawIdentity {
     pub session_header: Option<String>,
-    pub agent_header: Option<String>,
+    /// One header name, or several: the first one present names the agent.
+    pub agent_header: Option<OneOrMany>,
+    /// Header naming the agent that started this one (kept in reports).
+    pub parent_agent_header: Option<String>,
     pub api_key_header: Option<String>,
     /// Agent id used when a request names none.
     pub default_agent: Option<String>,
+    /// Session id used when a request names none (stock clients that cannot add a
+    /// header). Absent: such requests are refused.
+    pub default_session: Option<String>,
+}
+
+/// A string, or a list of strings.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +194,12 @@ pub struct RawPolicy {
     /// Calls priced above the threshold wait for an approval service.
     #[serde(default)]
     pub require_approval: Option<RawApproval>,
+    /// Agents no pattern matches: `"refuse"`, or a rule (like an `agents` entry)
+    /// whose `agentBudget` they all share.
+    #[serde(default)]
+    pub unmatched_agents: Option<Value>,
+    /// `allow` (default) or `refuse`: what happens to a call no price applies to.
+    pub unpriced_routes: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -166,6 +222,8 @@ pub struct RawEndpointRule {
     pub pattern: String,
     pub price: Option<Value>,
     pub tool: Option<String>,
+    /// The endpoint's API charges through x402 (as route metadata `x402: "true"`).
+    pub x402: Option<bool>,
 }
 
 /// A JSON object read in document order, so that "first match wins" means what the
@@ -201,8 +259,10 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
 pub struct RawX402 {
     #[serde(default)]
     pub networks: Vec<String>,
+    /// Assets that count toward budgets: a known USDC contract's address, or
+    /// `{"address", "decimals", "network"}` for another USD-pegged token.
     #[serde(default)]
-    pub assets: Vec<String>,
+    pub assets: Vec<Value>,
     #[serde(default)]
     pub payees: Vec<String>,
     /// `relay` (default): agents pay themselves; `pay`: pag0 pays through the signer.
@@ -220,6 +280,12 @@ pub struct RawSigner {
     pub max_body_bytes: Option<u64>,
     /// How long the paid retry may take before its outcome counts as unknown.
     pub retry_timeout_ms: Option<u64>,
+    /// A cluster that leads back into this Envoy's listener: the paid retry goes
+    /// through it, so the route applies its rewrites and added headers again.
+    pub loopback_cluster: Option<String>,
+    /// Request bodies kept for paid retries, in total per VM; past it a call that may
+    /// need a retry is refused (503) instead of allocating more.
+    pub max_buffered_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

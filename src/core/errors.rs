@@ -30,6 +30,18 @@ pub enum ErrorCode {
     NotFound,
     /// Report API: wrong method for the path.
     MethodNotAllowed,
+    /// An agent no pattern matches, under `unmatchedAgents: "refuse"`.
+    AgentNotAllowed,
+    /// A payment whose outcome is unknown (sent, no settlement): charged, flagged.
+    PaymentUnconfirmed,
+    /// A metered LLM route, a model the price table does not price.
+    ModelNotPriced,
+    /// The same request again and again (the repeat breaker).
+    LoopDetected,
+    /// Spend per minute above the policy's rate limit.
+    SpendRateExceeded,
+    /// The external ledger cannot be reached in time: priced calls fail closed.
+    LedgerUnavailable,
 }
 
 impl ErrorCode {
@@ -56,6 +68,12 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ErrorCode::AgentNotAllowed => "AGENT_NOT_ALLOWED",
+            ErrorCode::PaymentUnconfirmed => "PAYMENT_UNCONFIRMED",
+            ErrorCode::ModelNotPriced => "MODEL_NOT_PRICED",
+            ErrorCode::LoopDetected => "LOOP_DETECTED",
+            ErrorCode::SpendRateExceeded => "SPEND_RATE_EXCEEDED",
+            ErrorCode::LedgerUnavailable => "LEDGER_UNAVAILABLE",
         }
     }
 
@@ -72,9 +90,16 @@ impl ErrorCode {
             | ErrorCode::MonthlyBudgetExceeded
             | ErrorCode::KillSwitchActive
             | ErrorCode::ApprovalDenied
-            | ErrorCode::PaymentNotAllowed => 403,
-            ErrorCode::PaymentFailed | ErrorCode::UpstreamError => 502,
-            ErrorCode::SignerUnavailable | ErrorCode::CapacityExceeded => 503,
+            | ErrorCode::PaymentNotAllowed
+            | ErrorCode::AgentNotAllowed
+            | ErrorCode::ModelNotPriced => 403,
+            ErrorCode::LoopDetected | ErrorCode::SpendRateExceeded => 429,
+            ErrorCode::PaymentFailed | ErrorCode::UpstreamError | ErrorCode::PaymentUnconfirmed => {
+                502
+            }
+            ErrorCode::SignerUnavailable
+            | ErrorCode::CapacityExceeded
+            | ErrorCode::LedgerUnavailable => 503,
             ErrorCode::ApprovalTimeout => 504,
             ErrorCode::ConfigError | ErrorCode::InternalError => 500,
             ErrorCode::NotFound => 404,
@@ -135,6 +160,13 @@ pub struct Refusal {
     pub code: ErrorCode,
     pub message: String,
     pub details: Details,
+    /// A status other than the code's own (413 for a body too large to keep).
+    pub status: Option<u32>,
+    /// Seconds after which trying again can help (`Retry-After`).
+    pub retry_after: Option<u64>,
+    /// What the call was charged although it is answered with this error (an unknown
+    /// payment outcome stays charged): `x-pag0-cost`.
+    pub charged: Amount,
 }
 
 impl Refusal {
@@ -143,7 +175,25 @@ impl Refusal {
             code,
             message: message.into(),
             details: Details::None,
+            status: None,
+            retry_after: None,
+            charged: 0,
         }
+    }
+
+    pub fn with_charged(mut self, amount: Amount) -> Refusal {
+        self.charged = amount;
+        self
+    }
+
+    pub fn with_status(mut self, status: u32) -> Refusal {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Refusal {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn with_fields(mut self, fields: Vec<(&'static str, String)>) -> Refusal {
@@ -164,11 +214,67 @@ impl Refusal {
             code: details.scope.exceeded_code(),
             message,
             details: Details::Budget(details),
+            status: None,
+            retry_after: None,
+            charged: 0,
         }
     }
 
     pub fn status(&self) -> u32 {
-        self.code.status()
+        self.status.unwrap_or_else(|| self.code.status())
+    }
+
+    /// The message a client of an LLM API shows: pag0's reason and its code.
+    fn api_message(&self) -> String {
+        format!("pag0: {} ({})", self.message, self.code.as_str())
+    }
+
+    fn is_budget(&self) -> bool {
+        matches!(self.details, Details::Budget(_))
+            || matches!(
+                self.code,
+                ErrorCode::KillSwitchActive | ErrorCode::SpendRateExceeded
+            )
+    }
+
+    /// The refusal in the Anthropic Messages API's error shape (metered routes), so
+    /// the agent's client shows pag0's reason; pag0's own body rides along in `pag0`.
+    pub fn to_anthropic_json(&self) -> String {
+        let kind = match self.status() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        };
+        let own: serde_json::Value = serde_json::from_str(&self.to_json()).unwrap_or_default();
+        serde_json::json!({
+            "type": "error",
+            "error": {"type": kind, "message": self.api_message()},
+            "pag0": own["error"],
+        })
+        .to_string()
+    }
+
+    /// The refusal in the OpenAI API's error shape (metered routes).
+    pub fn to_openai_json(&self) -> String {
+        let kind = match self.status() {
+            400 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            403 if self.is_budget() => "insufficient_quota",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        };
+        let own: serde_json::Value = serde_json::from_str(&self.to_json()).unwrap_or_default();
+        serde_json::json!({
+            "error": {"message": self.api_message(), "type": kind, "param": null, "code": self.code.as_str()},
+            "pag0": own["error"],
+        })
+        .to_string()
     }
 
     /// The JSON body: `{"error": {"code", "message", "details"}}`, amounts as strings.
@@ -216,6 +322,28 @@ mod tests {
         assert_eq!(v["error"]["details"]["scope"], "agent");
         assert_eq!(v["error"]["details"]["limit"], "3000000");
         assert_eq!(v["error"]["details"]["requested"], "150000");
+    }
+
+    #[test]
+    fn metered_routes_answer_in_the_apis_own_error_shape() {
+        let r = Refusal::budget(BudgetDetails {
+            scope: Scope::Agent,
+            limit: 3,
+            spent: 3,
+            reserved: 0,
+            requested: 1,
+        });
+        let a: serde_json::Value = serde_json::from_str(&r.to_anthropic_json()).unwrap();
+        assert_eq!(a["type"], "error");
+        assert_eq!(a["error"]["type"], "permission_error");
+        assert!(a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("(AGENT_BUDGET_EXCEEDED)"));
+        let o: serde_json::Value = serde_json::from_str(&r.to_openai_json()).unwrap();
+        assert_eq!(o["error"]["code"], "AGENT_BUDGET_EXCEEDED");
+        assert_eq!(o["error"]["type"], "insufficient_quota");
+        assert_eq!(o["pag0"]["details"]["limit"], "3");
     }
 
     #[test]

@@ -4,14 +4,10 @@
 use crate::core::amount::Amount;
 use crate::core::errors::{BudgetDetails, ErrorCode, Refusal, Scope};
 use crate::core::glob::{any_match, Glob};
+use crate::core::ledger::budget::POOL;
+use crate::core::settings::Service;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChargeOn {
-    /// Charge only when the upstream answers 2xx (the default).
-    Success,
-    /// Charge any answer that came from the upstream.
-    Always,
-}
+pub use crate::core::settings::ChargeOn;
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -26,17 +22,34 @@ pub struct Policy {
     pub kill_ppm: Option<u64>,
     pub charge_on: ChargeOn,
     pub agents: Vec<AgentRule>,
-    pub payments: crate::core::x402::PaymentRules,
+    /// Agents no pattern matches: refused, or held to one rule whose budget they
+    /// share (so an agent cannot escape its budget by naming itself anew).
+    pub unmatched: Unmatched,
+    pub payments: crate::core::payments::PaymentRules,
     /// x402 pay mode: pag0 answers a 402 itself through the signer.
     pub pay_x402: bool,
     /// Calls priced above `threshold` wait for the approval service.
     pub approval: Option<Approval>,
+    /// `unpricedRoutes: "refuse"`: a call no price applies to is refused.
+    pub refuse_unpriced: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct Approval {
     pub threshold: Amount,
-    pub service: crate::core::compile::AlertSink,
+    pub service: Service,
+}
+
+/// What applies to an agent that no pattern of the policy matches.
+#[derive(Debug, Clone, Default)]
+pub enum Unmatched {
+    /// Nothing more than the policy's own rules (no agent budget).
+    #[default]
+    Open,
+    /// 403 `AGENT_NOT_ALLOWED`.
+    Refuse,
+    /// This rule; its `agent_budget` is shared by every unmatched agent of a session.
+    Pool(AgentRule),
 }
 
 #[derive(Debug, Clone)]
@@ -107,12 +120,84 @@ impl IdPattern {
     }
 }
 
+/// The refusal for an agent no pattern matches under `unmatchedAgents: "refuse"`.
+pub fn unmatched_agent(agent: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::AgentNotAllowed,
+        format!("agent {agent:?} matches no agent pattern of the policy, and unmatched agents are refused"),
+    )
+    .with_fields(vec![("agent", agent.to_string())])
+}
+
+/// Under `unpricedRoutes: "refuse"`, a call no price applies to is refused: a paid
+/// API's path that the configuration forgot must not be free.
+pub fn check_priced(policy: &Policy, call: &crate::core::call::Call) -> Result<(), Refusal> {
+    if policy.refuse_unpriced && !call.priced {
+        return Err(Refusal::new(
+            ErrorCode::EndpointNotAllowed,
+            format!(
+                "no price is set for {} and the policy refuses unpriced routes (unpricedRoutes: \"refuse\"); give the route a price (\"0\" for a free one)",
+                call.endpoint
+            ),
+        )
+        .with_fields(vec![("endpoint", call.endpoint.clone()), ("level", "session".to_string())]));
+    }
+    Ok(())
+}
+
 impl Policy {
     /// The first agent rule (in file order) whose pattern matches the agent id.
-    pub fn agent_rule(&self, agent_id: &str) -> Option<&AgentRule> {
+    pub fn matched_rule(&self, agent_id: &str) -> Option<&AgentRule> {
         self.agents
             .iter()
             .find(|rule| rule.pattern.matches(agent_id))
+    }
+
+    /// The rule that applies to an agent: the first pattern that matches, else the
+    /// rule for unmatched agents.
+    pub fn agent_rule(&self, agent_id: &str) -> Option<&AgentRule> {
+        self.matched_rule(agent_id).or(match &self.unmatched {
+            Unmatched::Pool(rule) => Some(rule),
+            _ => None,
+        })
+    }
+
+    /// Whether the agent is refused: no pattern matches and unmatched agents are.
+    pub fn refuses_agent(&self, agent_id: &str) -> bool {
+        matches!(self.unmatched, Unmatched::Refuse) && self.matched_rule(agent_id).is_none()
+    }
+
+    /// The agent budget a call of this agent counts against: the agent's own (key: its
+    /// id) or the pool of unmatched agents (key: [`POOL`]), with its limit.
+    pub fn agent_budget<'a>(&self, agent_id: &'a str) -> Option<(&'a str, Amount)> {
+        match self.matched_rule(agent_id) {
+            Some(rule) => rule.agent_budget.map(|limit| (agent_id, limit)),
+            None => match &self.unmatched {
+                Unmatched::Pool(rule) => rule.agent_budget.map(|limit| (POOL, limit)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The limit of an agent budget by its key (see [`Policy::agent_budget`]).
+    pub fn budget_limit(&self, key: &str) -> Option<Amount> {
+        if key == POOL {
+            return match &self.unmatched {
+                Unmatched::Pool(rule) => rule.agent_budget,
+                _ => None,
+            };
+        }
+        self.matched_rule(key).and_then(|rule| rule.agent_budget)
+    }
+
+    /// The role label of an agent for metrics: its role when a pattern matched it,
+    /// else `other` (agent ids come from clients; metric labels must not).
+    pub fn metric_role<'a>(&self, agent_id: &'a str) -> &'a str {
+        if self.matched_rule(agent_id).is_some() {
+            crate::core::identity::role(agent_id)
+        } else {
+            "other"
+        }
     }
 }
 
@@ -216,7 +301,9 @@ mod tests {
             alert_ppm: None,
             kill_ppm: None,
             charge_on: ChargeOn::Success,
-            payments: crate::core::x402::PaymentRules::default(),
+            unmatched: Unmatched::Open,
+            refuse_unpriced: false,
+            payments: crate::core::payments::PaymentRules::default(),
             pay_x402: false,
             approval: None,
             agents: vec![

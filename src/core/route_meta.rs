@@ -4,13 +4,15 @@
 //! with its own property call cost one host call (and an expression evaluation in
 //! Envoy) per field on every request.
 
-use crate::core::firewall::RouteSettings;
+use crate::core::call::RouteSettings;
+use crate::core::pairs::pairs;
 
 /// What a value that is not text becomes: checking it fails closed (a price written as
 /// a YAML number is a config error, never "no price").
 pub const NOT_TEXT: &str = "<not text>";
 
-/// Decodes the pairs into `RouteSettings`. Unknown keys are ignored, as before.
+/// Decodes the pairs into `RouteSettings`. An unknown key is kept (the first one) so
+/// that the call fails closed: a misspelt `price` must not make a route free.
 pub fn decode(bytes: &[u8]) -> Result<RouteSettings, String> {
     let mut settings = RouteSettings::default();
     for (name, value) in pairs(bytes)? {
@@ -21,56 +23,21 @@ pub fn decode(bytes: &[u8]) -> Result<RouteSettings, String> {
             b"chargeOn" => &mut settings.charge_on,
             b"endpoint" => &mut settings.endpoint,
             b"cacheTTL" => &mut settings.cache_ttl,
-            _ => continue,
+            b"x402" => &mut settings.x402,
+            b"meter" => &mut settings.meter,
+            b"defaultSession" => &mut settings.default_session,
+            _ => {
+                if settings.unknown.is_none() {
+                    settings.unknown =
+                        Some(String::from_utf8_lossy(name).chars().take(64).collect());
+                }
+                continue;
+            }
         };
         *slot =
             Some(std::str::from_utf8(value).map_or_else(|_| NOT_TEXT.to_string(), str::to_string));
     }
     Ok(settings)
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> Result<usize, String> {
-    let end = at.checked_add(4).ok_or("truncated pairs")?;
-    let word: [u8; 4] = bytes
-        .get(at..end)
-        .and_then(|b| b.try_into().ok())
-        .ok_or("truncated pairs")?;
-    usize::try_from(u32::from_le_bytes(word)).map_err(|_| "length too large".to_string())
-}
-
-/// One key and its value, as bytes.
-type Pair<'a> = (&'a [u8], &'a [u8]);
-
-/// proxy-wasm's map encoding, checked end to end (no slice past the input).
-fn pairs(bytes: &[u8]) -> Result<Vec<Pair<'_>>, String> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let count = u32_at(bytes, 0)?;
-    if count > bytes.len() / 8 {
-        return Err(format!("{count} pairs cannot fit in {} bytes", bytes.len()));
-    }
-    let mut data = 4 + 8 * count;
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let key_len = u32_at(bytes, 4 + 8 * i)?;
-        let value_len = u32_at(bytes, 8 + 8 * i)?;
-        let key = take(bytes, &mut data, key_len)?;
-        let value = take(bytes, &mut data, value_len)?;
-        out.push((key, value));
-    }
-    Ok(out)
-}
-
-/// `len` bytes at `at`, then the NUL that ends them.
-fn take<'a>(bytes: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8], String> {
-    let end = at.checked_add(len).ok_or("length too large")?;
-    let slice = bytes.get(*at..end).ok_or("truncated pairs")?;
-    if bytes.get(end) != Some(&0) {
-        return Err("pair not NUL-terminated".to_string());
-    }
-    *at = end + 1;
-    Ok(slice)
 }
 
 #[cfg(test)]
@@ -109,12 +76,13 @@ mod tests {
     }
 
     #[test]
-    fn values_that_are_not_text_fail_closed_and_unknown_keys_are_ignored() {
+    fn values_that_are_not_text_and_unknown_keys_fail_closed() {
         let number = 20000f64.to_le_bytes();
-        let bytes = encode(&[(b"price", &number), (b"other", b"x"), (b"policy", b"p")]);
+        let bytes = encode(&[(b"price", &number), (b"prcie", b"x"), (b"policy", b"p")]);
         let s = decode(&bytes).unwrap();
         assert_eq!(s.price.as_deref(), Some(NOT_TEXT));
         assert_eq!(s.policy.as_deref(), Some("p"));
+        assert_eq!(s.unknown.as_deref(), Some("prcie"));
         assert_eq!(decode(&[]).unwrap(), RouteSettings::default());
     }
 

@@ -143,21 +143,91 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(array))
 }
 
-const PREFIX: &str = "pag0/v1";
+/// Every key pag0 writes starts with this. The version changes when a record's
+/// format does, so a module upgrade never misreads an older format (it starts over).
+const PREFIX: &str = "pag0/v3";
 
-/// Key of slot `slot` in a tenant's session table.
+fn key(kind: &str, parts: &[&str], numbers: &[u64]) -> String {
+    let mut k = String::with_capacity(PREFIX.len() + kind.len() + 32);
+    k.push_str(PREFIX);
+    k.push('/');
+    k.push_str(kind);
+    for p in parts {
+        k.push('/');
+        k.push_str(p);
+    }
+    for n in numbers {
+        k.push('/');
+        push_decimal(&mut k, *n);
+    }
+    k
+}
+
+/// Appends `n` in decimal without `format!` (keys are built on every request).
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        out.push(char::from(*d));
+    }
+}
+
+/// Budget record in slot `slot` of a tenant's session table.
 pub fn session_slot_key(tenant: &str, slot: u32) -> String {
-    format!("{PREFIX}/s/{tenant}/{slot}")
+    key("s", &[tenant], &[u64::from(slot)])
+}
+
+/// Report record of the session in slot `slot` (same slot as its budget record).
+pub fn report_slot_key(tenant: &str, slot: u32) -> String {
+    key("r", &[tenant], &[u64::from(slot)])
 }
 
 /// Key of a tenant's day and month windows.
 pub fn tenant_windows_key(tenant: &str) -> String {
-    format!("{PREFIX}/w/{tenant}")
+    key("w", &[tenant], &[])
 }
 
 /// Key of the lock serialising session-slot claims of one tenant.
 pub fn claim_lock_key(tenant: &str) -> String {
-    format!("{PREFIX}/lock/{tenant}")
+    key("lock", &[tenant], &[])
+}
+
+/// The registry of Envoy VMs that may hold reservations.
+pub fn vm_registry_key() -> String {
+    key("vms", &[], &[])
+}
+
+/// The report API's flush request counter.
+pub fn flush_epoch_key() -> String {
+    key("flush", &[], &[])
+}
+
+/// The secret that marks pag0's own paid retries (pay mode through the loopback).
+pub fn secret_key() -> String {
+    key("secret", &[], &[])
+}
+
+/// Slot `slot` of the shared answer cache.
+pub fn cache_slot_key(slot: u32) -> String {
+    key("c", &[], &[u64::from(slot)])
+}
+
+/// Slot `slot` of the table of x402 offers seen (relay mode).
+pub fn offer_slot_key(slot: u32) -> String {
+    key("o", &[], &[u64::from(slot)])
+}
+
+/// Breaker state of the session in slot `slot`.
+pub fn breaker_slot_key(tenant: &str, slot: u32) -> String {
+    key("b", &[tenant], &[u64::from(slot)])
 }
 
 /// An in-memory store with Envoy's shared-data semantics (CAS counter shared by all
@@ -285,6 +355,15 @@ mod tests {
         }
         let bytes = read(&*store, "counter").unwrap();
         assert_eq!(decode_u64(&bytes), Some(16_000));
+    }
+
+    #[test]
+    fn keys_are_built_without_format() {
+        assert_eq!(session_slot_key("demo", 4095), "pag0/v3/s/demo/4095");
+        assert_eq!(cache_slot_key(0), "pag0/v3/c/0");
+        let mut s = String::new();
+        push_decimal(&mut s, u64::MAX);
+        assert_eq!(s, u64::MAX.to_string());
     }
 
     #[test]

@@ -252,45 +252,6 @@ pub fn rejection_reason(required_header: Option<&[u8]>, body: &[u8]) -> Option<S
         .map(|e| e.chars().take(200).collect())
 }
 
-/// What policy lets pag0 pay: networks, assets and payees (empty = any).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PaymentRules {
-    pub networks: Vec<String>,
-    pub assets: Vec<String>,
-    pub payees: Vec<String>,
-}
-
-impl PaymentRules {
-    pub fn allows(&self, r: &Requirement) -> bool {
-        self.allows_payment(&r.scheme, &r.network, Some(&r.asset), &r.pay_to)
-    }
-
-    /// The same rules for a payment whose asset may be unknown (a v1 payment header
-    /// does not name it): with an asset list, an unknown asset is not allowed.
-    pub fn allows_payment(
-        &self,
-        scheme: &str,
-        network: &str,
-        asset: Option<&str>,
-        payee: &str,
-    ) -> bool {
-        let ok = |list: &[String], value: &str| {
-            list.is_empty() || list.iter().any(|x| x.eq_ignore_ascii_case(value))
-        };
-        let asset_ok = self.assets.is_empty() || asset.is_some_and(|a| ok(&self.assets, a));
-        scheme == "exact" && ok(&self.networks, network) && asset_ok && ok(&self.payees, payee)
-    }
-}
-
-/// The cheapest requirement policy allows, or `None` (403 `PAYMENT_NOT_ALLOWED`).
-pub fn choose<'a>(offer: &'a PaymentRequired, rules: &PaymentRules) -> Option<&'a Requirement> {
-    offer
-        .accepts
-        .iter()
-        .filter(|r| rules.allows(r))
-        .min_by_key(|r| r.amount)
-}
-
 /// A payment an agent (relay mode) or the signer (pay mode) put in the payment header.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Payment {
@@ -517,18 +478,6 @@ mod tests {
         assert_eq!(parsed.accepts.len(), 3);
         assert_eq!(parsed.accepts[0].asset, ASSET.to_ascii_lowercase());
         assert_eq!(parsed.accepts[0].domain_name.as_deref(), Some("USDC"));
-        let any = choose(&parsed, &PaymentRules::default()).unwrap();
-        assert_eq!(any.amount, 10_000);
-        let sepolia = PaymentRules {
-            networks: vec!["eip155:84532".into()],
-            ..PaymentRules::default()
-        };
-        assert_eq!(choose(&parsed, &sepolia).unwrap().amount, 15_000);
-        let nobody = PaymentRules {
-            payees: vec!["0x0000000000000000000000000000000000000001".into()],
-            ..PaymentRules::default()
-        };
-        assert!(choose(&parsed, &nobody).is_none());
     }
 
     #[test]

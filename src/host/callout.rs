@@ -1,14 +1,17 @@
 //! Every dispatched HTTP call goes through here: headers, timeout, and what counts as
-//! failure (any non-2xx, Envoy's synthetic 503/504 included).
+//! failure (any non-2xx, Envoy's synthetic 503/504 included). Answers are read as
+//! bytes: the SDK's `String` getters panic on a byte that is not UTF-8, and a signer,
+//! an approval service or a paid server may send one.
 
 use std::time::Duration;
 
-use proxy_wasm::traits::Context;
-use proxy_wasm::types::Status;
+use proxy_wasm::types::{BufferType, MapType, Status};
+
+use crate::host::abi;
 
 /// Sends a call. The answer comes back to the caller's `on_http_call_response`.
 pub fn send(
-    ctx: &dyn Context,
+    d: &dyn crate::host::stream::Dispatch,
     cluster: &str,
     method: &str,
     path: &str,
@@ -24,21 +27,48 @@ pub fn send(
     if let Some((content_type, _)) = body {
         headers.push(("content-type", content_type));
     }
-    ctx.dispatch_http_call(
+    d.dispatch(
         cluster,
         headers,
         body.map(|(_, bytes)| bytes),
-        vec![],
         Duration::from_millis(timeout_ms),
     )
 }
 
+/// A header of the callout answer being handled, as bytes.
+pub fn header(name: &str) -> Option<Vec<u8>> {
+    abi::map_value(MapType::HttpCallResponseHeaders, name)
+}
+
+/// Every header of the callout answer being handled, as bytes.
+pub fn headers() -> Vec<(String, Vec<u8>)> {
+    abi::map_pairs(MapType::HttpCallResponseHeaders).unwrap_or_default()
+}
+
+/// The callout answer's body.
+pub fn body(size: usize) -> Vec<u8> {
+    abi::buffer(BufferType::HttpCallResponseBody, 0, size)
+}
+
 /// A callout answer's status, from its `:status` header; `None` when missing.
-pub fn response_status(ctx: &dyn Context) -> Option<u32> {
-    ctx.get_http_call_response_header(":status")
-        .and_then(|s| s.parse().ok())
+pub fn status() -> Option<u32> {
+    header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
 }
 
 pub fn succeeded(status: Option<u32>) -> bool {
     status.is_some_and(|s| (200..300).contains(&s))
+}
+
+/// Whether a callout answer is Envoy's own (a timeout, a refused or reset connection)
+/// rather than the server's: nothing is known of what the server did.
+pub fn envoy_local_reply(status: Option<u32>, body: &[u8]) -> bool {
+    match status {
+        None => true,
+        Some(503 | 504) => {
+            body.starts_with(b"upstream ")
+                || body.starts_with(b"no healthy upstream")
+                || body.is_empty()
+        }
+        _ => false,
+    }
 }

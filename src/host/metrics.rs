@@ -2,7 +2,8 @@
 //! (`pag0.tenant.demo.role.executor.tool.search.endpoint.api_tavily_com_search.requests`)
 //! and the bootstrap's `stats_tags` turn them into Prometheus labels. Label values come
 //! from the configuration only (tenants, agent patterns' roles, tools, endpoint
-//! patterns), never from session ids, so cardinality stays bounded.
+//! patterns), never from session ids, so cardinality stays bounded. Metric ids are
+//! looked up once per label set and kept (no name is built on a later call).
 
 use std::cell::RefCell;
 
@@ -10,11 +11,18 @@ use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+/// (tenant, role, code) of a refusal counter.
+type RefusalLabels = (String, String, &'static str);
+
 thread_local! {
     static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// Label set → ids of (requests, cost, cache_hits, cache_savings).
+    static CALLS: RefCell<HashMap<Labels, [Option<u32>; 4]>> = RefCell::new(HashMap::new());
+    static REFUSALS: RefCell<HashMap<RefusalLabels, Option<u32>>> = RefCell::new(HashMap::new());
 }
 
 /// Labels of one call, already bounded and sanitised.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Labels {
     pub tenant: String,
     pub role: String,
@@ -41,11 +49,8 @@ pub fn label(value: &str) -> String {
     }
 }
 
-pub fn add(name: &str, delta: u64) {
-    if delta == 0 {
-        return;
-    }
-    let id = IDS.with(|ids| {
+fn id_of(name: &str) -> Option<u32> {
+    IDS.with(|ids| {
         let mut ids = ids.borrow_mut();
         if let Some(id) = ids.get(name) {
             return Some(*id);
@@ -53,31 +58,57 @@ pub fn add(name: &str, delta: u64) {
         let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
         ids.insert(name.to_string(), id);
         Some(id)
-    });
-    if let Some(id) = id {
+    })
+}
+
+fn bump(id: Option<u32>, delta: u64) {
+    if let (Some(id), true) = (id, delta > 0) {
         let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+    }
+}
+
+pub fn add(name: &str, delta: u64) {
+    if delta > 0 {
+        bump(id_of(name), delta);
     }
 }
 
 /// A call that went upstream (or was served locally from the cache).
 pub fn call(labels: &Labels, cost: u64, cache_hit: bool, savings: u64) {
-    let base = format!(
-        "pag0.tenant.{}.role.{}.tool.{}.endpoint.{}",
-        labels.tenant, labels.role, labels.tool, labels.endpoint
-    );
-    add(&format!("{base}.requests"), 1);
-    add(&format!("{base}.cost"), cost);
+    let ids = CALLS.with(|calls| {
+        if let Some(ids) = calls.borrow().get(labels) {
+            return *ids;
+        }
+        let base = format!(
+            "pag0.tenant.{}.role.{}.tool.{}.endpoint.{}",
+            labels.tenant, labels.role, labels.tool, labels.endpoint
+        );
+        let ids = ["requests", "cost", "cache_hits", "cache_savings"]
+            .map(|suffix| id_of(&format!("{base}.{suffix}")));
+        calls.borrow_mut().insert(labels.clone(), ids);
+        ids
+    });
+    bump(ids[0], 1);
+    bump(ids[1], cost);
     if cache_hit {
-        add(&format!("{base}.cache_hits"), 1);
-        add(&format!("{base}.cache_savings"), savings);
+        bump(ids[2], 1);
+        bump(ids[3], savings);
     }
 }
 
-pub fn refusal(tenant: &str, role: &str, code: &str) {
-    add(
-        &format!("pag0.tenant.{tenant}.role.{role}.code.{code}.refusals"),
-        1,
-    );
+pub fn refusal(tenant: &str, role: &str, code: &'static str) {
+    let key = (tenant.to_string(), role.to_string(), code);
+    let id = REFUSALS.with(|r| {
+        if let Some(id) = r.borrow().get(&key) {
+            return *id;
+        }
+        let id = id_of(&format!(
+            "pag0.tenant.{tenant}.role.{role}.code.{code}.refusals"
+        ));
+        r.borrow_mut().insert(key.clone(), id);
+        id
+    });
+    bump(id, 1);
 }
 
 thread_local! {

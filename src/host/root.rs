@@ -1,5 +1,8 @@
-//! The root context: reads and compiles the plugin configuration once per VM, and
-//! hands each HTTP stream a shared handle to it.
+//! The root context: reads and compiles the plugin configuration once per VM, hands
+//! each HTTP stream a shared handle to it, and on its tick: wakes waiting streams,
+//! runs the VM's part of the ledger (writes counts and commits, says it is alive,
+//! settles reservations left by a dead VM or open too long), and sends what waits in
+//! the outbox (alerts, second-level cache writes).
 
 use std::rc::Rc;
 
@@ -8,9 +11,15 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
 use crate::core::compile::{compile_json, Config};
-use crate::host::alerts::{self, Kind};
-use crate::host::http::Pag0Http;
-use crate::host::{callout, log, metrics, waiters};
+use crate::host::outbox::{self, Kind};
+use crate::host::shared::HostStore;
+use crate::host::stream::waiters::{self, RootDispatch};
+use crate::host::stream::Pag0Http;
+use crate::host::{callout, log, metrics, now_millis, vm};
+
+/// The tick: short, so that waiting streams and the report API's flush requests are
+/// answered quickly; the ledger decides on each tick whether anything is due.
+const TICK_MS: u64 = 20;
 
 pub struct Pag0Root {
     context_id: u32,
@@ -34,19 +43,21 @@ impl Context for Pag0Root {
         &mut self,
         token: u32,
         _headers: usize,
-        _body: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
-        let kind = self.in_flight.remove(&token);
-        let ok = callout::succeeded(callout::response_status(self));
-        let name = match (kind, ok) {
-            (Some(Kind::Alert), true) => "pag0.alerts.sent",
-            (Some(Kind::Alert), false) => "pag0.alerts.failed",
-            (Some(Kind::CacheWrite), true) => "pag0.cache.l2_writes",
-            (Some(Kind::CacheWrite), false) => "pag0.cache.l2_failures",
-            (None, _) => return,
-        };
-        metrics::add(name, 1);
+        if let Some(kind) = self.in_flight.remove(&token) {
+            let ok = callout::succeeded(callout::status());
+            let name = match (kind, ok) {
+                (Kind::Alert, true) => "pag0.alerts.sent",
+                (Kind::Alert, false) => "pag0.alerts.failed",
+                (Kind::CacheWrite, true) => "pag0.cache.l2_writes",
+                (Kind::CacheWrite, false) => "pag0.cache.l2_failures",
+            };
+            metrics::add(name, 1);
+            return;
+        }
+        waiters::route_answer(self, self.context_id, token, body_size);
     }
 }
 
@@ -72,11 +83,7 @@ impl RootContext for Pag0Root {
                         config.tenants.len()
                     ),
                 );
-                if config.cache.is_some() || config.alerts.is_some() {
-                    // Streams waiting for an identical call's answer are polled here, and
-                    // alerts and second-level cache writes are sent from here.
-                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(10));
-                }
+                let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(TICK_MS));
                 self.config = Some(Rc::new(config));
                 true
             }
@@ -91,13 +98,28 @@ impl RootContext for Pag0Root {
     }
 
     fn on_tick(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
         if waiters::any() {
-            waiters::poll_all(self.context_id);
+            waiters::poll_all(self, self.context_id);
         }
-        for call in alerts::take_all() {
+        let now = now_millis();
+        let ticked = vm::with(|vm| vm.ledger.tick(&config, &HostStore, now));
+        outbox::queue_alerts(&config, ticked.alerts);
+        if ticked.expired > 0 {
+            metrics::add("pag0.ledger.expired_reservations", ticked.expired as u64);
+        }
+        if ticked.recovered > 0 {
+            metrics::add(
+                "pag0.ledger.recovered_reservations",
+                u64::from(ticked.recovered),
+            );
+        }
+        for call in outbox::take_all() {
             let body = Some((call.content_type, call.body.as_bytes()));
             match callout::send(
-                self,
+                &RootDispatch(self),
                 &call.cluster,
                 call.method,
                 &call.path,
@@ -121,6 +143,7 @@ impl RootContext for Pag0Root {
                 }
             }
         }
+        metrics::flush_cas_stats();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -164,6 +164,12 @@ static_resources:
     load_assignment:
       cluster_name: upstream
       endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }} }}] }}]
+  - name: loopback
+    type: STATIC
+    connect_timeout: 0.5s
+    load_assignment:
+      cluster_name: loopback
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listener} }} }} }} }}] }}]
   - name: dead
     type: STATIC
     connect_timeout: 0.5s

@@ -48,3 +48,22 @@ pub fn queue(call: Outgoing) {
 pub fn take_all() -> Vec<Outgoing> {
     PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
+
+/// Queues alerts for the webhook, if one is configured.
+pub fn queue_alerts(cfg: &crate::core::compile::Config, raised: Vec<crate::core::alerts::Alert>) {
+    let Some(sink) = &cfg.alerts else {
+        return;
+    };
+    for alert in raised {
+        queue(Outgoing {
+            kind: Kind::Alert,
+            cluster: sink.cluster.clone(),
+            method: "POST",
+            path: sink.path.clone(),
+            authority: sink.authority.clone(),
+            content_type: "application/json",
+            body: alert.to_json(),
+            timeout_ms: sink.timeout_ms,
+        });
+    }
+}

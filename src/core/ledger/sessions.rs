@@ -3,14 +3,16 @@
 //!
 //! A session hashes to a home slot and may live in any of the [`PROBE`] slots from
 //! there. Finding it is lock-free; claiming a slot for a new session happens under the
-//! tenant's claim lock, so one session can never hold two slots. A slot is reused once
-//! its session has been idle for `idleTimeoutSeconds` with nothing reserved. When all
-//! the slots a new session can use are held by live sessions, the call is refused with
-//! 503 `CAPACITY_EXCEEDED`: the firewall fails closed.
+//! tenant's claim lock, so one session can never hold two slots. A slot is reused when
+//! its session holds nothing in flight and either never spent anything or has been
+//! idle for `idleTimeoutSeconds` (slots never used go first, then sessions that never
+//! spent, then the longest idle). When all the slots a new session can use are held
+//! by live sessions, the call is refused with 503 `CAPACITY_EXCEEDED`: the firewall
+//! fails closed.
 
-use crate::core::compile::SessionLimits;
 use crate::core::errors::{ErrorCode, Refusal};
-use crate::core::ledger::{Charge, SessionRecord};
+use crate::core::ledger::budget::{BudgetRecord, Charge, Release};
+use crate::core::settings::SessionLimits;
 use crate::core::store::{
     claim_lock_key, read, session_slot_key, update, with_lock, SharedStore, Step,
 };
@@ -39,8 +41,8 @@ pub fn probe_slots(session_id: &str, max_sessions: u32) -> impl Iterator<Item = 
     (0..PROBE.min(max)).map(move |i| (home + i) % max)
 }
 
-fn decode(bytes: &[u8]) -> Result<SessionRecord, Refusal> {
-    SessionRecord::decode(bytes).map_err(|_| {
+fn decode(bytes: &[u8]) -> Result<BudgetRecord, Refusal> {
+    BudgetRecord::decode(bytes).map_err(|_| {
         Refusal::new(
             ErrorCode::InternalError,
             "corrupt session record in shared data",
@@ -54,7 +56,7 @@ pub fn lookup<S: SharedStore + ?Sized>(
     tenant: &str,
     session_id: &str,
     limits: &SessionLimits,
-) -> Result<Option<(u32, SessionRecord)>, Refusal> {
+) -> Result<Option<(u32, BudgetRecord)>, Refusal> {
     for slot in probe_slots(session_id, limits.max_sessions) {
         let bytes = read(store, &session_slot_key(tenant, slot))?;
         if bytes.is_empty() {
@@ -62,7 +64,7 @@ pub fn lookup<S: SharedStore + ?Sized>(
             // emptied again, so the session cannot be further along.
             return Ok(None);
         }
-        if SessionRecord::encoded_id_is(&bytes, session_id) {
+        if BudgetRecord::encoded_id_is(&bytes, session_id) {
             return Ok(Some((slot, decode(&bytes)?)));
         }
     }
@@ -71,7 +73,7 @@ pub fn lookup<S: SharedStore + ?Sized>(
 
 #[allow(clippy::large_enum_variant)] // short-lived, never stored
 enum Attempt<T> {
-    Done(SessionRecord, T),
+    Done(BudgetRecord, T),
     /// The slot changed hands between lookup and update: look again.
     Moved,
 }
@@ -86,8 +88,8 @@ pub fn modify<S: SharedStore + ?Sized, T>(
     limits: &SessionLimits,
     now: u64,
     create: bool,
-    change: &dyn Fn(&mut SessionRecord) -> Result<T, Refusal>,
-) -> Result<Option<(u32, SessionRecord, T)>, Refusal> {
+    change: &dyn Fn(&mut BudgetRecord) -> Result<T, Refusal>,
+) -> Result<Option<(u32, BudgetRecord, T)>, Refusal> {
     for _ in 0..64 {
         let found = lookup(store, tenant, session_id, limits)?;
         let slot = match found {
@@ -120,7 +122,7 @@ pub fn modify<S: SharedStore + ?Sized, T>(
 
 #[allow(clippy::large_enum_variant)] // short-lived, never stored
 enum Claim<T> {
-    Claimed(u32, SessionRecord, T),
+    Claimed(u32, BudgetRecord, T),
     /// Another worker claimed a slot for this session first.
     Exists,
 }
@@ -131,24 +133,29 @@ fn claim<S: SharedStore + ?Sized, T>(
     session_id: &str,
     limits: &SessionLimits,
     now: u64,
-    change: &dyn Fn(&mut SessionRecord) -> Result<T, Refusal>,
+    change: &dyn Fn(&mut BudgetRecord) -> Result<T, Refusal>,
 ) -> Result<Claim<T>, Refusal> {
     // Build the new record first: a call the fresh session refuses claims nothing.
-    let mut fresh = SessionRecord::new(session_id, now);
+    let mut fresh = BudgetRecord::new(session_id, now);
     let out = change(&mut fresh)?;
     let mut out = Some(out);
     with_lock(store, &claim_lock_key(tenant), || {
-        let mut free_slot = None;
+        // (slot, rank): never used first, then sessions that never spent, then the
+        // longest idle; the first in probe order among equals.
+        let mut best: Option<(u32, (u8, u64))> = None;
         for slot in probe_slots(session_id, limits.max_sessions) {
             let record = decode(&read(store, &session_slot_key(tenant, slot))?)?;
             if record.session_id == session_id {
                 return Ok(Claim::Exists);
             }
-            if free_slot.is_none() && record.is_claimable(now, limits.idle_timeout_secs) {
-                free_slot = Some(slot);
+            if record.is_claimable(now, limits.idle_timeout_secs) {
+                let rank = record.claim_rank();
+                if best.is_none_or(|(_, r)| rank < r) {
+                    best = Some((slot, rank));
+                }
             }
         }
-        let Some(slot) = free_slot else {
+        let Some((slot, _)) = best else {
             return Err(Refusal::new(
                 ErrorCode::CapacityExceeded,
                 "no free session slot: every slot this session can use holds a live session",
@@ -178,7 +185,7 @@ pub fn reserve<S: SharedStore + ?Sized>(
     limits: &SessionLimits,
     now: u64,
     charge: &Charge,
-) -> Result<(u32, SessionRecord), Refusal> {
+) -> Result<(u32, BudgetRecord), Refusal> {
     modify(store, tenant, session_id, limits, now, true, &|r| {
         r.try_reserve(charge)
     })?
@@ -186,32 +193,71 @@ pub fn reserve<S: SharedStore + ?Sized>(
     .ok_or_else(|| Refusal::new(ErrorCode::InternalError, "session vanished"))
 }
 
-/// How a reservation ends: committed as spend, or released.
-#[derive(Debug, Clone, Copy)]
-pub struct Settlement<'a> {
-    pub agent: &'a str,
-    pub price: u64,
-    pub commit: bool,
+/// Applies `change` to the record in a known slot, if the slot still holds the
+/// session (a slot with reservations in flight is never given away, so a caller
+/// holding one finds its session where it reserved). `None` when it does not.
+pub fn update_at<S: SharedStore + ?Sized, T>(
+    store: &S,
+    tenant: &str,
+    slot: u32,
+    session_id: &str,
+    now: u64,
+    change: &dyn Fn(&mut BudgetRecord) -> T,
+) -> Result<Option<(BudgetRecord, T)>, Refusal> {
+    update(store, &session_slot_key(tenant, slot), |bytes| {
+        if !BudgetRecord::encoded_id_is(bytes, session_id) {
+            return Ok(Step::Keep(None));
+        }
+        let mut record = decode(bytes)?;
+        let out = change(&mut record);
+        record.last_active = record.last_active.max(now);
+        Ok(Step::Write(record.encode(), Some((record, out))))
+    })
 }
 
-/// Commits or releases a reservation made by [`reserve`].
+/// Applies `change` to a session's record: in its known slot when given (the slot of
+/// a reservation in flight), else wherever it lives. `None` when the session has no
+/// record.
+pub fn with_session<S: SharedStore + ?Sized, T>(
+    store: &S,
+    tenant: &str,
+    session_id: &str,
+    slot: Option<u32>,
+    limits: &SessionLimits,
+    now: u64,
+    change: &dyn Fn(&mut BudgetRecord) -> T,
+) -> Result<Option<(BudgetRecord, T)>, Refusal> {
+    if let Some(slot) = slot {
+        if let Some(done) = update_at(store, tenant, slot, session_id, now, change)? {
+            return Ok(Some(done));
+        }
+    }
+    let changed = modify(store, tenant, session_id, limits, now, false, &|r| {
+        Ok(change(r))
+    })?;
+    Ok(changed.map(|(_, record, out)| (record, out)))
+}
+
+/// Ends reservations made by [`reserve`] (see [`BudgetRecord::settle`]).
 pub fn settle<S: SharedStore + ?Sized>(
     store: &S,
     tenant: &str,
     session_id: &str,
+    slot: Option<u32>,
     limits: &SessionLimits,
     now: u64,
-    how: Settlement,
-) -> Result<Option<SessionRecord>, Refusal> {
-    let settled = modify(store, tenant, session_id, limits, now, false, &|r| {
-        r.settle(how.agent, how.price, how.commit);
-        Ok(())
-    })?;
-    Ok(settled.map(|(_, record, ())| record))
+    release: &Release,
+) -> Result<Option<BudgetRecord>, Refusal> {
+    Ok(
+        with_session(store, tenant, session_id, slot, limits, now, &|r| {
+            r.settle(release)
+        })?
+        .map(|(r, ())| r),
+    )
 }
 
-/// Sets or clears the manual kill switch (creating the session to kill it if needed).
-/// Returns the record and whether the switch was on before.
+/// Sets or clears the manual kill switch of a session that exists. Returns the record
+/// and whether the switch was on before; `None` for an unknown session.
 pub fn set_killed<S: SharedStore + ?Sized>(
     store: &S,
     tenant: &str,
@@ -219,8 +265,8 @@ pub fn set_killed<S: SharedStore + ?Sized>(
     limits: &SessionLimits,
     now: u64,
     killed: bool,
-) -> Result<Option<(SessionRecord, bool)>, Refusal> {
-    let changed = modify(store, tenant, session_id, limits, now, killed, &|r| {
+) -> Result<Option<(BudgetRecord, bool)>, Refusal> {
+    let changed = modify(store, tenant, session_id, limits, now, false, &|r| {
         let was = r.killed;
         r.killed = killed;
         Ok(was)
@@ -242,9 +288,10 @@ mod tests {
         }
     }
 
-    fn charge(price: u64) -> Charge<'static> {
+    fn charge(agent: &str, price: u64) -> Charge<'_> {
         Charge {
-            agent: "a-1",
+            owner: 1,
+            budget_agent: Some(agent),
             price,
             session_limit: Some(1_000_000),
             agent_limit: None,
@@ -253,28 +300,35 @@ mod tests {
         }
     }
 
+    fn commit<'a>(agent: &'a str, price: u64) -> Release<'a> {
+        Release {
+            owner: 1,
+            budget_agent: Some(agent),
+            reserved: price,
+            count: 1,
+            cost: price,
+        }
+    }
+
     #[test]
     fn a_session_keeps_its_slot_and_its_budget() {
         let store = MemoryStore::new();
         let l = limits(64);
-        let (slot, _) = reserve(&store, "t", "s1", &l, 10, &charge(400_000)).unwrap();
+        let (slot, _) = reserve(&store, "t", "s1", &l, 10, &charge("a-1", 400_000)).unwrap();
         settle(
             &store,
             "t",
             "s1",
+            Some(slot),
             &l,
             11,
-            Settlement {
-                agent: "a-1",
-                price: 400_000,
-                commit: true,
-            },
+            &commit("a-1", 400_000),
         )
         .unwrap();
-        let (slot2, rec) = reserve(&store, "t", "s1", &l, 12, &charge(400_000)).unwrap();
+        let (slot2, rec) = reserve(&store, "t", "s1", &l, 12, &charge("a-1", 400_000)).unwrap();
         assert_eq!(slot, slot2);
-        assert_eq!((rec.spent, rec.reserved), (400_000, 400_000));
-        let refused = reserve(&store, "t", "s1", &l, 13, &charge(400_000)).unwrap_err();
+        assert_eq!((rec.spent, rec.reserved()), (400_000, 400_000));
+        let refused = reserve(&store, "t", "s1", &l, 13, &charge("a-1", 400_000)).unwrap_err();
         assert_eq!(refused.code, ErrorCode::SessionBudgetExceeded);
     }
 
@@ -282,8 +336,8 @@ mod tests {
     fn tenants_never_share_slots() {
         let store = MemoryStore::new();
         let l = limits(64);
-        reserve(&store, "t1", "s", &l, 0, &charge(1_000_000)).unwrap();
-        assert!(reserve(&store, "t2", "s", &l, 0, &charge(1_000_000)).is_ok());
+        reserve(&store, "t1", "s", &l, 0, &charge("a-1", 1_000_000)).unwrap();
+        assert!(reserve(&store, "t2", "s", &l, 0, &charge("a-1", 1_000_000)).is_ok());
     }
 
     #[test]
@@ -292,36 +346,52 @@ mod tests {
         let l = limits(4);
         for i in 0..4 {
             let id = format!("s{i}");
-            reserve(&store, "t", &id, &l, 0, &charge(1)).unwrap();
-            settle(
-                &store,
-                "t",
-                &id,
-                &l,
-                0,
-                Settlement {
-                    agent: "a-1",
-                    price: 1,
-                    commit: true,
-                },
-            )
-            .unwrap();
+            reserve(&store, "t", &id, &l, 0, &charge("a-1", 1)).unwrap();
+            settle(&store, "t", &id, None, &l, 0, &commit("a-1", 1)).unwrap();
         }
-        let full = reserve(&store, "t", "s-new", &l, 30, &charge(1)).unwrap_err();
+        let full = reserve(&store, "t", "s-new", &l, 30, &charge("a-1", 1)).unwrap_err();
         assert_eq!(full.code, ErrorCode::CapacityExceeded);
         // After the idle timeout, the new session takes an old one's slot, fresh.
-        let (_, rec) = reserve(&store, "t", "s-new", &l, 61, &charge(1)).unwrap();
-        assert_eq!((rec.spent, rec.reserved), (0, 1));
+        let (_, rec) = reserve(&store, "t", "s-new", &l, 61, &charge("a-1", 1)).unwrap();
+        assert_eq!((rec.spent, rec.reserved()), (0, 1));
         assert_eq!(store.key_count(), 4 + 1); // 4 slots + the claim lock
+    }
+
+    #[test]
+    fn sessions_that_never_spent_do_not_hold_slots_against_real_ones() {
+        let store = MemoryStore::new();
+        let l = limits(4);
+        // Four sessions whose calls all failed upstream: released, nothing spent.
+        for i in 0..4 {
+            let id = format!("failed-{i}");
+            let (slot, _) = reserve(&store, "t", &id, &l, 0, &charge("a-1", 5)).unwrap();
+            let release = Release {
+                cost: 0,
+                ..commit("a-1", 5)
+            };
+            settle(&store, "t", &id, Some(slot), &l, 0, &release).unwrap();
+        }
+        // A real session still gets a slot at once, long before the idle timeout.
+        assert!(reserve(&store, "t", "real", &l, 1, &charge("a-1", 5)).is_ok());
     }
 
     #[test]
     fn a_refused_first_call_claims_no_slot() {
         let store = MemoryStore::new();
         let l = limits(4);
-        let err = reserve(&store, "t", "s", &l, 0, &charge(2_000_000)).unwrap_err();
+        let err = reserve(&store, "t", "s", &l, 0, &charge("a-1", 2_000_000)).unwrap_err();
         assert_eq!(err.code, ErrorCode::SessionBudgetExceeded);
         assert!(lookup(&store, "t", "s", &l).unwrap().is_none());
+    }
+
+    #[test]
+    fn killing_an_unknown_session_creates_nothing() {
+        let store = MemoryStore::new();
+        let l = limits(4);
+        assert!(set_killed(&store, "t", "nobody", &l, 0, true)
+            .unwrap()
+            .is_none());
+        assert_eq!(store.key_count(), 0);
     }
 
     #[test]
@@ -336,21 +406,9 @@ mod tests {
         for i in 0..1_000_000u64 {
             let id = format!("session-{i}");
             // 64 new sessions per second of simulated time: slots turn over.
-            match reserve(&store, "t", &id, &l, i / 64, &charge(1)) {
-                Ok(_) => {
-                    settle(
-                        &store,
-                        "t",
-                        &id,
-                        &l,
-                        i / 64,
-                        Settlement {
-                            agent: "a-1",
-                            price: 1,
-                            commit: true,
-                        },
-                    )
-                    .unwrap();
+            match reserve(&store, "t", &id, &l, i / 64, &charge("a-1", 1)) {
+                Ok((slot, _)) => {
+                    settle(&store, "t", &id, Some(slot), &l, i / 64, &commit("a-1", 1)).unwrap();
                 }
                 Err(e) => {
                     assert_eq!(e.code, ErrorCode::CapacityExceeded);
@@ -376,27 +434,23 @@ mod tests {
                         let session = format!("s{}", i % 5);
                         let agent = format!("a-{t}");
                         let c = Charge {
-                            agent: &agent,
+                            owner: t,
+                            budget_agent: Some(&agent),
                             price: 1000,
                             session_limit: Some(200_000),
                             agent_limit: Some(30_000),
                             kill_ppm: None,
                             max_agents: 8,
                         };
-                        if reserve(&*store, "t", &session, &l, 0, &c).is_ok() {
-                            settle(
-                                &*store,
-                                "t",
-                                &session,
-                                &l,
-                                0,
-                                Settlement {
-                                    agent: &agent,
-                                    price: 1000,
-                                    commit: true,
-                                },
-                            )
-                            .unwrap();
+                        if let Ok((slot, _)) = reserve(&*store, "t", &session, &l, 0, &c) {
+                            let release = Release {
+                                owner: t,
+                                budget_agent: Some(&agent),
+                                reserved: 1000,
+                                count: 1,
+                                cost: 1000,
+                            };
+                            settle(&*store, "t", &session, Some(slot), &l, 0, &release).unwrap();
                             ok += 1;
                         }
                     }
@@ -408,7 +462,8 @@ mod tests {
         let mut spent = 0;
         for s in 0..5 {
             let (_, rec) = lookup(&*store, "t", &format!("s{s}"), &l).unwrap().unwrap();
-            assert_eq!(rec.reserved, 0);
+            assert_eq!(rec.reserved(), 0);
+            assert!(rec.owners.is_empty());
             assert!(rec.spent <= 200_000);
             for a in &rec.agents {
                 assert!(a.spent <= 30_000);

@@ -1,0 +1,616 @@
+//! What one Envoy VM holds of the ledger: its registration, its open reservations,
+//! and what it counted but has not written yet. The host keeps one per VM (a worker
+//! runs one VM on one thread, so nothing here is shared).
+//!
+//! Writing reports and commits on a tick instead of on every call is what keeps a
+//! priced call at one compare-and-swap per record: a commit moves an amount from
+//! `reserved` to `spent`, which no budget check can tell apart, and report counts are
+//! read only by the report API, which asks every VM to flush first (see [`flush
+//! requests`](LocalLedger::request_flush)). A VM that dies loses only counts: its
+//! reservations stay in the records under its owner number and are charged by the
+//! recovery (see [`crate::core::ledger::owners`]).
+
+use hashbrown::HashMap;
+
+use crate::core::alerts::Alert;
+use crate::core::amount::Amount;
+use crate::core::compile::Config;
+use crate::core::errors::{ErrorCode, Refusal};
+use crate::core::ledger::budget::{BudgetRecord, Release};
+use crate::core::ledger::owners::{self, Recovery, VmId};
+use crate::core::ledger::report::{CallStats, ReportRecord};
+use crate::core::ledger::{
+    decode_windows, session_alerts, sessions, settle_now, window_alerts, Ticket,
+};
+use crate::core::store::{
+    flush_epoch_key, read, report_slot_key, session_slot_key, tenant_windows_key, update,
+    SharedStore, Step,
+};
+
+/// Sessions with unwritten counts past which a VM writes at once, not on its tick.
+const MAX_PENDING_SESSIONS: usize = 4096;
+/// How often a VM says it is alive.
+const HEARTBEAT_MS: u64 = 1000;
+/// Keys a recovery walks per tick.
+const RECOVERY_KEYS_PER_TICK: u64 = 256;
+
+#[derive(Debug, Default)]
+struct SessionPending {
+    slot: Option<u32>,
+    /// Exact commits of this VM's reservations: (policy, budget agent, agent id) →
+    /// (reserved, count).
+    commits: Vec<Commit>,
+    stats: Option<ReportRecord>,
+}
+
+/// Exact commits of this VM's reservations, not yet written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub policy: usize,
+    pub budget_agent: Option<String>,
+    pub agent: String,
+    pub amount: Amount,
+    pub count: u32,
+}
+
+/// The same for a tenant's windows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WindowPending {
+    pub policy: usize,
+    pub amount: Amount,
+    pub count: u32,
+}
+
+/// This VM's part of the ledger.
+#[derive(Debug, Default)]
+pub struct LocalLedger {
+    id: Option<VmId>,
+    next_ticket: u64,
+    /// Reservations in flight: ticket id → the ticket.
+    open: HashMap<u64, Ticket>,
+    sessions: HashMap<(usize, String), SessionPending>,
+    windows: HashMap<usize, WindowPending>,
+    acked_epoch: u64,
+    last_flush_ms: u64,
+    last_beat_ms: u64,
+    recovery: Option<Recovery>,
+}
+
+/// What a tick did that the host must act on.
+#[derive(Debug, Default)]
+pub struct TickOutcome {
+    pub alerts: Vec<Alert>,
+    /// Reservations settled because they stayed open past the reservation timeout.
+    pub expired: usize,
+    /// Reservations of a dead VM settled by this one.
+    pub recovered: u32,
+}
+
+impl LocalLedger {
+    pub fn new() -> LocalLedger {
+        LocalLedger::default()
+    }
+
+    /// This VM's owner number, registering it first if needed.
+    pub fn vm<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64) -> Result<VmId, Refusal> {
+        if let Some(id) = self.id {
+            return Ok(id);
+        }
+        let id = owners::register(store, now_ms)?;
+        self.id = Some(id);
+        self.last_beat_ms = now_ms;
+        Ok(id)
+    }
+
+    pub fn registered(&self) -> Option<VmId> {
+        self.id
+    }
+
+    /// Keeps a copy of an admitted call's ticket; returns its id.
+    pub fn open(&mut self, ticket: &Ticket) -> u64 {
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        let id = self.next_ticket;
+        let mut kept = ticket.clone();
+        kept.id = id;
+        self.open.insert(id, kept);
+        id
+    }
+
+    /// Forgets an open ticket; `false` when it is no longer open (it expired, or the
+    /// VM was taken for dead and its reservations charged by a recovery).
+    pub fn close(&mut self, id: u64) -> bool {
+        self.open.remove(&id).is_some()
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    fn session(&mut self, tenant: usize, session: &str) -> &mut SessionPending {
+        self.sessions
+            .entry((tenant, session.to_string()))
+            .or_default()
+    }
+
+    /// A call charged exactly what it reserved: written on the next flush.
+    pub fn defer_commit(&mut self, ticket: &Ticket) {
+        let pending = self.session(ticket.tenant, &ticket.session);
+        if pending.slot.is_none() {
+            pending.slot = ticket.slot;
+        }
+        match pending.commits.iter_mut().find(|c| {
+            c.policy == ticket.policy
+                && c.budget_agent == ticket.budget_agent
+                && c.agent == ticket.agent
+        }) {
+            Some(c) => {
+                c.amount = c.amount.saturating_add(ticket.price);
+                c.count = c.count.saturating_add(1);
+            }
+            None => pending.commits.push(Commit {
+                policy: ticket.policy,
+                budget_agent: ticket.budget_agent.clone(),
+                agent: ticket.agent.clone(),
+                amount: ticket.price,
+                count: 1,
+            }),
+        }
+        if ticket.windows {
+            let w = self.windows.entry(ticket.tenant).or_default();
+            w.policy = ticket.policy;
+            w.amount = w.amount.saturating_add(ticket.price);
+            w.count = w.count.saturating_add(1);
+        }
+    }
+
+    pub fn record_call(
+        &mut self,
+        tenant: usize,
+        session: &str,
+        slot: Option<u32>,
+        call: &CallStats,
+        max_agents: u16,
+    ) {
+        let pending = self.session(tenant, session);
+        if pending.slot.is_none() {
+            pending.slot = slot;
+        }
+        pending
+            .stats
+            .get_or_insert_with(|| ReportRecord::new(session))
+            .record_call(call, max_agents);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_refusal(
+        &mut self,
+        tenant: usize,
+        session: &str,
+        agent: &str,
+        parent: Option<&str>,
+        code: &str,
+        now: u64,
+        max_agents: u16,
+    ) {
+        self.session(tenant, session)
+            .stats
+            .get_or_insert_with(|| ReportRecord::new(session))
+            .record_refusal(agent, parent, code, now, max_agents);
+    }
+
+    /// Takes this VM's unwritten commits of a session, to write them with the next
+    /// compare-and-swap of its record (a reservation, a settlement): the record then
+    /// shows them without a write of its own. Give them back with
+    /// [`LocalLedger::return_commits`] if that write does not happen.
+    pub fn take_commits(&mut self, tenant: usize, session: &str) -> Vec<Commit> {
+        match self.sessions.get_mut(&(tenant, session.to_string())) {
+            Some(p) => std::mem::take(&mut p.commits),
+            None => Vec::new(),
+        }
+    }
+
+    pub fn return_commits(&mut self, tenant: usize, session: &str, commits: Vec<Commit>) {
+        if !commits.is_empty() {
+            self.session(tenant, session).commits.extend(commits);
+        }
+    }
+
+    /// The same for a tenant's windows.
+    pub fn take_window_commits(&mut self, tenant: usize) -> Option<WindowPending> {
+        self.windows.remove(&tenant)
+    }
+
+    pub fn return_window_commits(&mut self, tenant: usize, w: Option<WindowPending>) {
+        if let Some(w) = w {
+            let e = self.windows.entry(tenant).or_default();
+            e.policy = w.policy;
+            e.amount = e.amount.saturating_add(w.amount);
+            e.count = e.count.saturating_add(w.count);
+        }
+    }
+
+    /// Whether counts wait to be written.
+    pub fn dirty(&self) -> bool {
+        !self.sessions.is_empty() || !self.windows.is_empty()
+    }
+
+    /// Whether so much waits that it should be written now rather than on the tick.
+    pub fn overfull(&self) -> bool {
+        self.sessions.len() > MAX_PENDING_SESSIONS
+    }
+
+    /// Writes every commit and count this VM holds: one compare-and-swap per session's
+    /// budget record (commits), per session's report record (counts) and per tenant's
+    /// windows. Returns the alerts the committed spend raised.
+    pub fn flush<S: SharedStore + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        store: &S,
+        now_ms: u64,
+    ) -> Vec<Alert> {
+        self.last_flush_ms = now_ms;
+        let now = now_ms / 1000;
+        let mut alerts = Vec::new();
+        let Some(vm) =
+            self.id
+                .map(|id| id.slot)
+                .or(if self.dirty_commits() { None } else { Some(0) })
+        else {
+            // Commits without a registration cannot happen; drop them rather than guess.
+            self.sessions.clear();
+            self.windows.clear();
+            return alerts;
+        };
+        let sessions = std::mem::take(&mut self.sessions);
+        for ((tenant_index, session), pending) in sessions {
+            let Some(tenant) = cfg.tenants.get(tenant_index).map(|t| t.id.as_str()) else {
+                continue;
+            };
+            let mut slot = pending.slot;
+            if !pending.commits.is_empty() {
+                let commits = &pending.commits;
+                let applied = sessions::with_session(
+                    store,
+                    tenant,
+                    &session,
+                    slot,
+                    &cfg.sessions,
+                    now,
+                    &|r| apply_commits(r, cfg, vm, commits),
+                );
+                match applied {
+                    Ok(Some((_, raised))) => alerts.extend(raised.into_iter().map(|alert| Alert {
+                        tenant: tenant.to_string(),
+                        session: session.clone(),
+                        at: now,
+                        alert,
+                    })),
+                    // The session is gone: its reservations were charged by a recovery.
+                    Ok(None) => {}
+                    Err(_) => {}
+                }
+            }
+            let Some(stats) = pending.stats else { continue };
+            if slot.is_none() {
+                slot = sessions::lookup(store, tenant, &session, &cfg.sessions)
+                    .ok()
+                    .flatten()
+                    .map(|(s, _)| s);
+            }
+            // Calls of a session without a record (free or refused calls only) are
+            // not kept: such sessions never take a slot.
+            let Some(slot) = slot else { continue };
+            let max_agents = cfg.sessions.max_agents;
+            let _ = update(store, &report_slot_key(tenant, slot), |bytes| {
+                // The slot must still hold the session's budget record: a slot given to
+                // another session starts a fresh report.
+                let owner = read(store, &session_slot_key(tenant, slot))?;
+                if !BudgetRecord::encoded_id_is(&owner, &session) {
+                    return Ok(Step::Keep(()));
+                }
+                let mut record = if ReportRecord::encoded_id_is(bytes, &session) {
+                    ReportRecord::decode(bytes).unwrap_or_else(|_| ReportRecord::new(&session))
+                } else {
+                    ReportRecord::new(&session)
+                };
+                record.merge(&stats, max_agents, now);
+                Ok(Step::Write(record.encode(), ()))
+            });
+        }
+        let windows = std::mem::take(&mut self.windows);
+        for (tenant_index, w) in windows {
+            let (Some(tenant), Some(policy)) = (
+                cfg.tenants.get(tenant_index).map(|t| t.id.as_str()),
+                cfg.policies.get(w.policy),
+            ) else {
+                continue;
+            };
+            let done = update(store, &tenant_windows_key(tenant), |bytes| {
+                let mut record = decode_windows(bytes)?;
+                record.roll(now);
+                let raised = apply_window_commits(&mut record, policy, vm, &w);
+                Ok(Step::Write(record.encode(), raised))
+            });
+            if let Ok(raised) = done {
+                alerts.extend(raised.into_iter().map(|alert| Alert {
+                    tenant: tenant.to_string(),
+                    session: String::new(),
+                    at: now,
+                    alert,
+                }));
+            }
+        }
+        alerts
+    }
+
+    fn dirty_commits(&self) -> bool {
+        !self.windows.is_empty() || self.sessions.values().any(|s| !s.commits.is_empty())
+    }
+
+    /// The report API wants every VM's counts written: raises the flush epoch and
+    /// writes this VM's own at once. Returns the epoch to wait for.
+    pub fn request_flush<S: SharedStore + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        store: &S,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<Alert>), Refusal> {
+        let epoch = update(store, &flush_epoch_key(), |bytes| {
+            let next = decode_u64(bytes).saturating_add(1);
+            Ok(Step::Write(next.to_le_bytes().to_vec(), next))
+        })?;
+        let alerts = self.flush(cfg, store, now_ms);
+        self.acked_epoch = epoch;
+        if let Some(id) = self.id {
+            let _ = owners::heartbeat(store, id, now_ms, epoch);
+        }
+        Ok((epoch, alerts))
+    }
+
+    /// Whether every live VM has written its counts since flush request `epoch`.
+    pub fn flushed<S: SharedStore + ?Sized>(
+        &self,
+        cfg: &Config,
+        store: &S,
+        epoch: u64,
+        now_ms: u64,
+    ) -> bool {
+        owners::all_acked(store, epoch, now_ms, cfg.ledger.owner_lease_ms).unwrap_or(true)
+    }
+
+    /// The VM's tick: flush when due or asked, say it is alive, settle reservations
+    /// open too long, and walk a dead VM's keys a little further.
+    pub fn tick<S: SharedStore + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        store: &S,
+        now_ms: u64,
+    ) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        let timings = cfg.ledger;
+        let requested = decode_u64(&read(store, &flush_epoch_key()).unwrap_or_default());
+        let asked = requested > self.acked_epoch;
+        if asked
+            || (self.dirty()
+                && now_ms.saturating_sub(self.last_flush_ms) >= timings.flush_interval_ms)
+        {
+            out.alerts.extend(self.flush(cfg, store, now_ms));
+        }
+        // Every VM takes part in recoveries and flush requests, registered or not.
+        let id = match self.vm(store, now_ms) {
+            Ok(id) => id,
+            Err(_) => return out,
+        };
+        if asked || now_ms.saturating_sub(self.last_beat_ms) >= HEARTBEAT_MS {
+            self.acked_epoch = self.acked_epoch.max(requested);
+            match owners::heartbeat(store, id, now_ms, self.acked_epoch) {
+                Ok(true) => self.last_beat_ms = now_ms,
+                Ok(false) => {
+                    // Taken for dead: a recovery charged our reservations. Forget them
+                    // (settling them again would charge twice) and start over.
+                    self.open.clear();
+                    self.sessions.values_mut().for_each(|s| s.commits.clear());
+                    self.windows.clear();
+                    self.id = None;
+                    let _ = self.vm(store, now_ms);
+                }
+                Err(_) => {}
+            }
+        }
+        out.expired = self.expire(cfg, store, now_ms, &mut out.alerts);
+        out.recovered = self.recover_step(cfg, store, id, now_ms);
+        out
+    }
+
+    /// Settles reservations open longer than the reservation timeout as unknown
+    /// outcomes (charged, unconfirmed).
+    fn expire<S: SharedStore + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        store: &S,
+        now_ms: u64,
+        alerts: &mut Vec<Alert>,
+    ) -> usize {
+        let timeout = cfg.ledger.reservation_timeout_ms;
+        let due: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, t)| t.price > 0 && now_ms.saturating_sub(t.opened_ms) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            if let Some(ticket) = self.open.remove(id) {
+                if let Ok(settled) = settle_now(cfg, store, &ticket, ticket.price, now_ms / 1000) {
+                    alerts.extend(settled.alerts);
+                }
+                let pending = self.session(ticket.tenant, &ticket.session);
+                pending
+                    .stats
+                    .get_or_insert_with(|| ReportRecord::new(&ticket.session))
+                    .record_recovered(ticket.price, 1);
+            }
+        }
+        due.len()
+    }
+
+    /// One step of recovering a dead VM's reservations (if one is dead).
+    fn recover_step<S: SharedStore + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        store: &S,
+        me: VmId,
+        now_ms: u64,
+    ) -> u32 {
+        let lease = cfg.ledger.owner_lease_ms;
+        if self.recovery.is_none() {
+            self.recovery = owners::take_recovery(store, me, now_ms, lease)
+                .ok()
+                .flatten();
+        }
+        let Some(mut recovery) = self.recovery else {
+            return 0;
+        };
+        let now = now_ms / 1000;
+        let per_tenant = u64::from(cfg.sessions.max_sessions) + 1;
+        let total = per_tenant.saturating_mul(cfg.tenants.len() as u64);
+        let end = recovery
+            .cursor
+            .saturating_add(RECOVERY_KEYS_PER_TICK)
+            .min(total);
+        let mut recovered = 0u32;
+        for position in recovery.cursor..end {
+            let tenant_index = (position / per_tenant) as usize;
+            let Some(tenant) = cfg.tenants.get(tenant_index).map(|t| t.id.as_str()) else {
+                break;
+            };
+            let within = position % per_tenant;
+            if within == u64::from(cfg.sessions.max_sessions) {
+                let _ = update(store, &tenant_windows_key(tenant), |bytes| {
+                    let mut record = decode_windows(bytes)?;
+                    if !record.owners.iter().any(|o| o.vm == recovery.slot) {
+                        return Ok(Step::Keep(()));
+                    }
+                    record.roll(now);
+                    record.recover(recovery.slot);
+                    Ok(Step::Write(record.encode(), ()))
+                });
+                continue;
+            }
+            let slot = within as u32;
+            recovered = recovered.saturating_add(recover_session(
+                cfg,
+                store,
+                tenant,
+                slot,
+                recovery.slot,
+                now,
+            ));
+        }
+        recovery.cursor = end;
+        let done = end >= total;
+        if owners::recovery_progress(store, recovery, now_ms, done).is_ok() {
+            self.recovery = if done { None } else { Some(recovery) };
+        }
+        recovered
+    }
+}
+
+/// Charges what a dead VM held in one session slot, and counts it as unconfirmed.
+fn recover_session<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    tenant: &str,
+    slot: u32,
+    dead: u16,
+    now: u64,
+) -> u32 {
+    let key = session_slot_key(tenant, slot);
+    let policy = cfg.policies.get(cfg.default_policy);
+    let charged = update(store, &key, |bytes| {
+        if bytes.is_empty() {
+            return Ok(Step::Keep(None));
+        }
+        let Ok(mut record) = BudgetRecord::decode(bytes) else {
+            return Ok(Step::Keep(None));
+        };
+        if !record.owners.iter().any(|o| o.vm == dead) {
+            return Ok(Step::Keep(None));
+        }
+        let (amount, count) = record.recover(dead);
+        if let Some(policy) = policy {
+            let _ = session_alerts(&mut record, policy, None);
+        }
+        let id = record.session_id.clone();
+        Ok(Step::Write(record.encode(), Some((id, amount, count))))
+    });
+    let Ok(Some((session, amount, count))) = charged else {
+        return 0;
+    };
+    let max_agents = cfg.sessions.max_agents;
+    let _ = update(store, &report_slot_key(tenant, slot), |bytes| {
+        let mut record = if ReportRecord::encoded_id_is(bytes, &session) {
+            ReportRecord::decode(bytes).unwrap_or_else(|_| ReportRecord::new(&session))
+        } else {
+            ReportRecord::new(&session)
+        };
+        let mut delta = ReportRecord::new(&session);
+        delta.record_recovered(amount, count);
+        record.merge(&delta, max_agents, now);
+        Ok(Step::Write(record.encode(), ()))
+    });
+    count
+}
+
+/// Applies a VM's exact commits to a session's record; returns the alerts they raise.
+pub fn apply_commits(
+    r: &mut BudgetRecord,
+    cfg: &Config,
+    vm: u16,
+    commits: &[Commit],
+) -> Vec<crate::core::alerts::ScopeAlert> {
+    let mut raised = Vec::new();
+    for c in commits {
+        r.settle(&Release {
+            owner: vm,
+            budget_agent: c.budget_agent.as_deref(),
+            reserved: c.amount,
+            count: c.count,
+            cost: c.amount,
+        });
+    }
+    for c in commits {
+        let Some(policy) = cfg.policies.get(c.policy) else {
+            continue;
+        };
+        let agent = c.budget_agent.as_deref().and_then(|key| {
+            policy
+                .budget_limit(key)
+                .map(|limit| (key, limit, c.agent.as_str()))
+        });
+        raised.extend(session_alerts(r, policy, agent));
+    }
+    raised
+}
+
+/// Applies a VM's exact commits to a tenant's windows; returns the alerts they raise.
+pub fn apply_window_commits(
+    record: &mut crate::core::ledger::windows::WindowsRecord,
+    policy: &crate::core::policy::Policy,
+    vm: u16,
+    w: &WindowPending,
+) -> Vec<crate::core::alerts::ScopeAlert> {
+    record.settle(vm, w.amount, w.count, w.amount);
+    window_alerts(record, policy, w.amount > 0)
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map_or(0, u64::from_le_bytes)
+}
+
+/// The error a VM that cannot register gives a priced call.
+pub fn unregistered() -> Refusal {
+    Refusal::new(
+        ErrorCode::InternalError,
+        "this VM could not register in the ledger",
+    )
+}

@@ -1,0 +1,103 @@
+//! The report API and the live page, served by the filter. Reports are read after
+//! every VM has written what it counted: the API asks for a flush, writes this VM's
+//! counts at once, and answers when the others have written theirs (each does on its
+//! next tick), or after [`waiters::FLUSH_WAIT_MS`] at most.
+
+use crate::core::admin::{self, Access, AdminResponse, AdminRoute};
+use crate::core::errors::Refusal;
+use crate::host::outbox;
+use crate::host::reply::send_local;
+use crate::host::shared::HostStore;
+use crate::host::stream::{waiters, Step, Stream};
+use crate::host::{now_millis, vm};
+
+pub fn serve(
+    stream: &Stream,
+    route: Result<AdminRoute, Refusal>,
+    headers: &[(String, Vec<u8>)],
+    path: &[u8],
+) -> Step {
+    stream.state.borrow_mut().answered = true;
+    let cfg = &stream.config;
+    let route = match route {
+        Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
+        Ok(AdminRoute::Dashboard) => return send(stream, admin::dashboard(cfg)),
+        Ok(route) => route,
+    };
+    let mut keys = Vec::new();
+    for (name, value) in headers {
+        if name == "x-pag0-admin-key" || name == &cfg.identity.api_key_header {
+            keys.push(value.clone());
+        } else if name == "authorization" {
+            keys.extend(admin::bearer(value));
+        }
+    }
+    let access = match admin::authorize(cfg, &keys) {
+        Ok(access) => access,
+        Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
+    };
+    let tenant = query_param(path, "tenant");
+    if matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
+        answer(stream, &route, access, tenant.as_deref(), true);
+        return Step::Pause;
+    }
+    let now = now_millis();
+    let requested = vm::with(|vm| vm.ledger.request_flush(cfg, &HostStore, now));
+    match requested {
+        Ok((epoch, alerts)) => {
+            outbox::queue_alerts(cfg, alerts);
+            if vm::with(|vm| vm.ledger.flushed(cfg, &HostStore, epoch, now)) {
+                answer(stream, &route, access, tenant.as_deref(), true);
+            } else {
+                waiters::wait_for_flush(stream.clone(), epoch, route, access, tenant);
+            }
+        }
+        Err(_) => answer(stream, &route, access, tenant.as_deref(), false),
+    }
+    Step::Pause
+}
+
+/// Answers an authorized call (after the flush, or without it for kill and resume).
+pub fn answer(
+    stream: &Stream,
+    route: &AdminRoute,
+    access: Access,
+    tenant: Option<&str>,
+    fresh: bool,
+) {
+    let cfg = &stream.config;
+    let mut response = admin::handle(cfg, &HostStore, access, route, tenant, now_millis() / 1000);
+    if !fresh {
+        // Some VM did not write its counts in time: the report may miss its last calls.
+        response
+            .headers
+            .push(("x-pag0-report-stale", "true".to_string()));
+    }
+    let _ = send(stream, response);
+}
+
+fn send(stream: &Stream, response: AdminResponse) -> Step {
+    outbox::queue_alerts(&stream.config, response.alerts.clone());
+    let code = response.code.map(|c| c.as_str());
+    let mut headers: Vec<(&str, &[u8])> = vec![
+        ("content-type", response.content_type.as_bytes()),
+        ("cache-control", b"no-store"),
+    ];
+    for (k, v) in &response.headers {
+        headers.push((k, v.as_bytes()));
+    }
+    if let Some(code) = code {
+        headers.push(("x-pag0-error", code.as_bytes()));
+    }
+    send_local(response.status, &headers, response.body.as_bytes());
+    Step::Pause
+}
+
+fn query_param(path: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(path).ok()?;
+    let (_, query) = text.split_once('?')?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
