@@ -224,10 +224,10 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         },
         max_agents: match raw.sessions.max_agents_per_session {
             None => 64,
-            Some(n) if (1..=1024).contains(&n) => n,
+            Some(n) if (1..=254).contains(&n) => n,
             Some(n) => {
                 return Err(format!(
-                    "sessions.maxAgentsPerSession: {n} must be between 1 and 1024"
+                    "sessions.maxAgentsPerSession: {n} must be between 1 and 254"
                 ))
             }
         },
@@ -700,8 +700,8 @@ fn compile_payments(
                 let decimals = map
                     .get("decimals")
                     .and_then(Value::as_u64)
-                    .filter(|d| *d <= 36)
-                    .ok_or_else(|| format!("{field}.decimals: required, a number from 0 to 36"))?;
+                    .filter(|d| *d <= 24)
+                    .ok_or_else(|| format!("{field}.decimals: required, a number from 0 to 24"))?;
                 let network = match map.get("network") {
                     None => None,
                     Some(Value::String(n)) if network_name(n) => Some(canonical_network(n)),

@@ -161,8 +161,10 @@ fn read_response(stream: &mut BufReader<TcpStream>) -> std::io::Result<Response>
         .ok_or_else(|| bad("bad status line"))?;
     let mut headers = Vec::new();
     loop {
-        let mut h = String::new();
-        stream.read_line(&mut h)?;
+        // Header values may hold bytes that are not UTF-8: kept, lossily, as text.
+        let mut raw = Vec::new();
+        stream.read_until(b'\n', &mut raw)?;
+        let h = String::from_utf8_lossy(&raw);
         let h = h.trim_end();
         if h.is_empty() {
             break;

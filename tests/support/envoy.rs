@@ -18,8 +18,12 @@ pub fn envoy_bin() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The module under test: `PAG0_WASM` when set (to run a test against another build,
+/// e.g. the one before a fix), else the one `make build` made.
 pub fn wasm_path() -> PathBuf {
-    let path = repo_root().join("target/wasm32-wasip1/release/pag0.wasm");
+    let path = std::env::var_os("PAG0_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/release/pag0.wasm"));
     assert!(
         path.exists(),
         "{} is missing: run `make build` first",
@@ -38,12 +42,28 @@ pub struct RouteSpec {
     pub dead: bool,
     /// Another cluster than the test upstream (one of `EnvoyConfig::clusters`).
     pub cluster: Option<String>,
+    /// `prefix_rewrite` of the route.
+    pub rewrite: Option<String>,
+    /// A request header the route adds.
+    pub add_header: Option<(String, String)>,
 }
 
 impl RouteSpec {
     /// Sends this route to the named extra cluster.
     pub fn to(mut self, cluster: &str) -> RouteSpec {
         self.cluster = Some(cluster.to_string());
+        self
+    }
+
+    /// Rewrites the matched prefix to `to` (`prefix_rewrite`).
+    pub fn rewrite(mut self, to: &str) -> RouteSpec {
+        self.rewrite = Some(to.to_string());
+        self
+    }
+
+    /// Adds a request header on the way upstream (`request_headers_to_add`).
+    pub fn add_header(mut self, name: &str, value: &str) -> RouteSpec {
+        self.add_header = Some((name.to_string(), value.to_string()));
         self
     }
 }
@@ -58,6 +78,8 @@ pub fn route(domain: &str, prefix: &str, metadata: &[(&str, &str)]) -> RouteSpec
             .collect(),
         dead: false,
         cluster: None,
+        rewrite: None,
+        add_header: None,
     }
 }
 
@@ -105,8 +127,15 @@ impl EnvoyConfig {
                     (None, true) => "dead",
                     (None, false) => "upstream",
                 };
+                let rewrite = r
+                    .rewrite
+                    .as_ref()
+                    .map_or(String::new(), |to| format!(", prefix_rewrite: \"{to}\""));
+                let added = r.add_header.as_ref().map_or(String::new(), |(k, v)| {
+                    format!("                request_headers_to_add: [{{ header: {{ key: \"{k}\", value: \"{v}\" }} }}]\n")
+                });
                 vhosts.push_str(&format!(
-                    "              - match: {{ prefix: \"{}\" }}\n                route: {{ cluster: {cluster}, timeout: 5s }}\n                metadata: {{ filter_metadata: {{ pag0: {{ {} }} }} }}\n",
+                    "              - match: {{ prefix: \"{}\" }}\n                route: {{ cluster: {cluster}, timeout: 5s{rewrite} }}\n{added}                metadata: {{ filter_metadata: {{ pag0: {{ {} }} }} }}\n",
                     r.prefix,
                     meta.join(", ")
                 ));
@@ -218,6 +247,11 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy with 2 workers and waits until it is ready.
     pub fn start(render: impl Fn(u16, u16) -> String) -> Envoy {
+        Envoy::start_workers(render, 2)
+    }
+
+    /// Starts Envoy with `workers` worker threads.
+    pub fn start_workers(render: impl Fn(u16, u16) -> String, workers: u32) -> Envoy {
         let port = free_port();
         let admin = free_port();
         let dir = TempDir::new();
@@ -231,7 +265,7 @@ impl Envoy {
                 "-c",
                 config.to_str().unwrap(),
                 "--concurrency",
-                "2",
+                &workers.to_string(),
                 "--disable-hot-restart",
                 "--file-flush-interval-msec",
                 "100",

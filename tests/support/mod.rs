@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod envoy;
+pub mod h2;
 pub mod redis;
 pub mod upstream;
 pub mod x402;

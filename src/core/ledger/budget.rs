@@ -298,22 +298,27 @@ impl BudgetRecord {
 
     /// Ends reservations: gives back what they reserved and charges their cost (which
     /// may be more than was reserved: a metered call is charged what it really cost).
+    /// A part of the reservation that is no longer held was charged in full by a
+    /// recovery (its VM was taken for dead): that part is not charged again.
     pub fn settle(&mut self, release: &Release) {
         let agent = release
             .budget_agent
             .and_then(|id| self.agent_index(id))
             .and_then(|i| u8::try_from(i).ok())
             .unwrap_or(NO_AGENT);
+        let mut held = 0;
         if let Some(o) = self
             .owners
             .iter_mut()
             .find(|o| o.vm == release.owner && o.agent == agent)
         {
-            o.amount -= release.reserved.min(o.amount);
+            held = release.reserved.min(o.amount);
+            o.amount -= held;
             o.count -= release.count.min(o.count);
         }
         self.owners.retain(|o| o.amount > 0 || o.count > 0);
-        self.charge(agent, release.cost);
+        let already_charged = release.reserved - held;
+        self.charge(agent, release.cost.saturating_sub(already_charged));
     }
 
     fn charge(&mut self, agent: u8, cost: Amount) {
@@ -559,6 +564,28 @@ mod tests {
         });
         assert_eq!((s.spent, s.reserved()), (2_000_000, 0));
         assert!(s.owners.is_empty());
+    }
+
+    #[test]
+    fn a_reservation_a_recovery_charged_is_not_charged_again() {
+        let mut s = BudgetRecord::new("s1", 0);
+        s.try_reserve(&charge("a", 150_000)).unwrap();
+        // The VM was taken for dead: its reservation is charged by a recovery...
+        assert_eq!(s.recover(1), (150_000, 1));
+        // ...then the VM settles the call it still held: nothing more is charged.
+        commit(&mut s, "a", 150_000);
+        assert_eq!((s.spent, s.reserved()), (150_000, 0));
+        // A metered call that cost more than it reserved pays only the difference.
+        s.try_reserve(&charge("a", 100)).unwrap();
+        s.recover(1);
+        s.settle(&Release {
+            owner: 1,
+            budget_agent: Some("a"),
+            reserved: 100,
+            count: 1,
+            cost: 130,
+        });
+        assert_eq!(s.spent, 150_130);
     }
 
     #[test]

@@ -359,6 +359,11 @@ impl LocalLedger {
             let next = decode_u64(bytes).saturating_add(1);
             Ok(Step::Write(next.to_le_bytes().to_vec(), next))
         })?;
+        if let Some(id) = self.id {
+            if owners::heartbeat(store, id, now_ms, self.acked_epoch) == Ok(false) {
+                self.forget_reservations(store, now_ms);
+            }
+        }
         let alerts = self.flush(cfg, store, now_ms);
         self.acked_epoch = epoch;
         if let Some(id) = self.id {
@@ -390,36 +395,52 @@ impl LocalLedger {
         let timings = cfg.ledger;
         let requested = decode_u64(&read(store, &flush_epoch_key()).unwrap_or_default());
         let asked = requested > self.acked_epoch;
-        if asked
+        let flush_due = asked
             || (self.dirty()
-                && now_ms.saturating_sub(self.last_flush_ms) >= timings.flush_interval_ms)
-        {
-            out.alerts.extend(self.flush(cfg, store, now_ms));
-        }
+                && now_ms.saturating_sub(self.last_flush_ms) >= timings.flush_interval_ms);
+        let beat_due = now_ms.saturating_sub(self.last_beat_ms) >= HEARTBEAT_MS;
         // Every VM takes part in recoveries and flush requests, registered or not.
         let id = match self.vm(store, now_ms) {
             Ok(id) => id,
             Err(_) => return out,
         };
-        if asked || now_ms.saturating_sub(self.last_beat_ms) >= HEARTBEAT_MS {
-            self.acked_epoch = self.acked_epoch.max(requested);
+        // Whether this VM still owns its slot, before it writes anything: a VM taken
+        // for dead (its reservations charged by a recovery) must not write commits.
+        if beat_due || flush_due {
             match owners::heartbeat(store, id, now_ms, self.acked_epoch) {
                 Ok(true) => self.last_beat_ms = now_ms,
-                Ok(false) => {
-                    // Taken for dead: a recovery charged our reservations. Forget them
-                    // (settling them again would charge twice) and start over.
-                    self.open.clear();
-                    self.sessions.values_mut().for_each(|s| s.commits.clear());
-                    self.windows.clear();
-                    self.id = None;
-                    let _ = self.vm(store, now_ms);
+                Ok(false) => self.forget_reservations(store, now_ms),
+                Err(_) => return out,
+            }
+        }
+        if flush_due {
+            out.alerts.extend(self.flush(cfg, store, now_ms));
+            if asked {
+                // Acknowledged only once written: the report API reads right after.
+                self.acked_epoch = requested;
+                if let Some(id) = self.id {
+                    let _ = owners::heartbeat(store, id, now_ms, requested);
                 }
-                Err(_) => {}
             }
         }
         out.expired = self.expire(cfg, store, now_ms, &mut out.alerts);
-        out.recovered = self.recover_step(cfg, store, id, now_ms);
+        // Looking for a dead VM costs a read of the registry: once a second, unless a
+        // recovery is under way.
+        if beat_due || self.recovery.is_some() {
+            out.recovered = self.recover_step(cfg, store, id, now_ms);
+        }
         out
+    }
+
+    /// This VM was taken for dead and a recovery charged its reservations: forget them
+    /// (settling them again would charge twice; the records would not double-charge,
+    /// but a new VM may already use the slot number) and register anew.
+    fn forget_reservations<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64) {
+        self.open.clear();
+        self.sessions.values_mut().for_each(|s| s.commits.clear());
+        self.windows.clear();
+        self.id = None;
+        let _ = self.vm(store, now_ms);
     }
 
     /// Settles reservations open longer than the reservation timeout as unknown

@@ -113,13 +113,17 @@ impl WindowsRecord {
         Ok(())
     }
 
-    /// Gives back `reserved` (for `count` reservations) of a VM and charges `cost`.
+    /// Gives back `reserved` (for `count` reservations) of a VM and charges `cost`; a
+    /// part no longer held was charged by a recovery and is not charged again.
     pub fn settle(&mut self, owner: u16, reserved: Amount, count: u32, cost: Amount) {
+        let mut held = 0;
         if let Some(o) = self.owners.iter_mut().find(|o| o.vm == owner) {
-            o.amount -= reserved.min(o.amount);
+            held = reserved.min(o.amount);
+            o.amount -= held;
             o.count -= count.min(o.count);
         }
         self.owners.retain(|o| o.amount > 0 || o.count > 0);
+        let cost = cost.saturating_sub(reserved - held);
         self.day.spent = self.day.spent.saturating_add(cost);
         self.month.spent = self.month.spent.saturating_add(cost);
     }
