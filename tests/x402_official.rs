@@ -157,6 +157,13 @@ fn envoy_for(peers: &Peers, plugin: &str, signer_port: u16) -> Envoy {
             )
             .to("x402_v2"),
             route("127.0.0.1", "/", &[("policy", "relay"), ("x402", "true")]).to("x402_v1"),
+            // The servers' own paths behind a prefix the route strips (issue 11).
+            route("rewrite-v2.api", "/api/", &[("x402", "true")])
+                .rewrite("/")
+                .to("x402_v2"),
+            route("rewrite-v1.api", "/api/", &[("x402", "true")])
+                .rewrite("/")
+                .to("x402_v1"),
         ],
     );
     config.clusters = vec![
@@ -195,6 +202,30 @@ fn report(envoy: &Envoy, session: &str) -> serde_json::Value {
 
 fn total_cost(report: &serde_json::Value) -> u64 {
     report["totalCost"].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn pag0_pays_the_official_servers_behind_a_rewritten_route() {
+    let _turn = turn();
+    let peers = Peers::start();
+    let envoy = envoy_for(&peers, &plugin(100_000, ""), peers.signer);
+    let mut c = Client::new(envoy.port);
+    let s = unique("rewritten");
+    let h = [("x-pag0-session", s.as_str())];
+    // The route sends /api/weather to the server as /weather; the paid retry goes
+    // through the route too, so it reaches /weather, the resource it paid for.
+    for host in ["rewrite-v2.api", "rewrite-v1.api"] {
+        let r = c.get(host, "/api/weather", &h);
+        assert_eq!(
+            (r.status, r.cost()),
+            (200, 10_000),
+            "{host}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.header("x-pag0-payment").unwrap().starts_with("settled"));
+    }
+    assert_eq!(total_cost(&report(&envoy, &s)), 20_000);
+    assert_eq!(peers.settled_total(), 20_000);
 }
 
 #[test]
