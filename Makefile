@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/pag0.wasm
 CARGO ?= cargo
 
-.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench bench-smoke fuzz
+.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench bench-smoke fuzz soak
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -48,6 +48,13 @@ fuzz:
 	rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	cd fuzz && for t in x402 config records; do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+# Every kind of call with upstream faults, hung-up clients and crashed VMs for
+# SOAK_SECONDS (not part of `make test`): the ledger must equal what clients were told,
+# nothing may stay reserved, and Envoy's memory must stay flat.
+SOAK_SECONDS ?= 600
+soak: build envoy
+	PAG0_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture
 
 # What pag0 costs per request, side by side with bare Envoy, and how it scales: writes
 # bench/RESULTS.md, bench/results.json and README.md's benchmark block (about 15 minutes;
