@@ -27,7 +27,7 @@ test: build envoy lint test-native test-wasm bench-smoke
 
 test-native:
 	@scripts/ensure-chromium.sh >/dev/null
-	$(CARGO) test --all-targets
+	$(CARGO) test --all-targets --no-fail-fast
 
 test-wasm:
 	scripts/wasm-test.sh
@@ -42,12 +42,13 @@ clean:
 	rm -rf out
 
 # Fuzz the parsers of untrusted input (x402 headers, configuration, shared-data records)
-# with cargo-fuzz on the nightly toolchain, FUZZ_SECONDS each (not part of `make test`).
+# and the whole request path with its money invariants (request) with cargo-fuzz on the
+# nightly toolchain, FUZZ_SECONDS each (not part of `make test`).
 FUZZ_SECONDS ?= 60
 fuzz:
 	rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-	cd fuzz && for t in x402 config records; do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+	cd fuzz && for t in x402 config records request; do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 # Every kind of call with upstream faults, hung-up clients and crashed VMs for
 # SOAK_SECONDS (not part of `make test`): the ledger must equal what clients were told,

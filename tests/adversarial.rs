@@ -551,7 +551,7 @@ fn a_vm_that_dies_mid_call_leaves_nothing_reserved_and_its_call_charged() {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(last["session"]["reserved"], "0", "{last}");
+    assert_eq!(last["session"]["reserved"], "0", "{last}\n{}", envoy.log());
     assert_eq!(last["session"]["spent"], "70000", "{last}");
     assert_eq!(last["daily"]["reserved"], "0", "{last}");
     assert_eq!(last["daily"]["spent"], "70000", "{last}");

@@ -57,6 +57,8 @@ pub struct Config {
     pub ledger: LedgerTimings,
     /// Chaos testing: the header that crashes the VM (never set in production).
     pub crash_header: Option<String>,
+    /// Leave `wasm.pag0_*` filter state for access logs.
+    pub filter_state: bool,
     /// Some policy has a daily or monthly budget: every priced call counts in the
     /// tenant's windows.
     pub track_windows: bool,
@@ -420,6 +422,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         endpoints,
         ledger,
         crash_header,
+        filter_state: raw.filter_state.unwrap_or(false),
         track_windows,
         admin,
         alerts,

@@ -44,6 +44,8 @@ pub struct RawConfig {
     /// Chaos testing only: lets a request header crash the VM on purpose.
     #[serde(default)]
     pub fault_injection: Option<RawFaultInjection>,
+    /// Leave `wasm.pag0_*` filter state for access logs (four host calls per request).
+    pub filter_state: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

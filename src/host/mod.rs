@@ -31,10 +31,29 @@ pub(crate) fn log(level: proxy_wasm::types::LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);
 }
 
-/// Wall-clock unix milliseconds from the host.
+thread_local! {
+    /// The clock, read once per callback (each read is a host call).
+    static CLOCK: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Starts a callback: the next clock read asks the host again. Every callback pag0
+/// implements (root and stream) calls this first; a callback that did not would see
+/// the time an earlier callback read.
+pub(crate) fn new_callback() {
+    CLOCK.with(|c| c.set(None));
+}
+
+/// Wall-clock unix milliseconds from the host, read once per callback.
 pub(crate) fn now_millis() -> u64 {
-    proxy_wasm::hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
+    CLOCK.with(|c| {
+        if let Some(now) = c.get() {
+            return now;
+        }
+        let now = proxy_wasm::hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        c.set(Some(now));
+        now
+    })
 }

@@ -46,6 +46,7 @@ impl Context for Pag0Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        crate::host::new_callback();
         if let Some(kind) = self.in_flight.remove(&token) {
             let ok = callout::succeeded(callout::status());
             let name = match (kind, ok) {
@@ -98,6 +99,7 @@ impl RootContext for Pag0Root {
     }
 
     fn on_tick(&mut self) {
+        crate::host::new_callback();
         let Some(config) = self.config.clone() else {
             return;
         };

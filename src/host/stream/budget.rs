@@ -14,9 +14,12 @@ use crate::host::stream::{Step, Stream};
 use crate::host::{log, now_millis, vm};
 use proxy_wasm::types::LogLevel;
 
-/// Filter state for access logs: `%FILTER_STATE(wasm.pag0_cost:PLAIN)%`.
-pub fn set_state(name: &str, value: &str) {
-    let _ = crate::host::abi::set_property(name, value.as_bytes());
+/// Filter state for access logs (`%FILTER_STATE(wasm.pag0_cost:PLAIN)%`), when the
+/// configuration asks for it (`filterState: true`): a host call each.
+pub fn set_state(stream: &Stream, name: &str, value: &str) {
+    if stream.config.filter_state {
+        let _ = crate::host::abi::set_property(name, value.as_bytes());
+    }
 }
 
 pub fn labels(stream: &Stream, caller: &Caller, call: &Call) -> Labels {
@@ -108,8 +111,8 @@ pub fn answer_refusal_with(
         s.answered = true;
         s.shape
     };
-    set_state("pag0_cost", &refusal.charged.to_string());
-    set_state("pag0_error", refusal.code.as_str());
+    set_state(stream, "pag0_cost", &refusal.charged.to_string());
+    set_state(stream, "pag0_error", refusal.code.as_str());
     send_refusal(refusal, view, shape, extra);
 }
 

@@ -144,8 +144,8 @@ pub fn serve_hit(stream: &Stream, caller: &Caller, call: &Call, entry: &Entry) -
     vm::with(|vm| ledger::record_hit(&mut vm.ledger, cfg, caller, call, entry.cost));
     metrics::call(&labels(stream, caller, call), 0, true, entry.cost);
     stream.state.borrow_mut().answered = true;
-    set_state("pag0_cost", "0");
-    set_state("pag0_cached", "true");
+    set_state(stream, "pag0_cost", "0");
+    set_state(stream, "pag0_cached", "true");
     let age = entry.age_secs(now_ms).to_string();
     let remaining = view.remaining_header();
     let alert = view.alert_header();

@@ -106,9 +106,9 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
     if method == "OPTIONS" {
         call.price = 0;
     }
-    set_state("pag0_agent", &caller.agent);
-    set_state("pag0_session", &caller.session);
-    set_state("pag0_cached", "false");
+    set_state(stream, "pag0_agent", &caller.agent);
+    set_state(stream, "pag0_session", &caller.session);
+    set_state(stream, "pag0_cached", "false");
     {
         let mut s = stream.state.borrow_mut();
         s.method = method.clone();

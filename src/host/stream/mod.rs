@@ -153,6 +153,7 @@ impl Context for Pag0Http {
         body_size: usize,
         _trailers: usize,
     ) {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             return;
         };
@@ -187,6 +188,7 @@ fn forwarded_if(stream: &Stream, step: Step) -> Action {
 
 impl HttpContext for Pag0Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             let refusal = Refusal::new(ErrorCode::ConfigError, "pag0 has no valid configuration");
             send_refusal(&refusal, &BudgetView::default(), Shape::Pag0, &[]);
@@ -197,6 +199,7 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             return Action::Continue;
         };
@@ -205,6 +208,7 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             return Action::Continue;
         };
@@ -213,6 +217,7 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             return Action::Continue;
         };
@@ -221,6 +226,7 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        crate::host::new_callback();
         let Some(stream) = self.stream.clone() else {
             return Action::Continue;
         };
@@ -228,6 +234,7 @@ impl HttpContext for Pag0Http {
     }
 
     fn on_log(&mut self) {
+        crate::host::new_callback();
         if let Some(stream) = self.stream.clone() {
             respond::on_log(&stream);
         }

@@ -395,7 +395,7 @@ fn answer_with_paid(stream: &Stream, status: Option<u32>, body: &[u8], cost: u64
     if let Some(alert) = &alert {
         out.push(("x-pag0-budget-alert", alert.as_bytes()));
     }
-    set_state("pag0_cost", &cost_text);
+    set_state(stream, "pag0_cost", &cost_text);
     stream.state.borrow_mut().answered = true;
     send_local(status.unwrap_or(502), &out, body);
 }

@@ -17,12 +17,41 @@ use crate::host::stream::state::PayStage;
 use crate::host::stream::{cache, pay, relay, waiters, Dispatch, Step, Stream};
 use crate::host::{abi, metrics, props, vm};
 
-fn header(name: &str) -> Option<Vec<u8>> {
-    abi::map_value(MapType::HttpResponseHeaders, name)
+/// The answer's headers, read once.
+struct Answer {
+    headers: Vec<(String, Vec<u8>)>,
 }
 
-fn text(name: &str) -> Option<String> {
-    header(name).map(|v| String::from_utf8_lossy(&v).into_owned())
+impl Answer {
+    fn read() -> Answer {
+        Answer {
+            headers: abi::map_pairs(MapType::HttpResponseHeaders).unwrap_or_default(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn status(&self) -> Option<u32> {
+        std::str::from_utf8(self.get(":status")?).ok()?.parse().ok()
+    }
+
+    /// Whether the answer came from the upstream rather than from Envoy itself (a
+    /// refused connection, a timeout, a local reply of another filter): the router adds
+    /// `x-envoy-upstream-service-time` to every upstream answer; without it (or with a
+    /// router that suppresses Envoy's headers) the stream's `code_details` says.
+    fn came_from_upstream(&self) -> bool {
+        self.get("x-envoy-upstream-service-time").is_some() || props::response_from_upstream()
+    }
 }
 
 fn set(name: &str, value: &str) {
@@ -36,9 +65,18 @@ pub fn on_response_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: boo
             return Step::Continue;
         }
     }
-    let status = header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-    let from_upstream = props::response_from_upstream();
-    if status == Some(402) && from_upstream {
+    let answer = Answer::read();
+    let status = answer.status();
+    // A free call commits nothing: where its answer came from does not matter.
+    let priced = stream
+        .state
+        .borrow()
+        .ticket
+        .as_ref()
+        .is_some_and(|t| t.price > 0)
+        || stream.state.borrow().call.as_ref().is_some_and(|c| c.x402);
+    let came_from_upstream = !priced || answer.came_from_upstream();
+    if status == Some(402) && came_from_upstream {
         if pay::armed(stream) {
             if let Some(step) = pay::on_402(d, stream, end_of_stream) {
                 return step;
@@ -49,7 +87,7 @@ pub fn on_response_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: boo
             }
         }
     }
-    if answer_headers(stream, status, from_upstream) && end_of_stream {
+    if answer_headers_with(stream, &answer, status, came_from_upstream) && end_of_stream {
         cache::store(stream);
     }
     Step::Continue
@@ -57,12 +95,21 @@ pub fn on_response_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: boo
 
 /// Settles the call from the upstream's answer and sets pag0's headers. Returns
 /// whether the answer goes on to the agent (false: pag0 answered in its place).
-pub fn answer_headers(stream: &Stream, status: Option<u32>, from_upstream: bool) -> bool {
-    let upstream_status = if from_upstream { status } else { None };
+pub fn answer_headers(stream: &Stream, status: Option<u32>, came_from_upstream: bool) -> bool {
+    answer_headers_with(stream, &Answer::read(), status, came_from_upstream)
+}
+
+fn answer_headers_with(
+    stream: &Stream,
+    answer: &Answer,
+    status: Option<u32>,
+    came_from_upstream: bool,
+) -> bool {
+    let upstream_status = if came_from_upstream { status } else { None };
     // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
-    for (name, _) in abi::map_pairs(MapType::HttpResponseHeaders).unwrap_or_default() {
+    for (name, _) in &answer.headers {
         if name.starts_with(OWN_HEADER_PREFIX) {
-            let _ = abi::remove_header(MapType::HttpResponseHeaders, &name);
+            let _ = abi::remove_header(MapType::HttpResponseHeaders, name);
         }
     }
     let (payment, charge_on, price) = {
@@ -86,10 +133,10 @@ pub fn answer_headers(stream: &Stream, status: Option<u32>, from_upstream: bool)
             )
         }
         Some(paid) => {
-            let settlement = header(x402::settlement_header(paid.version));
-            let outcome = payment_outcome(upstream_status, settlement.as_deref());
+            let settlement = answer.get(x402::settlement_header(paid.version));
+            let outcome = payment_outcome(upstream_status, settlement);
             let effect = outcome.effect(paid.value, &paid.network);
-            if !from_upstream && outcome == PaymentOutcome::Unconfirmed {
+            if !came_from_upstream && outcome == PaymentOutcome::Unconfirmed {
                 // Envoy's own answer (a timeout, a reset): the agent's payment may have
                 // been taken. Charged, flagged, and said in pag0's own words.
                 let charged = settle(
@@ -133,7 +180,7 @@ pub fn answer_headers(stream: &Stream, status: Option<u32>, from_upstream: bool)
         }
     };
     let cost_text = cost.to_string();
-    set_state("pag0_cost", &cost_text);
+    set_state(stream, "pag0_cost", &cost_text);
     set("x-pag0-cost", &cost_text);
     set("x-pag0-cached", "false");
     let (remaining, alert) = {
@@ -147,23 +194,25 @@ pub fn answer_headers(stream: &Stream, status: Option<u32>, from_upstream: bool)
         set("x-pag0-budget-alert", &alert);
     }
     if stream.state.borrow().fill.is_some() {
-        let cache_control = text("cache-control");
-        let vary = text("vary");
-        let content_type = text("content-type");
+        let cache_control = answer.text("cache-control");
+        let vary = answer.text("vary");
+        let content_type = answer.text("content-type");
         let facts = AnswerFacts {
-            status: if from_upstream {
+            status: if came_from_upstream {
                 status.unwrap_or(0)
             } else {
                 0
             },
             cache_control: cache_control.as_deref(),
-            has_set_cookie: header("set-cookie").is_some(),
+            has_set_cookie: answer.get("set-cookie").is_some(),
             vary: vary.as_deref(),
             content_type: content_type.as_deref(),
-            has_content_range: header("content-range").is_some(),
+            has_content_range: answer.get("content-range").is_some(),
         };
-        let length = text("content-length").and_then(|l| l.parse::<usize>().ok());
-        let encoding = text("content-encoding").unwrap_or_default();
+        let length = answer
+            .text("content-length")
+            .and_then(|l| l.parse::<usize>().ok());
+        let encoding = answer.text("content-encoding").unwrap_or_default();
         cache::decide(stream, &facts, length, encoding, cost);
     }
     true
