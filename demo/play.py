@@ -268,6 +268,8 @@ class Api:
         if self.host == "api.openai.com" and self.path.startswith("/v1/chat"):
             return {"model": "gpt-4o-mini",
                     "messages": [{"role": "user", "content": f"{topic} (step {i})"}]}
+        if self.host == "api.openai.com" and self.path.startswith("/v1/responses"):
+            return {"model": "gpt-4o-mini", "input": f"{topic} (step {i})"}
         if self.host == "api.anthropic.com":
             return {"model": "claude-sonnet-4-5", "max_tokens": 512,
                     "messages": [{"role": "user", "content": f"{topic} (attempt {i})"}]}
@@ -279,6 +281,7 @@ class Api:
 
 
 OPENAI = Api("OpenAI chat", "POST", "api.openai.com", "/v1/chat/completions", LLM_PRICE)
+RESPONSES = Api("OpenAI responses", "POST", "api.openai.com", "/v1/responses", LLM_PRICE)
 ANTHROPIC = Api("Anthropic messages", "POST", "api.anthropic.com", "/v1/messages", LLM_PRICE)
 TAVILY = Api("Tavily search", "POST", "api.tavily.com", "/search", SEARCH_PRICE)
 EXA = Api("Exa search", "POST", "api.exa.ai", "/search", SEARCH_PRICE)
@@ -639,10 +642,10 @@ def scenario_ralph(client: Client, checks: Checks, verbose: bool) -> Session:
     s = Session("ralph loop", client, checks)
     ralph_budget = AGENT_BUDGETS["ralph"]
     banner(2, "ralph loop", f"""
-        ralph-1 retries Anthropic until the goal is met (it never is). Its own budget is
+        ralph-1 retries OpenAI until the goal is met (it never is). Its own budget is
         {usd(ralph_budget)}; the session's is {usd(SESSION_BUDGET)}. Then executor-1 works in the
         same session: a runaway agent does not take the others down with it.""", s)
-    events = loop(s, "ralph-1", ANTHROPIC, "retry until all tests are green", 40)
+    events = loop(s, "ralph-1", RESPONSES, "retry until all tests are green", 40)
     s.show(events, "ralph-1", verbose)
     expect_stop(checks, s, "ralph-1", events, 20, "AGENT_BUDGET_EXCEEDED")
     last = events[-1].reply
@@ -689,7 +692,7 @@ def scenario_friends(client: Client, checks: Checks, verbose: bool) -> Session:
 
     def debugger():
         return run_calls(s, "debugger-1", [(OPENAI, "why does the test hang"),
-                                           (ANTHROPIC, "explain this stack trace")])
+                                           (RESPONSES, "explain this stack trace")])
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(fn) for name, fn in

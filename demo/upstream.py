@@ -140,8 +140,13 @@ Inspection (on this server's own port, not through Envoy)
                          what the whole answer carries), "computed" (the usage
                          the formulas gave, even when it was not sent: a stream without
                          include_usage, an error event, a cut), "promptTokens" P,
-                         "count" (requests seen on that endpoint).
-  POST /_demo/llm/reset  forget the LLM records and both prompt caches.
+                         "count" (requests seen on that endpoint), "body" (the raw
+                         request body as text, so a test can check what pag0 left
+                         byte for byte) and "bodyBytes" (its length in bytes).
+  GET  /_demo/llm/log    every LLM record since the start or the last reset, oldest
+                         first (the same records; at most the last 10000), for tests
+                         that make many calls at once and must see each request.
+  POST /_demo/llm/reset  forget the LLM records (last and log) and both prompt caches.
 """
 import argparse
 import hashlib
@@ -157,6 +162,8 @@ ALERTS = []
 LOCK = threading.Lock()
 LLM_LAST = {}           # endpoint -> record of the last LLM request
 LLM_COUNT = {}          # endpoint -> requests seen
+LLM_LOG = []            # every LLM record, oldest first (bounded by LLM_LOG_MAX)
+LLM_LOG_MAX = 10000
 ANTHROPIC_CACHE = set()  # keys of cache breakpoints already written
 OPENAI_SEEN = set()     # keys of prompt prefixes (>= 1024 tokens) already seen
 
@@ -618,10 +625,14 @@ class Handler(BaseHTTPRequestHandler):
         elif route == "/_demo/llm/last":
             with LOCK:
                 payload = json.dumps(LLM_LAST, indent=2).encode()
+        elif route == "/_demo/llm/log":
+            with LOCK:
+                payload = json.dumps(LLM_LOG).encode()
         elif route == "/_demo/llm/reset" and self.command == "POST":
             with LOCK:
                 LLM_LAST.clear()
                 LLM_COUNT.clear()
+                LLM_LOG.clear()
                 ANTHROPIC_CACHE.clear()
                 OPENAI_SEEN.clear()
             payload = b'{"reset": true}'
@@ -657,7 +668,8 @@ class Handler(BaseHTTPRequestHandler):
         error = anthropic_error if api == "anthropic" else openai_error
         record = {"endpoint": endpoint, "path": self.path, "headers": recorded_headers(headers),
                   "request": None, "stream": False, "status": 200, "outcome": "complete",
-                  "usage": None, "computed": None, "promptTokens": None}
+                  "usage": None, "computed": None, "promptTokens": None,
+                  "body": raw.decode("utf-8", "replace"), "bodyBytes": len(raw)}
         delay = header_int(headers, "x-demo-delay-ms")
         if delay:
             time.sleep(delay / 1000)
@@ -713,6 +725,8 @@ class Handler(BaseHTTPRequestHandler):
             LLM_COUNT[record["endpoint"]] = LLM_COUNT.get(record["endpoint"], 0) + 1
             record["count"] = LLM_COUNT[record["endpoint"]]
             LLM_LAST[record["endpoint"]] = record
+            LLM_LOG.append(record)
+            del LLM_LOG[:-LLM_LOG_MAX]
 
     def _finish_llm(self, record, status, doc, outcome):
         record["status"], record["outcome"] = status, outcome

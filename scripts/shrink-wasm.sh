@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Shrinks the built pag0.wasm in place with binaryen's wasm-opt -Oz (installed from
-# Debian when missing). Cargo puts its own build back at that path on every `cargo
-# build`, so the shrunk result is cached by the hash of cargo's output.
+# Optimises the built pag0.wasm in place with binaryen's wasm-opt -O3, for speed (see
+# Cargo.toml's release profile); wasm-opt comes from Debian when missing. Cargo puts its
+# own build back at that path on every `cargo build`, so the result is cached by the
+# hash of cargo's output and of the flags.
 set -euo pipefail
 wasm="${1:?usage: shrink-wasm.sh path/to/pag0.wasm}"
 cache="$wasm.shrunk"
-input_hash="$(sha256sum "$wasm" | cut -d' ' -f1)"
+input_hash="$(sha256sum "$wasm" | cut -d' ' -f1)-O3"
 if [[ -f "$cache" && -f "$cache.from" && "$(cat "$cache.from")" == "$input_hash" ]]; then
   rm -f "$wasm" && cp "$cache" "$wasm"
   exit 0
@@ -19,8 +20,8 @@ fi
 features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
   --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types)
 before=$(stat -c %s "$wasm")
-wasm-opt -Oz "${features[@]}" "$wasm" -o "$cache"
+wasm-opt -O3 "${features[@]}" "$wasm" -o "$cache"
 echo "$input_hash" > "$cache.from"
 # A new file, not a write through cargo's hard link into deps/.
 rm -f "$wasm" && cp "$cache" "$wasm"
-echo "wasm-opt -Oz: $before -> $(stat -c %s "$wasm") bytes"
+echo "wasm-opt -O3: $before -> $(stat -c %s "$wasm") bytes"

@@ -479,8 +479,8 @@ fn large_or_unsized_request_bodies_skip_the_cache_instead_of_failing() {
     let big = format!("{{\"prompt\":\"{}\"}}", "x".repeat(3_000_000));
     for _ in 0..2 {
         let r = c.post(
-            "api.anthropic.com",
-            "/v1/messages",
+            "api.openai.com",
+            "/v1/responses",
             &h("demo-key", &s, "executor-1"),
             &big,
         );

@@ -69,8 +69,8 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
     let s = unique("dash");
     for _ in 0..21 {
         c.post(
-            "api.anthropic.com",
-            "/v1/messages",
+            "api.openai.com",
+            "/v1/responses",
             &agent_headers("demo-key", &s, "ralph-1"),
             &support::fresh_body(),
         );

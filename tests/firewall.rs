@@ -8,7 +8,7 @@ use support::envoy::{route, validate, EnvoyConfig, RouteSpec};
 use support::{agent_headers, unique, Client, Envoy, Upstream};
 
 const DEMO_KEY: &str = "demo-key";
-const LLM: (&str, &str) = ("api.anthropic.com", "/v1/messages");
+const LLM: (&str, &str) = ("api.openai.com", "/v1/responses");
 
 fn call(
     client: &mut Client,
@@ -572,7 +572,7 @@ fn a_forwarded_call_whose_client_goes_away_stays_charged() {
     let body = support::fresh_body();
     write!(
         raw,
-        "POST /v1/messages/delay/800/ HTTP/1.1\r\nhost: api.anthropic.com\r\nx-pag0-api-key: demo-key\r\nx-pag0-session: {session}\r\nx-pag0-agent: ralph-1\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/responses/delay/800/ HTTP/1.1\r\nhost: api.openai.com\r\nx-pag0-api-key: demo-key\r\nx-pag0-session: {session}\r\nx-pag0-agent: ralph-1\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

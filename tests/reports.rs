@@ -27,7 +27,7 @@ fn call(c: &mut Client, session: &str, agent: &str, host: &str, path: &str) -> s
 fn play_reference_session(c: &mut Client) -> String {
     let s = unique("report");
     for _ in 0..21 {
-        call(c, &s, "ralph-1", "api.anthropic.com", "/v1/messages");
+        call(c, &s, "ralph-1", "api.openai.com", "/v1/responses");
     }
     for _ in 0..5 {
         assert_eq!(
@@ -131,7 +131,7 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
     assert_eq!(tally(tools, "tool", "translation")["cost"], "50000");
     let endpoints = &report["byEndpoint"];
     assert_eq!(
-        tally(endpoints, "endpoint", "api.anthropic.com/v1/messages")["cost"],
+        tally(endpoints, "endpoint", "api.openai.com/v1/responses")["cost"],
         "3000000"
     );
     assert_eq!(
@@ -452,8 +452,8 @@ fn each_alert_fires_exactly_once_even_when_both_workers_cross_together() {
                         &mut c,
                         &s,
                         &format!("autopilot-{i}"),
-                        "api.anthropic.com",
-                        "/v1/messages",
+                        "api.openai.com",
+                        "/v1/responses",
                     );
                     if r.status != 200 {
                         assert_eq!(r.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
@@ -501,13 +501,7 @@ fn each_alert_fires_exactly_once_even_when_both_workers_cross_together() {
     let mut c = Client::new(envoy.port);
     let ralph = unique("ralph");
     for _ in 0..25 {
-        call(
-            &mut c,
-            &ralph,
-            "ralph-1",
-            "api.anthropic.com",
-            "/v1/messages",
-        );
+        call(&mut c, &ralph, "ralph-1", "api.openai.com", "/v1/responses");
     }
     let alerts = wait_for_alerts(&up, 4);
     let mut ralph_alerts: Vec<(String, String, String)> = alerts
@@ -575,8 +569,7 @@ fn prometheus_and_the_access_log_show_the_calls() {
             .parse()
             .unwrap()
     };
-    let anth =
-        r#"{tenant="demo",role="ralph",tool="llm",endpoint="api_anthropic_com_v1_messages"}"#;
+    let anth = r#"{tenant="demo",role="ralph",tool="llm",endpoint="api_openai_com_v1_responses"}"#;
     assert_eq!(value(&format!("pag0_requests{anth}")), 20);
     assert_eq!(value(&format!("pag0_cost{anth}")), 3_000_000);
     assert_eq!(
@@ -622,4 +615,129 @@ fn prometheus_and_the_access_log_show_the_calls() {
         log.contains("agent=ralph-1 cost=0 cached=false error=AGENT_BUDGET_EXCEEDED"),
         "{log}"
     );
+}
+
+/// `threads` connections (spread over both workers) each make `calls` priced calls.
+fn burst(port: u16, s: &str, threads: usize, calls: usize) {
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let s = s.to_string();
+            std::thread::spawn(move || {
+                for _ in 0..calls {
+                    let mut c = Client::new(port);
+                    let r = call(
+                        &mut c,
+                        &s,
+                        &format!("executor-{i}"),
+                        "api.tavily.com",
+                        "/search",
+                    );
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn a_report_read_right_after_a_burst_counts_every_call() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let s = unique("burst");
+    burst(envoy.port, &s, 8, 10);
+    // At once: the report API has every worker write what it counted first.
+    let r = Client::new(envoy.port).get("h", &format!("/_pag0/v1/sessions/{s}/report"), &ADMIN);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-pag0-report-stale"), None);
+    let report = r.json();
+    assert_eq!(report["totalRequests"], 80);
+    assert_eq!(report["totalCost"], (80 * 20_000).to_string());
+    assert_eq!(report["byAgent"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn workers_write_their_counts_on_their_own_when_calls_stop() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let s = unique("idle");
+    burst(envoy.port, &s, 8, 5);
+    // No flush asked for (`flush=false`): what the workers wrote by themselves, each
+    // within ledger.flushIntervalMs (100 ms) of its last call, while idle.
+    std::thread::sleep(Duration::from_millis(400));
+    let r = Client::new(envoy.port).get(
+        "h",
+        &format!("/_pag0/v1/sessions/{s}/report?flush=false"),
+        &ADMIN,
+    );
+    assert_eq!(r.status, 200);
+    let report = r.json();
+    assert_eq!(report["totalRequests"], 40);
+    assert_eq!(report["totalCost"], (40 * 20_000).to_string());
+    // The budgets saw every commit too.
+    let budget = Client::new(envoy.port)
+        .get(
+            "h",
+            &format!("/_pag0/v1/sessions/{s}/budget?flush=false"),
+            &ADMIN,
+        )
+        .json();
+    assert_eq!(
+        (
+            budget["session"]["spent"].as_str(),
+            budget["session"]["reserved"].as_str()
+        ),
+        (Some("800000"), Some("0")),
+        "{budget}"
+    );
+}
+
+#[test]
+fn a_kill_is_in_force_on_every_worker_for_free_calls_and_hits_once_the_api_answers() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let s = unique("kill-free");
+    let free = |port: u16, s: &str, i: usize| {
+        Client::new(port).get(
+            "api.openai.com",
+            "/v1/models",
+            &agent_headers(KEY, s, &format!("executor-{i}")),
+        )
+    };
+    assert_eq!(
+        call(
+            &mut Client::new(envoy.port),
+            &s,
+            "executor-1",
+            "api.tavily.com",
+            "/search"
+        )
+        .status,
+        200
+    );
+    // Both workers take the session's budgets for free calls from what they saw last.
+    for i in 0..16 {
+        assert_eq!(free(envoy.port, &s, i).status, 200);
+    }
+    let killed =
+        Client::new(envoy.port).post("h", &format!("/_pag0/v1/sessions/{s}/kill"), &ADMIN, "");
+    assert_eq!(killed.status, 200);
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            let port = envoy.port;
+            std::thread::spawn(move || free(port, &s, i).error_code())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().as_deref(), Some("KILL_SWITCH_ACTIVE"));
+    }
+    let resumed =
+        Client::new(envoy.port).post("h", &format!("/_pag0/v1/sessions/{s}/resume"), &ADMIN, "");
+    assert_eq!(resumed.status, 200);
+    for i in 0..16 {
+        assert_eq!(free(envoy.port, &s, i).status, 200);
+    }
 }

@@ -59,6 +59,9 @@ pub struct Call {
     pub endpoint: String,
     pub policy: usize,
     pub price: Amount,
+    /// A metered call may reserve less than `price` (its output limit is then lowered
+    /// to fit), down to this; `None`: it reserves `price` or is refused.
+    pub min_price: Option<Amount>,
     /// A price was set for the call (route `price`, an `endpoints` rule's price, a
     /// token meter, or x402), even if it is 0; else the route is unpriced.
     pub priced: bool,

@@ -9,6 +9,7 @@ use crate::core::amount::{parse_amount, threshold_ppm, Amount};
 use crate::core::config::{RawAgentPolicy, RawConfig, RawPolicy};
 use crate::core::glob::Glob;
 use crate::core::identity::valid_id;
+pub use crate::core::meter::LlmSettings;
 use crate::core::payments::{canonical_network, AssetRule, PaymentRules, BUDGET_DECIMALS};
 use crate::core::policy::{AgentRule, ChargeOn, IdPattern, Policy, Unmatched};
 pub use crate::core::settings::{LedgerTimings, Service, SessionLimits};
@@ -41,6 +42,7 @@ pub struct EndpointRule {
     pub price: Option<Amount>,
     pub tool: Option<String>,
     pub x402: bool,
+    pub meter: Option<crate::core::call::MeterKind>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,9 @@ pub struct Config {
     pub pay_retry_timeout_ms: u64,
     /// Pay mode: the cluster that leads back into this listener, for paid retries.
     pub pay_loopback: Option<String>,
+    /// Token metering (`llm`): prices and limits. `None`: a metered route is a
+    /// configuration error.
+    pub llm: Option<LlmSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -274,11 +279,32 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         if let Some(tool) = &rule.tool {
             check_label(tool, &format!("{field}.tool"))?;
         }
+        let meter = match rule.meter.as_deref() {
+            None => None,
+            Some("anthropic") => Some(crate::core::call::MeterKind::Anthropic),
+            Some("openai") => Some(crate::core::call::MeterKind::OpenAi),
+            Some(other) => {
+                return Err(format!(
+                    "{field}.meter: {other:?} must be \"anthropic\" or \"openai\""
+                ))
+            }
+        };
+        if meter.is_some() && (price.is_some() || rule.x402 == Some(true)) {
+            return Err(format!(
+                "{field}.meter: a metered endpoint is priced by its tokens; drop price and x402"
+            ));
+        }
+        if meter.is_some() && raw.llm.is_none() {
+            return Err(format!(
+                "{field}.meter: needs the llm block (llm.prices) in the plugin configuration"
+            ));
+        }
         endpoints.push(EndpointRule {
             glob,
             price,
             tool: rule.tool,
             x402: rule.x402.unwrap_or(false),
+            meter,
         });
     }
 
@@ -432,6 +458,95 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         pay_buffer_limit,
         pay_retry_timeout_ms,
         pay_loopback,
+        llm: raw.llm.map(compile_llm).transpose()?,
+    })
+}
+
+fn compile_llm(raw: crate::core::config::RawLlm) -> Result<LlmSettings, String> {
+    use crate::core::meter::{self, Rates, UnknownModels};
+    let mut prices = Vec::new();
+    for (pattern, rates) in raw.prices.0 {
+        let field = format!("llm.prices.{pattern:?}");
+        let glob = Glob::new(&pattern).map_err(|e| format!("{field}: {e}"))?;
+        let rate = |v: Option<&Value>, name: &str| -> Result<Amount, String> {
+            amount(v, &format!("{field}.{name}"), true)?
+                .ok_or_else(|| format!("{field}.{name}: missing (every rate is required; OpenAI's cache writes cost its input rate)"))
+        };
+        prices.push((
+            glob,
+            Rates {
+                input: rate(rates.input.as_ref(), "input")?,
+                output: rate(rates.output.as_ref(), "output")?,
+                cache_write_5m: rate(rates.cache_write_5m.as_ref(), "cacheWrite5m")?,
+                cache_write_1h: rate(rates.cache_write_1h.as_ref(), "cacheWrite1h")?,
+                cache_read: rate(rates.cache_read.as_ref(), "cacheRead")?,
+            },
+        ));
+    }
+    if prices.is_empty() {
+        return Err("llm.prices: empty (price at least one model)".to_string());
+    }
+    let unknown_models = match raw.unknown_models.as_deref() {
+        None | Some("refuse") => UnknownModels::Refuse,
+        Some("highestRates") => UnknownModels::HighestRates,
+        Some(other) => {
+            return Err(format!(
+                "llm.unknownModels: {other:?} must be \"refuse\" or \"highestRates\""
+            ))
+        }
+    };
+    let tokens = |v: Option<u64>, default: u64, field: &str, max: u64| -> Result<u64, String> {
+        let v = v.unwrap_or(default);
+        if v == 0 || v > max {
+            return Err(format!("llm.{field}: {v} must be between 1 and {max}"));
+        }
+        Ok(v)
+    };
+    let default_max_tokens = tokens(
+        raw.default_max_tokens,
+        meter::DEFAULT_MAX_TOKENS,
+        "defaultMaxTokens",
+        meter::MAX_OUTPUT_TOKENS,
+    )?;
+    let min_output_tokens = tokens(
+        raw.min_output_tokens,
+        meter::DEFAULT_MIN_OUTPUT_TOKENS,
+        "minOutputTokens",
+        meter::MAX_OUTPUT_TOKENS,
+    )?;
+    if min_output_tokens > default_max_tokens {
+        return Err(format!("llm.minOutputTokens: {min_output_tokens} is above llm.defaultMaxTokens ({default_max_tokens})"));
+    }
+    let max_body_bytes = tokens(
+        raw.max_body_bytes,
+        meter::DEFAULT_MAX_BODY_BYTES as u64,
+        "maxBodyBytes",
+        64 * 1024 * 1024,
+    )?;
+    Ok(LlmSettings {
+        prices,
+        unknown_models,
+        default_max_tokens,
+        min_output_tokens,
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(meter::DEFAULT_MAX_BODY_BYTES),
+        image_tokens: tokens(
+            raw.image_tokens,
+            meter::DEFAULT_IMAGE_TOKENS,
+            "imageTokens",
+            10_000_000,
+        )?,
+        document_tokens: tokens(
+            raw.document_tokens,
+            meter::DEFAULT_DOCUMENT_TOKENS,
+            "documentTokens",
+            10_000_000,
+        )?,
+        server_tool_tokens: tokens(
+            raw.server_tool_tokens,
+            meter::DEFAULT_SERVER_TOOL_TOKENS,
+            "serverToolTokens",
+            10_000_000,
+        )?,
     })
 }
 

@@ -46,6 +46,37 @@ pub struct RawConfig {
     pub fault_injection: Option<RawFaultInjection>,
     /// Leave `wasm.pag0_*` filter state for access logs (four host calls per request).
     pub filter_state: Option<bool>,
+    /// Token metering of LLM routes (`meter` in route metadata): prices and limits.
+    #[serde(default)]
+    pub llm: Option<RawLlm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawLlm {
+    /// Model glob → rates per million tokens.
+    pub prices: OrderedMap<RawRates>,
+    /// `refuse` (default) or `highestRates`.
+    pub unknown_models: Option<String>,
+    pub default_max_tokens: Option<u64>,
+    pub min_output_tokens: Option<u64>,
+    pub max_body_bytes: Option<u64>,
+    pub image_tokens: Option<u64>,
+    pub document_tokens: Option<u64>,
+    pub server_tool_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRates {
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    #[serde(rename = "cacheWrite5m")]
+    pub cache_write_5m: Option<Value>,
+    #[serde(rename = "cacheWrite1h")]
+    pub cache_write_1h: Option<Value>,
+    #[serde(rename = "cacheRead")]
+    pub cache_read: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -226,6 +257,8 @@ pub struct RawEndpointRule {
     pub tool: Option<String>,
     /// The endpoint's API charges through x402 (as route metadata `x402: "true"`).
     pub x402: Option<bool>,
+    /// Token-metered (as route metadata `meter`): "anthropic" or "openai".
+    pub meter: Option<String>,
 }
 
 /// A JSON object read in document order, so that "first match wins" means what the

@@ -3,6 +3,7 @@
 //! ([`relay_payment`]). The budgets themselves are the ledger's
 //! ([`crate::core::ledger`]).
 
+use crate::core::amount::Amount;
 use crate::core::call::{Call, Caller, HeaderValue, MeterKind, RelayedPayment, RouteSettings};
 use crate::core::compile::{
     check_route_endpoint, check_route_price, check_route_tool, parse_charge_on, Config,
@@ -121,22 +122,28 @@ fn route_flag(value: &Option<String>, field: &str) -> Result<Option<bool>, Refus
     }
 }
 
-/// Resolves endpoint, policy, price and tool. A price comes from the route, else the
-/// first matching endpoint rule, else 0. Bad route metadata fails closed (500).
-pub fn describe_call(
-    cfg: &Config,
-    authority: &[u8],
-    path: &[u8],
-    route: &RouteSettings,
-) -> Result<Call, Refusal> {
+/// What a route's metadata says, checked: the same for every request of the route,
+/// so the host checks each distinct metadata once (see [`check_route`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteChecked {
+    pub policy: usize,
+    pub price: Option<Amount>,
+    pub tool: Option<String>,
+    pub charge_on: ChargeOn,
+    pub x402: Option<bool>,
+    pub meter: Option<MeterKind>,
+    pub cache_ttl: Option<u64>,
+}
+
+/// Checks a route's metadata against the configuration. Bad metadata fails closed
+/// (500 CONFIG_ERROR): a misspelt key or price must never make a route free.
+pub fn check_route(cfg: &Config, route: &RouteSettings) -> Result<RouteChecked, Refusal> {
     let config_error = |m: String| Refusal::new(ErrorCode::ConfigError, m);
     if let Some(key) = &route.unknown {
         return Err(config_error(format!(
             "route metadata pag0.{key} is not a pag0 setting (a misspelt price must not make a route free)"
         )));
     }
-    let endpoint = endpoint(authority, path)
-        .map_err(|e| Refusal::new(ErrorCode::InvalidRequest, e.to_string()))?;
     let policy = match &route.policy {
         None => cfg.default_policy,
         Some(name) => *cfg.policy_by_name.get(name.as_str()).ok_or_else(|| {
@@ -145,18 +152,13 @@ pub fn describe_call(
             ))
         })?,
     };
-    let rule = cfg.endpoint_rule(&endpoint);
     let price = match &route.price {
         Some(text) => Some(check_route_price(text).map_err(config_error)?),
-        None => rule.and_then(|r| r.price),
+        None => None,
     };
-    let tool = match &route.tool {
-        Some(t) => {
-            check_route_tool(t).map_err(config_error)?;
-            Some(t.clone())
-        }
-        None => rule.and_then(|r| r.tool.clone()),
-    };
+    if let Some(t) = &route.tool {
+        check_route_tool(t).map_err(config_error)?;
+    }
     let charge_on = match &route.charge_on {
         Some(text) => parse_charge_on(text).map_err(config_error)?,
         None => cfg
@@ -167,13 +169,14 @@ pub fn describe_call(
     if let Some(label) = &route.endpoint {
         check_route_endpoint(label).map_err(config_error)?;
     }
-    if let Some(ttl) = &route.cache_ttl {
-        if ttl.parse::<u64>().is_err() {
-            return Err(config_error(format!(
+    let cache_ttl = match &route.cache_ttl {
+        None => None,
+        Some(ttl) => Some(ttl.parse::<u64>().map_err(|_| {
+            config_error(format!(
                 "route metadata pag0.cacheTTL {ttl:?} must be a number of seconds, as a string"
-            )));
-        }
-    }
+            ))
+        })?),
+    };
     if let Some(session) = &route.default_session {
         if !valid_id(session.as_bytes()) {
             return Err(config_error(format!(
@@ -181,7 +184,7 @@ pub fn describe_call(
             )));
         }
     }
-    let x402 = route_flag(&route.x402, "x402")?.unwrap_or_else(|| rule.is_some_and(|r| r.x402));
+    let x402 = route_flag(&route.x402, "x402")?;
     let meter = match route.meter.as_deref() {
         None => None,
         Some("anthropic") => Some(MeterKind::Anthropic),
@@ -192,6 +195,69 @@ pub fn describe_call(
             )))
         }
     };
+    if meter.is_some() {
+        if cfg.llm.is_none() {
+            return Err(config_error(
+                "route metadata pag0.meter needs the llm block (llm.prices) in the plugin configuration".to_string(),
+            ));
+        }
+        if price.is_some() || x402 == Some(true) {
+            return Err(config_error(
+                "route metadata pag0.meter prices calls by their tokens: drop pag0.price and pag0.x402 on this route".to_string(),
+            ));
+        }
+    }
+    Ok(RouteChecked {
+        policy,
+        price,
+        tool: route.tool.clone(),
+        charge_on,
+        x402,
+        meter,
+        cache_ttl,
+    })
+}
+
+/// Resolves endpoint, policy, price and tool. A price comes from the route, else the
+/// first matching endpoint rule, else 0. Bad route metadata fails closed (500).
+pub fn describe_call(
+    cfg: &Config,
+    authority: &[u8],
+    path: &[u8],
+    route: &RouteSettings,
+) -> Result<Call, Refusal> {
+    let checked = check_route(cfg, route)?;
+    describe_checked(cfg, authority, path, route, &checked)
+}
+
+/// [`describe_call`] for a route already checked.
+pub fn describe_checked(
+    cfg: &Config,
+    authority: &[u8],
+    path: &[u8],
+    route: &RouteSettings,
+    checked: &RouteChecked,
+) -> Result<Call, Refusal> {
+    let endpoint = endpoint(authority, path)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    let rule = cfg.endpoint_rule(&endpoint);
+    let price = checked.price.or_else(|| rule.and_then(|r| r.price));
+    let tool = match &checked.tool {
+        Some(t) => Some(t.clone()),
+        None => rule.and_then(|r| r.tool.clone()),
+    };
+    let x402 = checked.x402.unwrap_or_else(|| rule.is_some_and(|r| r.x402));
+    // The meter prices the API's calls (messages, completions, responses); any other
+    // path of a metered route (token counting, model lists) is priced as the route
+    // would be without it.
+    // A route's own price or x402 flag wins over an endpoint rule's meter.
+    let rule_meter = match (checked.price, checked.x402) {
+        (None, None | Some(false)) => rule.and_then(|r| r.meter),
+        _ => None,
+    };
+    let meter = checked.meter.or(rule_meter).filter(|kind| {
+        crate::core::meter::request::Api::for_path(*kind, &String::from_utf8_lossy(path)).is_some()
+    });
     let labelled = rule
         .map(|r| r.glob.source().to_string())
         .or_else(|| route.endpoint.clone());
@@ -200,11 +266,12 @@ pub fn describe_call(
         endpoint_label: labelled.clone().unwrap_or(host),
         metric_endpoint: labelled.unwrap_or_else(|| "other".to_string()),
         endpoint,
-        policy,
+        policy: checked.policy,
         priced: price.is_some() || meter.is_some() || x402,
         price: price.unwrap_or(0),
+        min_price: None,
         tool,
-        charge_on,
+        charge_on: checked.charge_on,
         x402,
         meter,
         payment: None,

@@ -35,19 +35,27 @@ impl BudgetView {
     /// Session first, as in the contract's example; then agent, daily, monthly.
     pub fn remaining_header(&self) -> String {
         let order = [Scope::Session, Scope::Agent, Scope::Daily, Scope::Monthly];
-        let mut parts = Vec::new();
+        let mut out = String::with_capacity(24 * self.scopes.len());
         for scope in order {
             if let Some(s) = self.scopes.iter().find(|s| s.scope == scope) {
-                parts.push(format!("{}={}", scope.as_str(), s.remaining()));
+                if !out.is_empty() {
+                    out.push_str(", ");
+                }
+                out.push_str(scope.as_str());
+                out.push('=');
+                crate::core::store::push_decimal(&mut out, s.remaining());
             }
         }
-        parts.join(", ")
+        out
     }
 
     /// `x-pag0-budget-alert`: the scopes whose utilization (spent + reserved over limit)
     /// has reached the alert threshold, e.g. `session=0.72`. `None` when none has.
     pub fn alert_header(&self) -> Option<String> {
         let ppm = self.alert_ppm?;
+        if !self.scopes.iter().any(|s| reaches(s.used(), s.limit, ppm)) {
+            return None;
+        }
         let order = [Scope::Session, Scope::Agent, Scope::Daily, Scope::Monthly];
         let mut parts = Vec::new();
         for scope in order {

@@ -16,6 +16,7 @@ pub mod glob;
 pub mod headers;
 pub mod identity;
 pub mod ledger;
+pub mod meter;
 pub mod offers;
 pub mod pairs;
 pub mod payments;

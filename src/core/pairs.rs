@@ -35,6 +35,28 @@ pub fn pairs(bytes: &[u8]) -> Result<Vec<Pair<'_>>, String> {
     Ok(out)
 }
 
+/// Where each key and value of [`pairs`] lie in `bytes`: (key start, key end, value
+/// start, value end), for a caller that keeps the bytes and looks keys up in place.
+pub fn spans(bytes: &[u8]) -> Result<Vec<[u32; 4]>, String> {
+    let base = bytes.as_ptr() as usize;
+    let at = |s: &[u8]| -> Result<(u32, u32), String> {
+        let start = (s.as_ptr() as usize).wrapping_sub(base);
+        let end = start + s.len();
+        Ok((
+            u32::try_from(start).map_err(|_| "map too large")?,
+            u32::try_from(end).map_err(|_| "map too large")?,
+        ))
+    };
+    pairs(bytes)?
+        .into_iter()
+        .map(|(k, v)| {
+            let (a, b) = at(k)?;
+            let (c, d) = at(v)?;
+            Ok([a, b, c, d])
+        })
+        .collect()
+}
+
 /// `len` bytes at `at`, then the NUL that ends them.
 fn take<'a>(bytes: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8], String> {
     let end = at.checked_add(len).ok_or("length too large")?;
@@ -87,5 +109,16 @@ mod tests {
             assert!(pairs(&encoded[..cut]).is_err());
         }
         assert!(pairs(&[0xff, 0xff, 0xff, 0x7f]).is_err());
+        let spans = spans(&encoded).unwrap();
+        let back: Vec<_> = spans
+            .iter()
+            .map(|[a, b, c, d]| {
+                (
+                    &encoded[*a as usize..*b as usize],
+                    &encoded[*c as usize..*d as usize],
+                )
+            })
+            .collect();
+        assert_eq!(back, decoded);
     }
 }

@@ -201,6 +201,22 @@ impl Policy {
     }
 }
 
+/// The tightest per-request cap on a call of this agent, and whose it is (agent first
+/// when equal).
+pub fn per_request_cap(policy: &Policy, agent: Option<&AgentRule>) -> Option<(Amount, Scope)> {
+    let inherit = agent.is_none_or(|a| a.inherit_parent);
+    let session_cap = if inherit {
+        policy.max_per_request
+    } else {
+        None
+    };
+    let agent_cap = agent.and_then(|a| a.max_per_request);
+    [(agent_cap, Scope::Agent), (session_cap, Scope::Session)]
+        .iter()
+        .filter_map(|(cap, scope)| cap.map(|c| (c, *scope)))
+        .min_by_key(|(cap, _)| *cap)
+}
+
 /// Endpoint lists and per-request caps for one call, before any budget is touched.
 /// Blocked patterns win over allowed ones; an absent allow list allows everything.
 pub fn check_rules(
@@ -219,19 +235,7 @@ pub fn check_rules(
         let blocked = rule.blocked.as_deref().unwrap_or(&[]);
         check_lists(allowed, blocked, endpoint, "agent")?;
     }
-    let session_cap = if inherit {
-        policy.max_per_request
-    } else {
-        None
-    };
-    let agent_cap = agent.and_then(|a| a.max_per_request);
-    // The tighter cap is named; agent first when equal.
-    let caps = [(agent_cap, Scope::Agent), (session_cap, Scope::Session)];
-    let tightest = caps
-        .iter()
-        .filter_map(|(cap, scope)| cap.map(|c| (c, *scope)))
-        .min_by_key(|(cap, _)| *cap);
-    if let Some((cap, scope)) = tightest {
+    if let Some((cap, scope)) = per_request_cap(policy, agent) {
         if price > cap {
             let mut refusal = Refusal::budget(BudgetDetails {
                 scope,

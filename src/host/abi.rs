@@ -53,6 +53,13 @@ extern "C" {
         grpc_status: i32,
     ) -> Status;
     fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_set_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> Status;
     fn proxy_set_property(
         path_data: *const u8,
         path_size: usize,
@@ -81,28 +88,67 @@ unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     }
 }
 
-/// Every header of a map, names as text (lossy; Envoy's codecs only pass tokens) and
-/// values as bytes.
-pub fn map_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
-    let mut data = null_mut();
-    let mut size = 0;
-    // SAFETY: the host writes a pointer and size it allocated for this call.
-    let bytes = unsafe {
-        result(proxy_get_header_map_pairs(map, &mut data, &mut size))?;
-        owned(data, size)
-    };
-    Ok(decode_pairs(&bytes))
+/// A header map as the host encoded it, read in one call; headers are looked up in
+/// place (no copy per header).
+pub struct HeaderMap {
+    raw: Vec<u8>,
+    /// (name start, name end, value start, value end) in `raw`.
+    spans: Vec<[u32; 4]>,
 }
 
-/// Decodes a header map (names as text: Envoy's codecs only pass tokens).
-fn decode_pairs(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-    crate::core::pairs::pairs(bytes)
-        .map(|list| {
-            list.into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
-                .collect()
-        })
-        .unwrap_or_default()
+impl HeaderMap {
+    /// Reads a whole map (empty when the host has none or it cannot be decoded).
+    pub fn read(map: MapType) -> HeaderMap {
+        let mut data = null_mut();
+        let mut size = 0;
+        // SAFETY: the host writes a pointer and size it allocated for this call.
+        let raw = unsafe {
+            match proxy_get_header_map_pairs(map, &mut data, &mut size) {
+                Status::Ok => owned(data, size),
+                _ => Vec::new(),
+            }
+        };
+        let spans = crate::core::pairs::spans(&raw).unwrap_or_default();
+        HeaderMap { raw, spans }
+    }
+
+    fn slice(&self, from: u32, to: u32) -> &[u8] {
+        self.raw.get(from as usize..to as usize).unwrap_or_default()
+    }
+
+    /// Every header, in order, as (name, value) bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans
+            .iter()
+            .map(|[a, b, c, d]| (self.slice(*a, *b), self.slice(*c, *d)))
+    }
+
+    /// The values of a header (names compared by length first: most differ there).
+    fn values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        let wanted = name.as_bytes();
+        self.spans
+            .iter()
+            .filter(move |[a, b, _, _]| {
+                (b - a) as usize == wanted.len() && self.slice(*a, *b) == wanted
+            })
+            .map(|[_, _, c, d]| self.slice(*c, *d))
+    }
+
+    /// The first value of a header.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.values(name).next()
+    }
+
+    /// A header as the firewall sees it: missing, sent once, or sent more than once.
+    pub fn lookup(&self, name: &str) -> crate::core::call::HeaderValue {
+        use crate::core::call::HeaderValue;
+        let mut found = self.values(name);
+        match (found.next(), found.next()) {
+            (None, _) => HeaderValue::Missing,
+            (Some(value), None) => HeaderValue::One(value.to_vec()),
+            (Some(_), Some(_)) => HeaderValue::Many,
+        }
+    }
 }
 
 /// One header's value, as bytes; `None` when absent.
@@ -145,6 +191,13 @@ pub fn buffer(kind: BufferType, start: usize, size: usize) -> Vec<u8> {
             _ => Vec::new(),
         }
     }
+}
+
+/// Replaces `size` bytes of a buffer from `start` with `data` (`0` and the buffer's
+/// length: all of it, as when a held request body is rewritten).
+pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer and length of a live slice.
+    result(unsafe { proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len()) })
 }
 
 /// Answers the stream locally (status, headers as bytes, body).

@@ -41,8 +41,8 @@ pub fn header(name: &str) -> Option<Vec<u8>> {
 }
 
 /// Every header of the callout answer being handled, as bytes.
-pub fn headers() -> Vec<(String, Vec<u8>)> {
-    abi::map_pairs(MapType::HttpCallResponseHeaders).unwrap_or_default()
+pub fn headers() -> abi::HeaderMap {
+    abi::HeaderMap::read(MapType::HttpCallResponseHeaders)
 }
 
 /// The callout answer's body.

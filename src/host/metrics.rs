@@ -16,18 +16,7 @@ type RefusalLabels = (String, String, &'static str);
 
 thread_local! {
     static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
-    /// Label set → ids of (requests, cost, cache_hits, cache_savings).
-    static CALLS: RefCell<HashMap<Labels, [Option<u32>; 4]>> = RefCell::new(HashMap::new());
     static REFUSALS: RefCell<HashMap<RefusalLabels, Option<u32>>> = RefCell::new(HashMap::new());
-}
-
-/// Labels of one call, already bounded and sanitised.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Labels {
-    pub tenant: String,
-    pub role: String,
-    pub tool: String,
-    pub endpoint: String,
 }
 
 /// Keeps `[A-Za-z0-9_-]`; anything else (dots would split the name) becomes `_`.
@@ -73,21 +62,74 @@ pub fn add(name: &str, delta: u64) {
     }
 }
 
-/// A call that went upstream (or was served locally from the cache).
-pub fn call(labels: &Labels, cost: u64, cache_hit: bool, savings: u64) {
-    let ids = CALLS.with(|calls| {
-        if let Some(ids) = calls.borrow().get(labels) {
-            return *ids;
+/// The counter ids of one label set: (requests, cost, cache_hits, cache_savings).
+pub type CallIds = [Option<u32>; 4];
+
+thread_local! {
+    /// Label parts as the configuration spells them (tenant index, role, tool,
+    /// endpoint), by their hash → counter ids. Looked up without building a name or a
+    /// string; a name is built once per label set.
+    static CALL_IDS: RefCell<HashMap<u64, Vec<(RawLabels, CallIds)>>> = RefCell::new(HashMap::new());
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawLabels {
+    tenant: usize,
+    role: String,
+    tool: String,
+    endpoint: String,
+}
+
+fn hash_parts(tenant: usize, parts: [&str; 3]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ tenant as u64;
+    for part in parts {
+        for byte in part.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The counters of a call's labels: `tenant_id` is the tenant's configured id (at
+/// `tenant`), the rest as the configuration and the route spell them (sanitised here,
+/// once).
+pub fn call_ids(tenant: usize, tenant_id: &str, role: &str, tool: &str, endpoint: &str) -> CallIds {
+    let hash = hash_parts(tenant, [role, tool, endpoint]);
+    CALL_IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        let bucket = ids.entry(hash).or_default();
+        if let Some((_, found)) = bucket.iter().find(|(k, _)| {
+            k.tenant == tenant && k.role == role && k.tool == tool && k.endpoint == endpoint
+        }) {
+            return *found;
         }
         let base = format!(
             "pag0.tenant.{}.role.{}.tool.{}.endpoint.{}",
-            labels.tenant, labels.role, labels.tool, labels.endpoint
+            label(tenant_id),
+            label(role),
+            label(tool),
+            label(endpoint)
         );
-        let ids = ["requests", "cost", "cache_hits", "cache_savings"]
+        let found = ["requests", "cost", "cache_hits", "cache_savings"]
             .map(|suffix| id_of(&format!("{base}.{suffix}")));
-        calls.borrow_mut().insert(labels.clone(), ids);
-        ids
-    });
+        bucket.push((
+            RawLabels {
+                tenant,
+                role: role.to_string(),
+                tool: tool.to_string(),
+                endpoint: endpoint.to_string(),
+            },
+            found,
+        ));
+        found
+    })
+}
+
+/// A call that went upstream (or was served locally from the cache).
+pub fn call(ids: &CallIds, cost: u64, cache_hit: bool, savings: u64) {
     bump(ids[0], 1);
     bump(ids[1], cost);
     if cache_hit {

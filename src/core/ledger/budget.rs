@@ -185,6 +185,33 @@ impl BudgetRecord {
         )
     }
 
+    /// [`BudgetRecord::try_reserve`] for a call that may reserve less than its price,
+    /// down to `min_price` (a metered call whose output limit is lowered to fit):
+    /// reserves as much of the price as the agent and session budgets leave, and
+    /// returns it; refused when not even `min_price` fits.
+    pub fn try_reserve_up_to(
+        &mut self,
+        charge: &Charge,
+        min_price: Amount,
+    ) -> Result<Amount, Refusal> {
+        let room = |limit: Amount, spent: Amount, reserved: Amount| {
+            limit.saturating_sub(spent.saturating_add(reserved))
+        };
+        let mut price = charge.price;
+        if let (Some(id), Some(limit)) = (charge.budget_agent, charge.agent_limit) {
+            let (spent, reserved) = self.agent_totals(id);
+            price = price.min(room(limit, spent, reserved).max(min_price));
+        }
+        if let Some(limit) = charge.session_limit {
+            price = price.min(room(limit, self.spent, self.reserved()).max(min_price));
+        }
+        self.try_reserve(&Charge {
+            price,
+            ..charge.clone()
+        })?;
+        Ok(price)
+    }
+
     /// Reserves the price for the session and the agent budget, or says which rule
     /// refuses. Order: kill switch, agent budget, session budget (most specific first).
     pub fn try_reserve(&mut self, charge: &Charge) -> Result<(), Refusal> {

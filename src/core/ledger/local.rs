@@ -19,6 +19,7 @@ use crate::core::errors::{ErrorCode, Refusal};
 use crate::core::ledger::budget::{BudgetRecord, Release};
 use crate::core::ledger::owners::{self, Recovery, VmId};
 use crate::core::ledger::report::{CallStats, ReportRecord};
+use crate::core::ledger::windows::WindowsRecord;
 use crate::core::ledger::{
     decode_windows, session_alerts, sessions, settle_now, window_alerts, Ticket,
 };
@@ -26,6 +27,23 @@ use crate::core::store::{
     flush_epoch_key, read, report_slot_key, session_slot_key, tenant_windows_key, update,
     SharedStore, Step,
 };
+
+/// `(tenant, session)` borrowed, to look up a session's pending counts without
+/// building its key (hashes as `(usize, String)` does).
+#[derive(Hash)]
+struct SessionRef<'a>(usize, &'a str);
+
+impl hashbrown::Equivalent<(usize, String)> for SessionRef<'_> {
+    fn equivalent(&self, key: &(usize, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
+impl From<&SessionRef<'_>> for (usize, String) {
+    fn from(key: &SessionRef<'_>) -> (usize, String) {
+        (key.0, key.1.to_string())
+    }
+}
 
 /// Sessions with unwritten counts past which a VM writes at once, not on its tick.
 const MAX_PENDING_SESSIONS: usize = 4096;
@@ -73,8 +91,25 @@ pub struct LocalLedger {
     acked_epoch: u64,
     last_flush_ms: u64,
     last_beat_ms: u64,
+    last_tick_ms: u64,
     recovery: Option<Recovery>,
+    /// Budget records as this VM last read or wrote them (see [`LocalLedger::seen`]).
+    seen: HashMap<usize, HashMap<String, SeenSession>>,
+    seen_windows: HashMap<usize, Seen<WindowsRecord>>,
 }
+
+/// A session's record (and slot) as last seen; `None`: it had none.
+type SeenSession = Seen<Option<(u32, BudgetRecord)>>;
+
+/// A record as this VM last read or wrote it, and when.
+#[derive(Debug, Clone)]
+pub struct Seen<T> {
+    pub at_ms: u64,
+    pub value: T,
+}
+
+/// Sessions whose records a VM remembers; past this, the ones not seen lately go.
+const MAX_SEEN_SESSIONS: usize = 4096;
 
 /// What a tick did that the host must act on.
 #[derive(Debug, Default)]
@@ -128,7 +163,7 @@ impl LocalLedger {
 
     fn session(&mut self, tenant: usize, session: &str) -> &mut SessionPending {
         self.sessions
-            .entry((tenant, session.to_string()))
+            .entry_ref(&SessionRef(tenant, session))
             .or_default()
     }
 
@@ -198,12 +233,99 @@ impl LocalLedger {
             .record_refusal(agent, parent, code, now, max_agents);
     }
 
+    /// A session's record as this VM last saw it, when that was at most `max_age_ms`
+    /// ago: what free calls and cache hits take their view and the manual kill switch
+    /// from, instead of a shared-data read each (neither spends, so a view a moment old
+    /// cannot let money through; priced calls always read and write the record itself).
+    /// `Some(None)`: the session had no record. A flush request (the kill and resume
+    /// API raise one, and wait for every VM to acknowledge it) forgets them all.
+    pub fn seen(
+        &self,
+        tenant: usize,
+        session: &str,
+        now_ms: u64,
+        max_age_ms: u64,
+    ) -> Option<Option<&(u32, BudgetRecord)>> {
+        let seen = self.seen.get(&tenant)?.get(session)?;
+        (now_ms.saturating_sub(seen.at_ms) <= max_age_ms).then_some(seen.value.as_ref())
+    }
+
+    /// Where the session's record was last seen, however long ago (a slot changes
+    /// hands only when its session is idle; whoever uses the hint checks the id).
+    pub fn slot_hint(&self, tenant: usize, session: &str) -> Option<u32> {
+        self.seen
+            .get(&tenant)?
+            .get(session)?
+            .value
+            .as_ref()
+            .map(|(slot, _)| *slot)
+    }
+
+    /// Remembers a session's record as just read or written (`None`: it has none).
+    pub fn saw(
+        &mut self,
+        tenant: usize,
+        session: &str,
+        record: Option<(u32, BudgetRecord)>,
+        now_ms: u64,
+    ) {
+        let sessions = self.seen.entry(tenant).or_default();
+        let seen = Seen {
+            at_ms: now_ms,
+            value: record,
+        };
+        match sessions.get_mut(session) {
+            Some(entry) => *entry = seen,
+            None => {
+                sessions.insert(session.to_string(), seen);
+            }
+        }
+    }
+
+    /// The tenant's windows as this VM last saw them, at most `max_age_ms` ago.
+    pub fn seen_windows(
+        &self,
+        tenant: usize,
+        now_ms: u64,
+        max_age_ms: u64,
+    ) -> Option<&WindowsRecord> {
+        let seen = self.seen_windows.get(&tenant)?;
+        (now_ms.saturating_sub(seen.at_ms) <= max_age_ms).then_some(&seen.value)
+    }
+
+    pub fn saw_windows(&mut self, tenant: usize, record: WindowsRecord, now_ms: u64) {
+        self.seen_windows.insert(
+            tenant,
+            Seen {
+                at_ms: now_ms,
+                value: record,
+            },
+        );
+    }
+
+    /// Forgets every record seen (the manual kill switch changed somewhere).
+    fn forget_seen(&mut self) {
+        self.seen.clear();
+        self.seen_windows.clear();
+    }
+
+    /// Keeps the remembered records bounded: past [`MAX_SEEN_SESSIONS`], those older
+    /// than `max_age_ms` go (their slot hints with them).
+    fn trim_seen(&mut self, now_ms: u64, max_age_ms: u64) {
+        let total: usize = self.seen.values().map(HashMap::len).sum();
+        if total > MAX_SEEN_SESSIONS {
+            for sessions in self.seen.values_mut() {
+                sessions.retain(|_, s| now_ms.saturating_sub(s.at_ms) <= max_age_ms);
+            }
+        }
+    }
+
     /// Takes this VM's unwritten commits of a session, to write them with the next
     /// compare-and-swap of its record (a reservation, a settlement): the record then
     /// shows them without a write of its own. Give them back with
     /// [`LocalLedger::return_commits`] if that write does not happen.
     pub fn take_commits(&mut self, tenant: usize, session: &str) -> Vec<Commit> {
-        match self.sessions.get_mut(&(tenant, session.to_string())) {
+        match self.sessions.get_mut(&SessionRef(tenant, session)) {
             Some(p) => std::mem::take(&mut p.commits),
             None => Vec::new(),
         }
@@ -266,7 +388,12 @@ impl LocalLedger {
             let Some(tenant) = cfg.tenants.get(tenant_index).map(|t| t.id.as_str()) else {
                 continue;
             };
-            let mut slot = pending.slot;
+            let mut slot = pending.slot.or_else(|| {
+                self.seen
+                    .get(&tenant_index)
+                    .and_then(|m| m.get(session.as_str()))
+                    .and_then(|s| s.value.as_ref().map(|(slot, _)| *slot))
+            });
             if !pending.commits.is_empty() {
                 let commits = &pending.commits;
                 let applied = sessions::with_session(
@@ -359,6 +486,7 @@ impl LocalLedger {
             let next = decode_u64(bytes).saturating_add(1);
             Ok(Step::Write(next.to_le_bytes().to_vec(), next))
         })?;
+        self.forget_seen();
         if let Some(id) = self.id {
             if owners::heartbeat(store, id, now_ms, self.acked_epoch) == Ok(false) {
                 self.forget_reservations(store, now_ms);
@@ -393,8 +521,20 @@ impl LocalLedger {
     ) -> TickOutcome {
         let mut out = TickOutcome::default();
         let timings = cfg.ledger;
+        // The host ticks every 20 ms (for streams that wait) and once per root context
+        // of the VM; the ledger's work (a read of the flush epoch at least) is done once
+        // per flush interval.
+        if self.last_tick_ms != 0
+            && now_ms.saturating_sub(self.last_tick_ms) < timings.flush_interval_ms
+        {
+            return out;
+        }
+        self.last_tick_ms = now_ms;
         let requested = decode_u64(&read(store, &flush_epoch_key()).unwrap_or_default());
         let asked = requested > self.acked_epoch;
+        if asked {
+            self.forget_seen();
+        }
         let flush_due = asked
             || (self.dirty()
                 && now_ms.saturating_sub(self.last_flush_ms) >= timings.flush_interval_ms);
@@ -424,6 +564,9 @@ impl LocalLedger {
             }
         }
         out.expired = self.expire(cfg, store, now_ms, &mut out.alerts);
+        if beat_due {
+            self.trim_seen(now_ms, timings.flush_interval_ms);
+        }
         // Looking for a dead VM costs a read of the registry: once a second, unless a
         // recovery is under way.
         if beat_due || self.recovery.is_some() {

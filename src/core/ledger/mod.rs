@@ -32,7 +32,7 @@ use crate::core::ledger::budget::{BudgetRecord, Charge, Release};
 use crate::core::ledger::local::LocalLedger;
 use crate::core::ledger::report::{CallStats, Tokens};
 use crate::core::ledger::windows::WindowsRecord;
-use crate::core::policy::{check_priced, check_rules, unmatched_agent, Policy};
+use crate::core::policy::{check_priced, check_rules, per_request_cap, unmatched_agent, Policy};
 use crate::core::store::{read, tenant_windows_key, update, SharedStore, Step};
 
 /// Alert flags: each alert goes out once per scope (per window for day and month).
@@ -145,6 +145,9 @@ impl Outcome {
 pub struct Settled {
     pub view: Option<BudgetView>,
     pub alerts: Vec<Alert>,
+    /// The records as written (for the VM's view of them).
+    pub session: Option<BudgetRecord>,
+    pub windows: Option<WindowsRecord>,
 }
 
 fn policy_of(cfg: &Config, index: usize) -> Result<&Policy, Refusal> {
@@ -182,7 +185,8 @@ fn read_windows<S: SharedStore + ?Sized>(
 /// What a refusal of a reservation, seen inside its compare-and-swap, does: refuse,
 /// and raise the alert it means the first time (so the flag is written with it).
 enum Reserve {
-    Done(Vec<ScopeAlert>),
+    /// Reserved (this much: a metered call may get less than its price).
+    Done(Vec<ScopeAlert>, Amount),
     Refused(Refusal, Vec<ScopeAlert>),
 }
 
@@ -208,8 +212,17 @@ pub fn admit<S: SharedStore + ?Sized>(
     }
     let agent_rule = policy.agent_rule(&caller.agent);
     let budget = policy.agent_budget(&caller.agent);
+    // A metered call over the per-request cap is lowered to it, when its least price
+    // fits; the cap refuses only what cannot.
+    let min_price = call.min_price.unwrap_or(call.price).min(call.price);
+    let (price, least) = match per_request_cap(policy, agent_rule) {
+        Some((cap, _)) if call.price > cap && min_price <= cap => (cap, cap),
+        // Refused either way: the refusal names the least the call could cost.
+        Some((cap, _)) if call.price > cap => (call.price, min_price),
+        _ => (call.price, call.price),
+    };
     let checked = check_priced(policy, call)
-        .and_then(|()| check_rules(policy, agent_rule, &call.endpoint, call.price));
+        .and_then(|()| check_rules(policy, agent_rule, &call.endpoint, least));
     if let Err(refusal) = checked {
         let view = current_view(cfg, store, caller, call, now)
             .map(|(v, _)| v)
@@ -225,20 +238,20 @@ pub fn admit<S: SharedStore + ?Sized>(
         agent: caller.agent.clone(),
         parent: caller.parent.clone(),
         budget_agent: budget.map(|(key, _)| key.to_string()),
-        price: call.price,
-        windows: cfg.track_windows && call.price > 0,
+        price,
+        windows: cfg.track_windows && price > 0,
         policy: call.policy,
         tool: call.tool.clone(),
         endpoint_label: call.endpoint_label.clone(),
         opened_ms: now_ms,
     };
-    if call.price == 0 {
-        let (view, killed) = current_view(cfg, store, caller, call, now)
+    if price == 0 {
+        let (view, killed) = seen_view(cfg, store, local, caller, call, now_ms)
             .map_err(|r| no_alerts(Refused::plain(r)))?;
         if let Some(refusal) = killed {
             return Err(no_alerts(Refused { refusal, view }));
         }
-        ticket.id = local.open(&ticket);
+        // Nothing reserved: nothing for the VM to hold open (id 0).
         return Ok(Admission {
             ticket,
             view,
@@ -254,7 +267,7 @@ pub fn admit<S: SharedStore + ?Sized>(
         owner,
         budget_agent: budget.map(|(key, _)| key),
         agent_limit: budget.map(|(_, limit)| limit),
-        price: call.price,
+        price,
         session_limit: policy.session_budget,
         kill_ppm: policy.kill_ppm,
         max_agents: cfg.sessions.max_agents,
@@ -262,17 +275,19 @@ pub fn admit<S: SharedStore + ?Sized>(
     // This VM's unwritten commits of the session ride along with the reservation, so
     // the record (and a refusal's details) shows them without a write of its own.
     let commits = local.take_commits(caller.tenant, &caller.session);
-    let reserved = sessions::modify(
+    let hint = local.slot_hint(caller.tenant, &caller.session);
+    let reserved = sessions::modify_hinted(
         store,
         tenant,
         &caller.session,
         &cfg.sessions,
         now,
         true,
+        hint,
         &|r| {
             let mut raised = local::apply_commits(r, cfg, owner, &commits);
-            match r.try_reserve(&charge) {
-                Ok(()) => Ok(Reserve::Done(raised)),
+            match r.try_reserve_up_to(&charge, min_price) {
+                Ok(reserved) => Ok(Reserve::Done(raised, reserved)),
                 Err(refusal) => {
                     raised.extend(refusal_alert(r, policy, budget, &caller.agent, &refusal));
                     if raised.is_empty() && commits.is_empty() {
@@ -302,10 +317,10 @@ pub fn admit<S: SharedStore + ?Sized>(
             .unwrap_or_default(),
     };
     let mut alerts = Vec::new();
-    let (slot, session_record) = match reserved {
-        Ok(Some((slot, record, Reserve::Done(raised)))) => {
+    let (slot, mut session_record, session_amount) = match reserved {
+        Ok(Some((slot, record, Reserve::Done(raised, amount)))) => {
             alerts.extend(alerts_for(raised));
-            (slot, record)
+            (slot, record, amount)
         }
         Ok(Some((_, record, Reserve::Refused(refusal, raised)))) => {
             let windows = if cfg.track_windows {
@@ -331,6 +346,7 @@ pub fn admit<S: SharedStore + ?Sized>(
         }
     };
     ticket.slot = Some(slot);
+    ticket.price = session_amount;
     let mut windows_record = None;
     if ticket.windows {
         let pending = local.take_window_commits(caller.tenant);
@@ -341,13 +357,14 @@ pub fn admit<S: SharedStore + ?Sized>(
                 (Some(w), Some(p)) => local::apply_window_commits(&mut record, p, owner, w),
                 _ => Vec::new(),
             };
-            match record.try_reserve(
+            match record.try_reserve_up_to(
                 owner,
-                call.price,
+                session_amount,
+                min_price.min(session_amount),
                 policy.daily_budget,
                 policy.monthly_budget,
             ) {
-                Ok(()) => Ok(Step::Write(record.encode(), Ok((record, raised)))),
+                Ok(amount) => Ok(Step::Write(record.encode(), Ok((record, raised, amount)))),
                 Err(refusal) => {
                     raised.extend(window_refusal_alert(&mut record, policy, &refusal));
                     if raised.is_empty() && pending.is_none() {
@@ -359,16 +376,39 @@ pub fn admit<S: SharedStore + ?Sized>(
             }
         });
         match result {
-            Ok(Ok((record, raised))) => {
+            Ok(Ok((record, raised, amount))) => {
                 alerts.extend(alerts_for(raised));
                 windows_record = Some(record);
+                if amount < session_amount {
+                    // The day or month leaves less than the session did: the session
+                    // keeps only that much reserved (the reservation goes on).
+                    let back = Release {
+                        owner,
+                        budget_agent: charge.budget_agent,
+                        reserved: session_amount - amount,
+                        count: 0,
+                        cost: 0,
+                    };
+                    if let Ok(Some(record)) = sessions::settle(
+                        store,
+                        tenant,
+                        &caller.session,
+                        Some(slot),
+                        &cfg.sessions,
+                        now,
+                        &back,
+                    ) {
+                        session_record = record;
+                    }
+                }
+                ticket.price = amount;
             }
             Ok(Err((refusal, raised, record))) => {
                 // Give back the session part, then refuse with the window's code.
                 let back = Release {
                     owner,
                     budget_agent: charge.budget_agent,
-                    reserved: call.price,
+                    reserved: session_amount,
                     count: 1,
                     cost: 0,
                 };
@@ -391,7 +431,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                 let back = Release {
                     owner,
                     budget_agent: charge.budget_agent,
-                    reserved: call.price,
+                    reserved: session_amount,
                     count: 1,
                     cost: 0,
                 };
@@ -407,7 +447,7 @@ pub fn admit<S: SharedStore + ?Sized>(
                 return Err(no_alerts(Refused::plain(refusal)));
             }
         }
-    } else if cfg.track_windows {
+    } else if policy.daily_budget.is_some() || policy.monthly_budget.is_some() {
         windows_record = read_windows(store, tenant, now).ok();
     }
     let view = view_of(
@@ -416,6 +456,15 @@ pub fn admit<S: SharedStore + ?Sized>(
         Some(&session_record),
         windows_record.as_ref(),
     );
+    local.saw(
+        caller.tenant,
+        &caller.session,
+        Some((slot, session_record)),
+        now_ms,
+    );
+    if let Some(record) = windows_record {
+        local.saw_windows(caller.tenant, record, now_ms);
+    }
     ticket.id = local.open(&ticket);
     Ok(Admission {
         ticket,
@@ -511,7 +560,7 @@ pub fn settle<S: SharedStore + ?Sized>(
     outcome: &Outcome,
     now_ms: u64,
 ) -> Result<Settled, Refusal> {
-    if !local.close(ticket.id) {
+    if ticket.id != 0 && !local.close(ticket.id) {
         // Already settled: expired, or charged by a recovery while this VM was taken
         // for dead.
         return Ok(Settled::default());
@@ -545,7 +594,14 @@ pub fn settle<S: SharedStore + ?Sized>(
         local.defer_commit(ticket);
         return Ok(Settled::default());
     }
-    settle_now(cfg, store, ticket, outcome.cost, now_ms / 1000)
+    let mut settled = settle_now(cfg, store, ticket, outcome.cost, now_ms / 1000)?;
+    if let (Some(slot), Some(record)) = (ticket.slot, settled.session.take()) {
+        local.saw(ticket.tenant, &ticket.session, Some((slot, record)), now_ms);
+    }
+    if let Some(record) = settled.windows.take() {
+        local.saw_windows(ticket.tenant, record, now_ms);
+    }
+    Ok(settled)
 }
 
 /// Settles a reservation in the records now: gives back what it reserved and charges
@@ -618,7 +674,7 @@ pub fn settle_now<S: SharedStore + ?Sized>(
             at: now,
             alert,
         }));
-    } else if cfg.track_windows {
+    } else if policy.daily_budget.is_some() || policy.monthly_budget.is_some() {
         windows_record = read_windows(store, tenant, now).ok();
     }
     Ok(Settled {
@@ -629,6 +685,8 @@ pub fn settle_now<S: SharedStore + ?Sized>(
             windows_record.as_ref(),
         )),
         alerts,
+        session: session_record,
+        windows: windows_record,
     })
 }
 
@@ -727,6 +785,52 @@ pub fn current_view<S: SharedStore + ?Sized>(
         view_of(policy, budget, session.as_ref(), windows.as_ref()),
         killed,
     ))
+}
+
+/// [`current_view`] for a call that spends nothing (a free call, a cache hit): from
+/// the records this VM saw at most `ledger.flushIntervalMs` ago, else read (and
+/// remembered). The manual kill switch is in force on every VM before the kill API
+/// answers (it waits for every VM to forget what it saw); budget figures can be that
+/// much behind other workers' spending, which a call that spends nothing cannot use
+/// to overspend.
+pub fn seen_view<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    local: &mut LocalLedger,
+    caller: &Caller,
+    call: &Call,
+    now_ms: u64,
+) -> Result<(BudgetView, Option<Refusal>), Refusal> {
+    let policy = policy_of(cfg, call.policy)?;
+    let tenant = tenant_id(cfg, caller.tenant)?;
+    let max_age = cfg.ledger.flush_interval_ms;
+    if local
+        .seen(caller.tenant, &caller.session, now_ms, max_age)
+        .is_none()
+    {
+        let hint = local.slot_hint(caller.tenant, &caller.session);
+        let found = sessions::lookup_hinted(store, tenant, &caller.session, &cfg.sessions, hint)?;
+        local.saw(caller.tenant, &caller.session, found, now_ms);
+    }
+    let windowed = policy.daily_budget.is_some() || policy.monthly_budget.is_some();
+    if windowed && local.seen_windows(caller.tenant, now_ms, max_age).is_none() {
+        let record = read_windows(store, tenant, now_ms / 1000)?;
+        local.saw_windows(caller.tenant, record, now_ms);
+    }
+    let session = local
+        .seen(caller.tenant, &caller.session, now_ms, u64::MAX)
+        .flatten()
+        .map(|(_, r)| r);
+    let windows = if windowed {
+        local.seen_windows(caller.tenant, now_ms, u64::MAX)
+    } else {
+        None
+    };
+    let budget = policy.agent_budget(&caller.agent);
+    let killed = session
+        .filter(|s| s.killed)
+        .and_then(|s| s.kill_refusal(policy.session_budget, policy.kill_ppm, call.price));
+    Ok((view_of(policy, budget, session, windows), killed))
 }
 
 /// Whether a call of this price would be admitted now, without reserving anything

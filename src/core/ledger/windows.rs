@@ -61,6 +61,28 @@ impl WindowsRecord {
     }
 
     /// Reserves in both windows, or names the narrower one that refuses.
+    /// [`WindowsRecord::try_reserve`] for a call that may reserve less than `price`,
+    /// down to `min_price`: reserves what the day and month leave, and returns it.
+    pub fn try_reserve_up_to(
+        &mut self,
+        owner: u16,
+        price: Amount,
+        min_price: Amount,
+        daily: Option<Amount>,
+        monthly: Option<Amount>,
+    ) -> Result<Amount, Refusal> {
+        let reserved = self.reserved();
+        let mut fitted = price;
+        for (limit, counter) in [(daily, self.day), (monthly, self.month)] {
+            if let Some(limit) = limit {
+                let room = limit.saturating_sub(counter.spent.saturating_add(reserved));
+                fitted = fitted.min(room.max(min_price));
+            }
+        }
+        self.try_reserve(owner, fitted, daily, monthly)?;
+        Ok(fitted)
+    }
+
     pub fn try_reserve(
         &mut self,
         owner: u16,

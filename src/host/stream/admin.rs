@@ -14,7 +14,7 @@ use crate::host::{now_millis, vm};
 pub fn serve(
     stream: &Stream,
     route: Result<AdminRoute, Refusal>,
-    headers: &[(String, Vec<u8>)],
+    headers: &crate::host::abi::HeaderMap,
     path: &[u8],
 ) -> Step {
     stream.state.borrow_mut().answered = true;
@@ -25,10 +25,10 @@ pub fn serve(
         Ok(route) => route,
     };
     let mut keys = Vec::new();
-    for (name, value) in headers {
-        if name == "x-pag0-admin-key" || name == &cfg.identity.api_key_header {
-            keys.push(value.clone());
-        } else if name == "authorization" {
+    for (name, value) in headers.iter() {
+        if name == b"x-pag0-admin-key" || name == cfg.identity.api_key_header.as_bytes() {
+            keys.push(value.to_vec());
+        } else if name == b"authorization" {
             keys.extend(admin::bearer(value));
         }
     }
@@ -37,24 +37,77 @@ pub fn serve(
         Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
     };
     let tenant = query_param(path, "tenant");
-    if matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
-        answer(stream, &route, access, tenant.as_deref(), true);
+    let now = now_millis();
+    // Kill and resume change the switch first, then make every VM forget the records
+    // it saw (free calls and cache hits take the switch from them): once the API
+    // answers, the switch is in force on every worker. Reports flush first, then read.
+    let then = if matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
+        let response = admin::handle(
+            cfg,
+            &HostStore,
+            access,
+            &route,
+            tenant.as_deref(),
+            now / 1000,
+        );
+        if response.status != 200 {
+            return send(stream, response);
+        }
+        AfterFlush::Send(Box::new(response))
+    } else {
+        AfterFlush::Report {
+            route,
+            access,
+            tenant,
+        }
+    };
+    // `?flush=false` (a page polling often): read what the workers have written, which
+    // each does on its own at most `ledger.flushIntervalMs` after a call.
+    if matches!(then, AfterFlush::Report { .. })
+        && query_param(path, "flush").as_deref() == Some("false")
+    {
+        after_flush(stream, then, true);
         return Step::Pause;
     }
-    let now = now_millis();
     let requested = vm::with(|vm| vm.ledger.request_flush(cfg, &HostStore, now));
     match requested {
         Ok((epoch, alerts)) => {
             outbox::queue_alerts(cfg, alerts);
             if vm::with(|vm| vm.ledger.flushed(cfg, &HostStore, epoch, now)) {
-                answer(stream, &route, access, tenant.as_deref(), true);
+                after_flush(stream, then, true);
             } else {
-                waiters::wait_for_flush(stream.clone(), epoch, route, access, tenant);
+                waiters::wait_for_flush(stream.clone(), epoch, then);
             }
         }
-        Err(_) => answer(stream, &route, access, tenant.as_deref(), false),
+        Err(_) => after_flush(stream, then, false),
     }
     Step::Pause
+}
+
+/// What an admin call does once every VM has written its counts and forgotten what it
+/// saw (or the wait ran out: `done` false).
+pub enum AfterFlush {
+    /// Read and answer a report.
+    Report {
+        route: AdminRoute,
+        access: Access,
+        tenant: Option<String>,
+    },
+    /// Send an answer made before the flush (kill, resume).
+    Send(Box<AdminResponse>),
+}
+
+pub fn after_flush(stream: &Stream, then: AfterFlush, done: bool) {
+    match then {
+        AfterFlush::Report {
+            route,
+            access,
+            tenant,
+        } => answer(stream, &route, access, tenant.as_deref(), done),
+        AfterFlush::Send(response) => {
+            let _ = send(stream, *response);
+        }
+    }
 }
 
 /// Answers an authorized call (after the flush, or without it for kill and resume).

@@ -24,13 +24,21 @@ pub fn maybe_ask(d: &dyn Dispatch, stream: &Stream, then: AfterApproval) -> Step
         .ticket
         .as_ref()
         .map_or(call.price, |t| t.price);
-    let mut priced = call.clone();
-    priced.price = price;
-    let Some(approval) = firewall::approval_for(&stream.config, &priced) else {
+    let repriced;
+    let priced: &crate::core::call::Call = if price == call.price {
+        &call
+    } else {
+        repriced = crate::core::call::Call {
+            price,
+            ..crate::core::call::Call::clone(&call)
+        };
+        &repriced
+    };
+    let Some(approval) = firewall::approval_for(&stream.config, priced) else {
         return proceed(d, stream, then);
     };
     let service = approval.service.clone();
-    let body = firewall::approval_request(&stream.config, &caller, &priced);
+    let body = firewall::approval_request(&stream.config, &caller, priced);
     match callout::send(
         d,
         &service.cluster,

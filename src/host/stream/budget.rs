@@ -6,7 +6,7 @@ use crate::core::call::{Call, Caller};
 use crate::core::errors::Refusal;
 use crate::core::headers::BudgetView;
 use crate::core::ledger::{self, Outcome};
-use crate::host::metrics::{self, label, Labels};
+use crate::host::metrics::{self, label};
 use crate::host::outbox;
 use crate::host::reply::send_refusal;
 use crate::host::shared::HostStore;
@@ -22,7 +22,8 @@ pub fn set_state(stream: &Stream, name: &str, value: &str) {
     }
 }
 
-pub fn labels(stream: &Stream, caller: &Caller, call: &Call) -> Labels {
+/// The counters a call counts in (tenant, the agent's role, tool, endpoint).
+pub fn metric_ids(stream: &Stream, caller: &Caller, call: &Call) -> metrics::CallIds {
     let cfg = &stream.config;
     let tenant = cfg
         .tenants
@@ -32,12 +33,13 @@ pub fn labels(stream: &Stream, caller: &Caller, call: &Call) -> Labels {
         .policies
         .get(call.policy)
         .map_or("other", |p| p.metric_role(&caller.agent));
-    Labels {
-        tenant: label(tenant),
-        role: label(role),
-        tool: label(call.tool.as_deref().unwrap_or("other")),
-        endpoint: label(&call.metric_endpoint),
-    }
+    metrics::call_ids(
+        caller.tenant,
+        tenant,
+        role,
+        call.tool.as_deref().unwrap_or("other"),
+        &call.metric_endpoint,
+    )
 }
 
 /// Checks and reserves; on success the stream may go upstream.
@@ -48,9 +50,9 @@ pub fn admit(stream: &Stream, caller: &Caller, call: &Call) -> Step {
     match admitted {
         Ok(admission) => {
             outbox::queue_alerts(cfg, admission.alerts);
-            let labels = labels(stream, caller, call);
+            let ids = metric_ids(stream, caller, call);
             let mut s = stream.state.borrow_mut();
-            s.labels = Some(labels);
+            s.metric_ids = Some(ids);
             s.ticket = Some(admission.ticket);
             s.view = admission.view;
             Step::Continue
@@ -79,8 +81,15 @@ pub fn refuse_with(
     extra: &[(&str, &str)],
 ) {
     let cfg = &stream.config;
-    let l = labels(stream, caller, call);
-    metrics::refusal(&l.tenant, &l.role, refusal.code.as_str());
+    let tenant = cfg
+        .tenants
+        .get(caller.tenant)
+        .map_or("default", |t| t.id.as_str());
+    let role = cfg
+        .policies
+        .get(call.policy)
+        .map_or("other", |p| p.metric_role(&caller.agent));
+    metrics::refusal(&label(tenant), &label(role), refusal.code.as_str());
     vm::with(|vm| {
         ledger::record_refusal(&mut vm.ledger, cfg, caller, refusal, now_millis() / 1000)
     });
@@ -119,10 +128,10 @@ pub fn answer_refusal_with(
 /// Ends the stream's reservation (if it holds one) with this outcome; returns what the
 /// call cost. The view the agent is told is the admission's unless settling changed it.
 pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
-    let (ticket, labels) = {
+    let (ticket, ids) = {
         let mut s = stream.state.borrow_mut();
         s.settled = true;
-        (s.ticket.take(), s.labels.take())
+        (s.ticket.take(), s.metric_ids.take())
     };
     let Some(ticket) = ticket else { return 0 };
     let cfg = &stream.config;
@@ -151,8 +160,8 @@ pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
             ),
         ),
     }
-    if let Some(labels) = labels {
-        metrics::call(&labels, outcome.cost, false, 0);
+    if let Some(ids) = ids {
+        metrics::call(&ids, outcome.cost, false, 0);
     }
     outcome.cost
 }

@@ -13,7 +13,7 @@ use crate::host::metrics;
 use crate::host::outbox::{self, Kind, Outgoing};
 use crate::host::reply::send_local;
 use crate::host::shared::HostStore;
-use crate::host::stream::budget::{labels, refuse, set_state};
+use crate::host::stream::budget::{metric_ids, refuse, set_state};
 use crate::host::stream::state::{CacheFill, Pending};
 use crate::host::stream::{callout_failed, gate, waiters, Dispatch, Step, Stream};
 use crate::host::{callout, log, now_millis, vm};
@@ -127,7 +127,9 @@ pub fn lookup(d: &dyn Dispatch, stream: &Stream, caller: &Caller, call: &Call) -
 pub fn serve_hit(stream: &Stream, caller: &Caller, call: &Call, entry: &Entry) -> Step {
     let cfg = &stream.config;
     let now_ms = now_millis();
-    let (view, killed) = match ledger::current_view(cfg, &HostStore, caller, call, now_ms / 1000) {
+    let seen =
+        vm::with(|vm| ledger::seen_view(cfg, &HostStore, &mut vm.ledger, caller, call, now_ms));
+    let (view, killed) = match seen {
         Ok(found) => found,
         Err(e) => {
             log(
@@ -142,7 +144,7 @@ pub fn serve_hit(stream: &Stream, caller: &Caller, call: &Call, entry: &Entry) -
         return Step::Pause;
     }
     vm::with(|vm| ledger::record_hit(&mut vm.ledger, cfg, caller, call, entry.cost));
-    metrics::call(&labels(stream, caller, call), 0, true, entry.cost);
+    metrics::call(&metric_ids(stream, caller, call), 0, true, entry.cost);
     stream.state.borrow_mut().answered = true;
     set_state(stream, "pag0_cost", "0");
     set_state(stream, "pag0_cached", "true");

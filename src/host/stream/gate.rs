@@ -11,11 +11,34 @@ use crate::core::headers::BudgetView;
 use crate::host::abi;
 use crate::host::stream::budget::{admit, refuse};
 use crate::host::stream::state::AfterApproval;
-use crate::host::stream::{approval, cache, waiters, Dispatch, Step, Stream};
+use crate::host::stream::{approval, cache, meter, waiters, Dispatch, Step, Stream};
 use crate::host::vm;
 
 /// Runs the gate for a complete request (its body, if it was read, in the state).
 pub fn run(d: &dyn Dispatch, stream: &Stream) -> Step {
+    let unpriced_meter = {
+        let s = stream.state.borrow();
+        s.meter_api.is_some() && s.meter.is_none()
+    };
+    if unpriced_meter {
+        if let Err(refusal) = meter::prepare(stream) {
+            let (caller, call) = {
+                let s = stream.state.borrow();
+                (s.caller.clone(), s.call.clone())
+            };
+            match (caller, call) {
+                (Some(caller), Some(call)) => {
+                    refuse(stream, &caller, &call, &refusal, &BudgetView::default())
+                }
+                _ => crate::host::stream::budget::answer_refusal(
+                    stream,
+                    &refusal,
+                    &BudgetView::default(),
+                ),
+            }
+            return Step::Pause;
+        }
+    }
     let (caller, call) = {
         let s = stream.state.borrow();
         match (s.caller.clone(), s.call.clone()) {
@@ -50,6 +73,9 @@ pub fn go_upstream(d: &dyn Dispatch, stream: &Stream) -> Step {
         cache::abandon_fill(stream);
         return step;
     }
+    if meter::apply(stream) != Step::Continue {
+        return Step::Pause;
+    }
     approval::maybe_ask(d, stream, AfterApproval::Resume)
 }
 
@@ -74,6 +100,9 @@ pub fn on_request_body(
     if waiting {
         // Envoy holds the body: each call sees all of it so far; read what is new.
         read_new_body(stream, body_size);
+        if let Some(step) = over_meter_limit(stream) {
+            return step;
+        }
         if !end_of_stream {
             return Step::Pause;
         }
@@ -110,6 +139,35 @@ pub fn on_request_trailers(d: &dyn Dispatch, stream: &Stream) -> Step {
         return finish_body(d, stream);
     }
     Step::Continue
+}
+
+/// A metered call's body past `llm.maxBodyBytes` (one sent without a length): refused
+/// as soon as it is, not buffered on.
+fn over_meter_limit(stream: &Stream) -> Option<Step> {
+    let limit = stream.config.llm.as_ref()?.max_body_bytes;
+    let (metered, len, caller, call) = {
+        let s = stream.state.borrow();
+        (
+            s.meter_api.is_some(),
+            s.deferred.body.len(),
+            s.caller.clone(),
+            s.call.clone(),
+        )
+    };
+    if !metered || len <= limit {
+        return None;
+    }
+    let refusal = crate::core::errors::Refusal::new(
+        crate::core::errors::ErrorCode::InvalidRequest,
+        format!("the request body is over llm.maxBodyBytes ({limit}), the most pag0 reads to meter a call"),
+    )
+    .with_status(413);
+    waiters::forget_body(stream.id);
+    stream.state.borrow_mut().deferred = Default::default();
+    if let (Some(caller), Some(call)) = (caller, call) {
+        refuse(stream, &caller, &call, &refusal, &BudgetView::default());
+    }
+    Some(Step::Pause)
 }
 
 fn read_new_body(stream: &Stream, body_size: usize) {

@@ -2,7 +2,6 @@
 //! the request is pag0's own paid retry coming back (passed through), the report API,
 //! or an agent's call: who is calling, what the call is, what the gate will need.
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
 use crate::core::admin;
@@ -17,8 +16,8 @@ use crate::host::reply::Shape;
 use crate::host::shared::HostStore;
 use crate::host::stream::budget::{answer_refusal, refuse, set_state};
 use crate::host::stream::state::{CacheRequest, PayFlow, PayStage};
-use crate::host::stream::{admin as admin_stage, gate, waiters, Dispatch, Step, Stream};
-use crate::host::{log, now_millis, props, vm};
+use crate::host::stream::{admin as admin_stage, gate, meter, waiters, Dispatch, Step, Stream};
+use crate::host::{abi, log, now_millis, props, vm};
 
 /// Request headers with this prefix are pag0's own and never reach the upstream.
 pub const OWN_HEADER_PREFIX: &str = "x-pag0-";
@@ -30,9 +29,9 @@ pub const MAX_KEYED_BODY: usize = 256 * 1024;
 
 pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool) -> Step {
     let cfg = stream.config.clone();
-    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    let headers = abi::HeaderMap::read(MapType::HttpRequestHeaders);
     if let Some(name) = &cfg.crash_header {
-        if headers.iter().any(|(k, _)| k == name) {
+        if headers.get(name).is_some() {
             // Chaos testing only (faultInjection.crashHeader): a trap, as a panic is.
             log(
                 proxy_wasm::types::LogLevel::Warn,
@@ -42,14 +41,16 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
         }
     }
     let mut internal = None;
-    let mut stripped: Vec<&str> = Vec::new();
-    for (name, value) in &headers {
-        if name.starts_with(OWN_HEADER_PREFIX) && !stripped.contains(&name.as_str()) {
-            if name == INTERNAL_HEADER {
-                internal = Some(value.as_slice());
+    let mut stripped: Vec<&[u8]> = Vec::new();
+    for (name, value) in headers.iter() {
+        if name.starts_with(OWN_HEADER_PREFIX.as_bytes()) && !stripped.contains(&name) {
+            if name == INTERNAL_HEADER.as_bytes() {
+                internal = Some(value);
             }
             stripped.push(name);
-            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            if let Ok(name) = std::str::from_utf8(name) {
+                let _ = abi::remove_header(MapType::HttpRequestHeaders, name);
+            }
         }
     }
     if let Some(marker) = internal {
@@ -58,30 +59,20 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
             return Step::Continue;
         }
     }
-    let lookup = |wanted: &str| -> HeaderValue {
-        let mut found = headers.iter().filter(|(name, _)| name == wanted);
-        match (found.next(), found.next()) {
-            (None, _) => HeaderValue::Missing,
-            (Some((_, value)), None) => HeaderValue::One(value.clone()),
-            (Some(_), Some(_)) => HeaderValue::Many,
-        }
-    };
-    let one = |name: &str| match lookup(name) {
-        HeaderValue::One(v) => v,
-        _ => Vec::new(),
-    };
-    let path = one(":path");
-    let method = String::from_utf8_lossy(&one(":method")).into_owned();
+    let lookup = |wanted: &str| -> HeaderValue { headers.lookup(wanted) };
+    let one = |name: &str| headers.get(name).unwrap_or_default();
+    let path = one(":path").to_vec();
+    let method = String::from_utf8_lossy(one(":method")).into_owned();
     if let Some(route) = admin::route(&cfg, &method, &String::from_utf8_lossy(&path)) {
         return admin_stage::serve(stream, route, &headers, &path);
     }
-    let route = props::route_settings();
+    let route = props::route(&cfg);
     let mut key_memo = |key: &[u8]| vm::tenant_for_key(&cfg, key);
     let caller = match firewall::identify(
         &cfg,
         &lookup,
         &mut key_memo,
-        route.default_session.as_deref(),
+        route.settings.default_session.as_deref(),
     ) {
         Ok(caller) => caller,
         Err(refusal) => {
@@ -89,7 +80,13 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
             return Step::Pause;
         }
     };
-    let mut call = match firewall::describe_call(&cfg, &one(":authority"), &path, &route) {
+    let described = match &route.checked {
+        Ok(checked) => {
+            firewall::describe_checked(&cfg, one(":authority"), &path, &route.settings, checked)
+        }
+        Err(refusal) => Err(refusal.clone()),
+    };
+    let mut call = match described {
         Ok(call) => call,
         Err(refusal) => {
             if refusal.code == ErrorCode::ConfigError {
@@ -123,29 +120,31 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
     let tenant = cfg
         .tenants
         .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str())
-        .to_string();
+        .map_or("default", |t| t.id.as_str());
     let offered = |p: &x402::Payment| {
         let of = offers::OfferOf {
-            tenant: &tenant,
+            tenant,
             session: &caller.session,
             endpoint: &call.endpoint,
         };
         offers::asset_for(&HostStore, of, &p.network, &p.to, p.value, now_millis())
     };
-    let mut relayed = call.clone();
-    if let Err(refusal) = firewall::relay_payment(
-        &cfg,
-        &mut relayed,
+    let (v1, v2) = (
         lookup(x402::V1_PAYMENT_HEADER),
         lookup(x402::V2_PAYMENT_HEADER),
-        now_millis() / 1000,
-        &offered,
-    ) {
-        refuse(stream, &caller, &call, &refusal, &BudgetView::default());
-        return Step::Pause;
-    }
-    let call = relayed;
+    );
+    let call = if v1 == HeaderValue::Missing && v2 == HeaderValue::Missing {
+        call
+    } else {
+        let mut relayed = call.clone();
+        if let Err(refusal) =
+            firewall::relay_payment(&cfg, &mut relayed, v1, v2, now_millis() / 1000, &offered)
+        {
+            refuse(stream, &caller, &call, &refusal, &BudgetView::default());
+            return Step::Pause;
+        }
+        relayed
+    };
     let pays = call.x402
         && call.payment.is_none()
         && cfg.signer.is_some()
@@ -155,10 +154,7 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
             return step;
         }
     }
-    let route_ttl = route
-        .cache_ttl
-        .as_deref()
-        .and_then(|t| t.parse::<u64>().ok());
+    let route_ttl = route.checked.as_ref().ok().and_then(|c| c.cache_ttl);
     let cache = cache_request(
         stream,
         &call,
@@ -168,12 +164,31 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
         end_of_stream,
         route_ttl,
     );
-    let needs_body = cache.as_ref().is_some_and(|c| c.1) && !end_of_stream;
+    let meter_api = meter::api_of(&call, &path);
+    if let (Some(_), Some(settings)) = (meter_api, cfg.llm.as_ref()) {
+        let length = headers
+            .get("content-length")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
+        if length.is_some_and(|len| len > settings.max_body_bytes) {
+            let refusal = Refusal::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the request body is over llm.maxBodyBytes ({}), the most pag0 reads to meter a call",
+                    settings.max_body_bytes
+                ),
+            )
+            .with_status(413);
+            refuse(stream, &caller, &call, &refusal, &BudgetView::default());
+            return Step::Pause;
+        }
+    }
+    let needs_body = (cache.as_ref().is_some_and(|c| c.1) || meter_api.is_some()) && !end_of_stream;
     {
         let mut s = stream.state.borrow_mut();
         s.cache = cache.map(|(c, _)| c);
-        s.caller = Some(caller);
-        s.call = Some(call);
+        s.meter_api = meter_api;
+        s.caller = Some(std::rc::Rc::new(caller));
+        s.call = Some(std::rc::Rc::new(call));
     }
     if needs_body {
         // Key the cache on the body: the gate runs when all of it is in (Envoy
@@ -192,7 +207,7 @@ fn arm_pay(
     stream: &Stream,
     caller: &crate::core::call::Caller,
     call: &Call,
-    headers: &[(String, Vec<u8>)],
+    headers: &abi::HeaderMap,
     lookup: &dyn Fn(&str) -> HeaderValue,
 ) -> Option<Step> {
     let cfg = &stream.config;
@@ -221,8 +236,8 @@ fn arm_pay(
     }
     let kept = headers
         .iter()
-        .filter(|(name, _)| !name.starts_with(OWN_HEADER_PREFIX))
-        .cloned()
+        .filter(|(name, _)| !name.starts_with(OWN_HEADER_PREFIX.as_bytes()))
+        .map(|(name, value)| (String::from_utf8_lossy(name).into_owned(), value.to_vec()))
         .collect();
     stream.state.borrow_mut().pay = Some(PayFlow {
         headers: kept,
@@ -259,10 +274,13 @@ fn cache_request(
         _ => None,
     };
     let range = !matches!(lookup("range"), HeaderValue::Missing);
+    // Metered calls are never served from the cache: a cached answer's tokens were
+    // paid once, and a stream cannot be stored.
     if bypass
         || !cfg.caches_method(method)
         || request_bypasses(cache_control.as_deref(), range)
         || call.x402
+        || call.meter.is_some()
     {
         return None;
     }

@@ -22,6 +22,7 @@ mod budget;
 mod cache;
 mod gate;
 mod identify;
+mod meter;
 mod pay;
 mod relay;
 mod respond;
@@ -231,6 +232,14 @@ impl HttpContext for Pag0Http {
             return Action::Continue;
         };
         respond::on_response_body(self, &stream, body_size, end_of_stream).action()
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        crate::host::new_callback();
+        let Some(stream) = self.stream.clone() else {
+            return Action::Continue;
+        };
+        respond::on_response_trailers(&stream).action()
     }
 
     fn on_log(&mut self) {

@@ -27,6 +27,7 @@ use crate::host::stream::state::{AfterApproval, PayStage, Pending};
 use crate::host::stream::{approval, respond, Dispatch, Step, Stream};
 use crate::host::vm;
 use proxy_wasm::types::MapType;
+use std::rc::Rc;
 
 /// Largest 402 body read for a v1 offer (a real one is well under 8 KiB).
 pub const MAX_OFFER_BODY: usize = 64 * 1024;
@@ -82,9 +83,9 @@ pub fn on_402_body(d: &dyn Dispatch, stream: &Stream, body: &[u8]) -> Step {
     pay_offer(d, stream, x402::parse_required_body(body))
 }
 
-fn caller_call(stream: &Stream) -> Option<(Caller, Call)> {
+fn caller_call(stream: &Stream) -> Option<(Rc<Caller>, Call)> {
     let s = stream.state.borrow();
-    Some((s.caller.clone()?, s.call.clone()?))
+    Some((s.caller.clone()?, Call::clone(s.call.as_ref()?)))
 }
 
 /// Choose a requirement by policy, reserve its price, and ask for approval and the
@@ -144,7 +145,7 @@ fn pay_offer(
         return Step::Pause;
     }
     call.price = price;
-    stream.state.borrow_mut().call = Some(call.clone());
+    stream.state.borrow_mut().call = Some(Rc::new(call.clone()));
     if admit(stream, &caller, &call) != Step::Continue {
         return Step::Pause;
     }
@@ -376,15 +377,12 @@ fn answer_with_paid(stream: &Stream, status: Option<u32>, body: &[u8], cost: u64
     let cost_text = cost.to_string();
     let mut out: Vec<(&str, &[u8])> = headers
         .iter()
+        .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, v)))
         .filter(|(k, _)| {
             !k.starts_with(':')
                 && !k.starts_with(OWN_HEADER_PREFIX)
-                && !matches!(
-                    k.as_str(),
-                    "content-length" | "transfer-encoding" | "connection"
-                )
+                && !matches!(*k, "content-length" | "transfer-encoding" | "connection")
         })
-        .map(|(k, v)| (k.as_str(), v.as_slice()))
         .collect();
     out.push(("x-pag0-cost", cost_text.as_bytes()));
     out.push(("x-pag0-cached", b"false"));

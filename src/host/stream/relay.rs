@@ -98,7 +98,7 @@ fn check_offer(stream: &Stream, offer: &PaymentRequired) -> Step {
             Default::default(),
         )),
         Ok((_, price)) => {
-            let mut priced = call.clone();
+            let mut priced = crate::core::call::Call::clone(&call);
             priced.price = call.price.max(price);
             match ledger::dry_run(cfg, &HostStore, &caller, &priced, now_millis() / 1000) {
                 Ok(_) => None,

@@ -14,26 +14,23 @@ use crate::core::x402;
 use crate::host::stream::budget::{answer_refusal_with, set_state, settle};
 use crate::host::stream::identify::OWN_HEADER_PREFIX;
 use crate::host::stream::state::PayStage;
-use crate::host::stream::{cache, pay, relay, waiters, Dispatch, Step, Stream};
-use crate::host::{abi, metrics, props, vm};
+use crate::host::stream::{cache, meter, pay, relay, waiters, Dispatch, Step, Stream};
+use crate::host::{abi, props, vm};
 
 /// The answer's headers, read once.
 struct Answer {
-    headers: Vec<(String, Vec<u8>)>,
+    headers: abi::HeaderMap,
 }
 
 impl Answer {
     fn read() -> Answer {
         Answer {
-            headers: abi::map_pairs(MapType::HttpResponseHeaders).unwrap_or_default(),
+            headers: abi::HeaderMap::read(MapType::HttpResponseHeaders),
         }
     }
 
     fn get(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+        self.headers.get(name)
     }
 
     fn text(&self, name: &str) -> Option<String> {
@@ -58,6 +55,17 @@ fn set(name: &str, value: &str) {
     let _ = abi::set_header(MapType::HttpResponseHeaders, name, value.as_bytes());
 }
 
+/// Only pag0 speaks `x-pag0-*`: an upstream's own are dropped.
+fn strip_own(answer: &Answer) {
+    for (name, _) in answer.headers.iter() {
+        if name.starts_with(OWN_HEADER_PREFIX.as_bytes()) {
+            if let Ok(name) = std::str::from_utf8(name) {
+                let _ = abi::remove_header(MapType::HttpResponseHeaders, name);
+            }
+        }
+    }
+}
+
 pub fn on_response_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool) -> Step {
     {
         let s = stream.state.borrow();
@@ -76,6 +84,16 @@ pub fn on_response_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: boo
         .is_some_and(|t| t.price > 0)
         || stream.state.borrow().call.as_ref().is_some_and(|c| c.x402);
     let came_from_upstream = !priced || answer.came_from_upstream();
+    if stream.state.borrow().meter.is_some() {
+        strip_own(&answer);
+        return meter::on_response_headers(
+            stream,
+            status,
+            answer.get("content-type"),
+            came_from_upstream,
+            end_of_stream,
+        );
+    }
     if status == Some(402) && came_from_upstream {
         if pay::armed(stream) {
             if let Some(step) = pay::on_402(d, stream, end_of_stream) {
@@ -106,12 +124,7 @@ fn answer_headers_with(
     came_from_upstream: bool,
 ) -> bool {
     let upstream_status = if came_from_upstream { status } else { None };
-    // Only pag0 speaks x-pag0-*: an upstream's own are dropped.
-    for (name, _) in &answer.headers {
-        if name.starts_with(OWN_HEADER_PREFIX) {
-            let _ = abi::remove_header(MapType::HttpResponseHeaders, name);
-        }
-    }
+    strip_own(answer);
     let (payment, charge_on, price) = {
         let s = stream.state.borrow();
         (
@@ -233,6 +246,15 @@ pub fn on_response_body(
             return Step::Pause;
         }
     }
+    if stream
+        .state
+        .borrow()
+        .meter
+        .as_ref()
+        .is_some_and(|f| f.answer.is_some())
+    {
+        return meter::on_response_body(stream, body_size, end_of_stream);
+    }
     let reading_relay = stream.state.borrow().reading_relay_offer;
     if pay::reading_offer(stream) || reading_relay {
         // A 402 without a v2 header: its body may be a v1 offer.
@@ -261,6 +283,14 @@ pub fn on_response_body(
     Step::Continue
 }
 
+/// The answer's trailers: its end, when it ends with them (HTTP/2).
+pub fn on_response_trailers(stream: &Stream) -> Step {
+    if stream.state.borrow().internal {
+        return Step::Continue;
+    }
+    meter::on_response_trailers(stream)
+}
+
 /// The stream ended: settle what is still open and give back what it held.
 pub fn on_log(stream: &Stream) {
     waiters::forget(stream.id);
@@ -286,11 +316,12 @@ pub fn on_log(stream: &Stream) {
         let outcome = if stage == Some(PayStage::Retrying)
             || (forwarded && !matches!(stage, Some(PayStage::Approving | PayStage::Signing)))
         {
-            Outcome {
+            // A metered call cut before its usage came: its reservation, unmetered.
+            meter::outcome_if_cut(stream).unwrap_or(Outcome {
                 cost: price,
                 unconfirmed: sent_payment,
                 ..Outcome::default()
-            }
+            })
         } else {
             Outcome::release()
         };
@@ -301,5 +332,4 @@ pub fn on_log(stream: &Stream) {
         vm::release_bytes(pay.held);
         pay.held = 0;
     }
-    metrics::flush_cas_stats();
 }

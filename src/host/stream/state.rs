@@ -2,10 +2,14 @@
 //! identical call's answer, for its body, for the report API's flush). A leaf: it
 //! imports no stage.
 
+use std::rc::Rc;
+
 use crate::core::call::{Call, Caller};
 use crate::core::headers::BudgetView;
 use crate::core::ledger::Ticket;
-use crate::host::metrics::Labels;
+use crate::core::meter::request::{Api, LlmRequest, Plan};
+use crate::core::meter::usage::AnswerMeter;
+use crate::host::metrics::CallIds;
 use crate::host::reply::Shape;
 
 /// Which way the stream is going: a stage that resumes it resumes that direction.
@@ -74,6 +78,18 @@ pub struct CacheRequest {
     pub credentials: Vec<Vec<u8>>,
 }
 
+/// A metered call (route metadata `meter`), from its request to its settlement.
+#[derive(Debug)]
+pub struct MeterFlow {
+    pub request: LlmRequest,
+    /// What the reservation pays for (set once admitted).
+    pub plan: Option<Plan>,
+    /// The answer, read as it passes.
+    pub answer: Option<AnswerMeter>,
+    /// A non-streamed answer: its headers wait for its body.
+    pub holding: bool,
+}
+
 /// x402 pay mode for one stream: what it takes to answer a 402 by paying and
 /// retrying the original request.
 #[derive(Debug)]
@@ -113,11 +129,11 @@ pub struct StreamState {
     pub forwarded: bool,
     pub method: String,
     pub path: Vec<u8>,
-    pub caller: Option<Caller>,
-    pub call: Option<Call>,
+    pub caller: Option<Rc<Caller>>,
+    pub call: Option<Rc<Call>>,
     pub ticket: Option<Ticket>,
     pub view: BudgetView,
-    pub labels: Option<Labels>,
+    pub metric_ids: Option<CallIds>,
     pub shape: Shape,
     pub deferred: Deferred,
     pub cache: Option<CacheRequest>,
@@ -130,6 +146,9 @@ pub struct StreamState {
     pub settled: bool,
     /// An answer already replaced by a refusal: its body is dropped.
     pub replaced: bool,
+    /// The call is token-metered, in this API (its body is read before the gate).
+    pub meter_api: Option<Api>,
+    pub meter: Option<Box<MeterFlow>>,
 }
 
 impl StreamState {

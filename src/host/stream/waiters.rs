@@ -12,9 +12,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::Context;
 use proxy_wasm::types::LogLevel;
 
-use crate::core::admin::{Access, AdminRoute};
 use crate::core::cache::{self, Found};
 use crate::host::shared::HostStore;
+use crate::host::stream::admin::AfterFlush;
 use crate::host::stream::state::Pending;
 use crate::host::stream::{admin, answer_callout, cache as cache_stage, gate, Dispatch, Stream};
 use crate::host::{log, now_millis, vm};
@@ -39,9 +39,7 @@ enum Wait {
         stream: Stream,
         epoch: u64,
         deadline_ms: u64,
-        route: AdminRoute,
-        access: Access,
-        tenant: Option<String>,
+        then: AfterFlush,
     },
 }
 
@@ -81,20 +79,14 @@ pub fn watch_body(stream: Stream) {
     });
 }
 
-pub fn wait_for_flush(
-    stream: Stream,
-    epoch: u64,
-    route: AdminRoute,
-    access: Access,
-    tenant: Option<String>,
-) {
+/// Waits until every VM has acknowledged flush request `epoch` (or
+/// [`FLUSH_WAIT_MS`]), then answers as `then` says.
+pub fn wait_for_flush(stream: Stream, epoch: u64, then: AfterFlush) {
     push(Wait::Flush {
         stream,
         epoch,
         deadline_ms: now_millis().saturating_add(FLUSH_WAIT_MS),
-        route,
-        access,
-        tenant,
+        then,
     });
 }
 
@@ -226,10 +218,24 @@ pub fn poll_all(root: &dyn Context, root_id: u32) {
                 if hostcalls::set_effective_context(stream.id).is_err() {
                     continue;
                 }
+                let metered = stream.state.borrow().meter_api.is_some();
                 {
                     let mut s = stream.state.borrow_mut();
                     s.deferred.waiting = false;
                     s.cache = None;
+                }
+                if metered {
+                    // A metered call cannot be priced without its body: it fails closed.
+                    let refusal = crate::core::errors::Refusal::new(
+                        crate::core::errors::ErrorCode::ConfigError,
+                        "pag0 needs the request body of a metered call: set allow_on_headers_stop_iteration: true in the wasm filter config",
+                    );
+                    crate::host::stream::budget::answer_refusal(
+                        &stream,
+                        &refusal,
+                        &Default::default(),
+                    );
+                    continue;
                 }
                 let step = gate::run(&RootDispatch(root), &stream);
                 stream.resume(step);
@@ -238,9 +244,7 @@ pub fn poll_all(root: &dyn Context, root_id: u32) {
                 stream,
                 epoch,
                 deadline_ms,
-                route,
-                access,
-                tenant,
+                then,
             } => {
                 let done = vm::with(|vm| vm.ledger.flushed(&stream.config, &HostStore, epoch, now));
                 if !done && now < deadline_ms {
@@ -248,16 +252,14 @@ pub fn poll_all(root: &dyn Context, root_id: u32) {
                         stream,
                         epoch,
                         deadline_ms,
-                        route,
-                        access,
-                        tenant,
+                        then,
                     });
                     continue;
                 }
                 if hostcalls::set_effective_context(stream.id).is_err() {
                     continue;
                 }
-                admin::answer(&stream, &route, access, tenant.as_deref(), done);
+                admin::after_flush(&stream, then, done);
             }
         }
     }
