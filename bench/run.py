@@ -5,6 +5,8 @@
                                     # bench/results.json and the README's benchmark block
     python3 bench/run.py --smoke    # a minute or two: every part briefly, results in
                                     # target/bench-smoke/, checked for form (never for speed)
+    python3 bench/run.py --only stream [--smoke]   # the streamed case alone: printed and
+                                    # written to target/bench[-smoke]/stream.json only
 
 Everything listens on 127.0.0.1. Every process this script starts is stopped when it ends,
 on failure and on Ctrl-C too. Settings come from the environment (defaults in brackets):
@@ -20,6 +22,10 @@ on failure and on Ctrl-C too. Settings come from the environment (defaults in br
     BENCH_CACHE_ENTRIES [4096], BENCH_CACHE_BODY [4096]   cache memory: slots, answer bytes
     BENCH_X402_CALLS [100]    sequential x402 pay-path calls, each way (0 skips it)
     BENCH_CALLGRIND [500]     requests per case counted by callgrind (bench/callgrind.py; 0 skips it)
+    BENCH_STREAM_CALLS [200]  streamed LLM answers per path: upstream alone, do-nothing filter,
+                              pag0 metering (0 skips it)
+    BENCH_STREAM_BYTES [1048576], BENCH_STREAM_WRITE [4096]   the SSE answer's size, the
+                              upstream's chunk (one write each)
     BENCH_OUT [bench]         where RESULTS.md and results.json go
     BENCH_README [1]          rewrite README.md's block between the bench markers (0: leave it)
 """
@@ -136,12 +142,14 @@ def settings(smoke: bool) -> dict:
         defaults = dict(duration=1, rounds=1, warmup=0, connections=8, threads=2, concurrency=2,
                         priced_sessions=50, priced_agents=4, sessions=3000, sessions_first=1000,
                         cache_entries=64, cache_body=1024, x402_calls=3, callgrind=20,
+                        stream_calls=3, stream_bytes=1024 * 1024, stream_write=4096,
                         out=str(ROOT / "target/bench-smoke"), readme=0)
     else:
         defaults = dict(duration=6, rounds=5, warmup=2, connections=50, threads=2, concurrency=2,
                         priced_sessions=1000, priced_agents=8, sessions=1_000_000,
                         sessions_first=100_000, cache_entries=4096, cache_body=4096,
-                        x402_calls=100, callgrind=500, out=str(BENCH), readme=1)
+                        x402_calls=100, callgrind=500, stream_calls=200, stream_bytes=1024 * 1024,
+                        stream_write=4096, out=str(BENCH), readme=1)
     s = {}
     for key, default in defaults.items():
         name = "BENCH_" + key.upper()
@@ -153,6 +161,8 @@ def settings(smoke: bool) -> dict:
         raise BenchError("need BENCH_THREADS >= 1 and BENCH_CONNECTIONS >= BENCH_THREADS")
     if s["duration"] < 1 or s["rounds"] < 1:
         raise BenchError("need BENCH_DURATION >= 1 and BENCH_ROUNDS >= 1")
+    if s["stream_bytes"] < 1 or s["stream_write"] < 1:
+        raise BenchError("need BENCH_STREAM_BYTES >= 1 and BENCH_STREAM_WRITE >= 1")
     if s["sessions"] and not 0 < s["sessions_first"] < s["sessions"]:
         raise BenchError("need 0 < BENCH_SESSIONS_FIRST < BENCH_SESSIONS")
     s["smoke"] = smoke
@@ -1000,6 +1010,270 @@ def x402_pay_path(s: dict, envoy_bin: str, work: Path) -> dict:
             PROCS.stop(p)
 
 
+# ---------------------------------------------------------------- streamed LLM answer
+
+SSE_UPSTREAM = BENCH / "sse_upstream.py"
+STREAM_MODEL = "claude-sonnet-4-5"
+STREAM_CONFIG = BENCH / "envoy/pag0-llm.json"
+# Through pag0, a streamed answer's throughput over the do-nothing filter's (issue 13).
+STREAM_TARGET = 0.90
+
+
+def sse_upstream_module():
+    """bench/sse_upstream.py, which builds the answer: imported to know what must arrive."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import sse_upstream  # noqa: E402
+    return sse_upstream
+
+
+def stream_request(session: str) -> bytes:
+    """POST /v1/messages as an SDK sends it, with the bench's identity headers."""
+    body = json.dumps({"model": STREAM_MODEL, "max_tokens": 4096, "stream": True,
+                       "messages": [{"role": "user", "content": "Tell me a long story about a fox."}]},
+                      separators=(",", ":")).encode()
+    headers = {"host": "api.anthropic.com", "content-type": "application/json",
+               "anthropic-version": "2023-06-01", "accept": "text/event-stream",
+               "content-length": str(len(body)), **ident(session)}
+    return (b"POST /v1/messages HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+            + b"\r\n" + body)
+
+
+class StreamConn:
+    """A keep-alive HTTP/1.1 client on a raw socket, for the streamed case: the time to the
+    answer's first byte and to its last. Per arrival it does one recv_into() into a buffer
+    allocated once and a look at the answer's last bytes, so that its own work is small
+    next to the 1 MB it reads."""
+
+    def __init__(self, port: int, size: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = bytearray(size + (1 << 20))
+
+    def _open(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def call(self, req: bytes) -> tuple[float, float, bytes]:
+        """(seconds to the first byte, seconds to the last, the raw answer)."""
+        for attempt in (0, 1):
+            if self.sock is None:
+                self._open()
+            try:
+                return self._call(req)
+            except (ConnectionError, BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError
+
+    def _call(self, req: bytes) -> tuple[float, float, bytes]:
+        buf, sock = self.buf, self.sock
+        view = memoryview(buf)
+        n, head, end, first, close = 0, -1, None, None, False
+        t0 = time.perf_counter()
+        sock.sendall(req)
+        while True:
+            if n == len(buf):
+                raise BenchError(f"stream: an answer over {len(buf):,} bytes")
+            got = sock.recv_into(view[n:])
+            if not got:
+                raise ConnectionResetError("the server closed the connection")
+            if first is None:
+                first = time.perf_counter()
+            n += got
+            if head < 0:
+                head = buf.find(b"\r\n\r\n", 0, n)
+                if head < 0:
+                    continue
+                h = bytes(buf[:head]).lower()
+                m = re.search(rb"\r\ncontent-length:\s*(\d+)", h)
+                if m:
+                    end = head + 4 + int(m.group(1))
+                elif b"chunked" not in h:
+                    raise BenchError(f"stream: an answer neither chunked nor sized: {h[:300]!r}")
+                close = b"\r\nconnection: close" in h
+            if end is not None:
+                if n >= end:
+                    break
+            elif buf[n - 7:n] == b"\r\n0\r\n\r\n":
+                break
+        t1 = time.perf_counter()
+        raw = bytes(view[:n])
+        view.release()
+        if close:
+            self.close()
+        return first - t0, t1 - t0, raw
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def parse_answer(raw: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers lowercased, body with the chunked encoding taken off)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
+        return status, headers, rest
+    body, i = bytearray(), 0
+    while True:
+        eol = rest.index(b"\r\n", i)
+        size = int(rest[i:eol].split(b";")[0], 16)
+        if size == 0:
+            return status, headers, bytes(body)
+        body += rest[eol + 2:eol + 2 + size]
+        i = eol + 2 + size + 2
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (q = 0.95: the value 95 % of the samples are at or under)."""
+    ys = sorted(xs)
+    rank = -(-len(ys) * round(q * 100) // 100)
+    return ys[max(0, min(len(ys), rank) - 1)]
+
+
+def stream_case(s: dict, envoy_bin: str, work: Path) -> dict:
+    """An Anthropic Messages SSE answer of about 1 MB, one call at a time on a keep-alive
+    connection per path, the three paths in turn (order rotated each call): the upstream
+    alone, Envoy with the do-nothing filter, Envoy with pag0 metering the call. Every answer
+    is checked byte for byte, and pag0's report must show every call metered at its usage."""
+    n = s["stream_calls"]
+    sse = sse_upstream_module()
+    _, writes, expected, events = sse.answer(s["stream_bytes"], s["stream_write"])
+    # What the stream's usage costs at the price row of the plugin configuration.
+    cost = sse.cost(json.loads(STREAM_CONFIG.read_text())["llm"]["prices"]["claude-sonnet-4-5*"])
+    log(f"streamed LLM answer: {len(expected):,} bytes of SSE ({events:,} events, {len(writes):,} "
+        f"chunks of {s['stream_write']:,} bytes), {n} calls per path, alternating")
+    up_port, admin, pag0_port, noop_port = free_port(), free_port(), free_port(), free_port()
+    upstream = PROCS.start("sse upstream", [sys.executable, str(SSE_UPSTREAM), "--port", str(up_port),
+                                            "--bytes", str(s["stream_bytes"]), "--write", str(s["stream_write"])],
+                           log_path=work / "sse-upstream.log")
+    envoy = None
+    conns: list[StreamConn] = []
+    try:
+        wait_port(up_port, upstream, "the SSE upstream")
+        config = render("stream.yaml.in", work / "stream.yaml", admin=admin, upstream=up_port,
+                        pag0_port=pag0_port, noop_port=noop_port, pag0_wasm=PAG0_WASM, noop_wasm=NOOP_WASM,
+                        pag0_config=one_line_json(STREAM_CONFIG))
+        envoy = Envoy(envoy_bin, config, work, "stream", admin, s["concurrency"])
+        paths = {"upstream": up_port, "noop": noop_port, "pag0": pag0_port}
+        conns = [StreamConn(port, len(expected) + 65536) for port in paths.values()]
+        by_path = dict(zip(paths, conns))
+
+        def report(session: str) -> dict:
+            status, _, body, _ = request(pag0_port, "GET", f"/_pag0/v1/sessions/{session}/report",
+                                         {"x-pag0-api-key": API_KEY})
+            if status != 200:
+                raise BenchError(f"stream: the report of {session} answered {status} {body[:300]!r}")
+            return json.loads(body)
+
+        def check_metered(session: str, calls: int) -> dict:
+            """pag0 settled every call at the stream's usage: none unmetered, none at its reservation."""
+            r = report(session)
+            got = {"requests": r["totalRequests"], "total_cost": int(r["totalCost"]),
+                   "unmetered": r["unmeteredCalls"]["count"], "reserved": int(r["reserved"]),
+                   "input_tokens": r["tokens"]["input"], "output_tokens": r["tokens"]["output"]}
+            want = {"requests": calls, "total_cost": calls * cost, "unmetered": 0, "reserved": 0,
+                    "input_tokens": calls * sse.USAGE["input_tokens"],
+                    "output_tokens": calls * sse.USAGE["output_tokens"]}
+            if got != want:
+                raise BenchError(f"stream: pag0 did not meter the streamed calls of {session}: "
+                                 f"report {got}, want {want}")
+            return got
+
+        reserved_header: list[int] = []
+
+        def one(path: str, session: str) -> tuple[float, float]:
+            ttfb, total, raw = by_path[path].call(stream_request(session))
+            status, h, body = parse_answer(raw)
+            if status != 200 or body != expected:
+                raise BenchError(f"stream: {path} answered {status}, {len(body):,} bytes "
+                                 f"({'the same' if body == expected else 'not the'} bytes the upstream sent) "
+                                 f"{h} {body[:300]!r}")
+            if path == "pag0":
+                # Streamed, x-pag0-cost is what was reserved; the report has the real cost.
+                if not h.get("x-pag0-cost", "").isdigit() or int(h["x-pag0-cost"]) < cost:
+                    raise BenchError(f"stream: pag0's answer says x-pag0-cost {h.get('x-pag0-cost')!r}")
+                reserved_header.append(int(h["x-pag0-cost"]))
+            return ttfb, total
+
+        # One call first, on its own session: through pag0 the same bytes as through the
+        # do-nothing filter, and metered.
+        one("noop", "bench-stream-check")
+        one("pag0", "bench-stream-check")
+        check = check_metered("bench-stream-check", 1)
+        for _ in range(2 if s["smoke"] else 20):
+            for path in paths:
+                one(path, "bench-stream-warm")
+        times = {p: {"ttfb": [], "total": []} for p in paths}
+        order = list(paths)
+        cpu0 = cpu_snapshot([envoy.proc.pid, upstream.pid])
+        for i in range(n):
+            for path in order[i % 3:] + order[:i % 3]:
+                ttfb, total = one(path, "bench-stream")
+                times[path]["ttfb"].append(ttfb)
+                times[path]["total"].append(total)
+        cpu1 = cpu_snapshot([envoy.proc.pid, upstream.pid])
+        measured = check_metered("bench-stream", n)
+    finally:
+        for c in conns:
+            c.close()
+        if envoy:
+            envoy.stop()
+        PROCS.stop(upstream)
+    mb = len(expected) / 1e6
+    legs = {}
+    for path, t in times.items():
+        legs[path] = {"ttfb_ms_p50": statistics.median(t["ttfb"]) * 1000, "ttfb_ms_p95": pct(t["ttfb"], 0.95) * 1000,
+                      "total_ms_p50": statistics.median(t["total"]) * 1000, "total_ms_p95": pct(t["total"], 0.95) * 1000,
+                      "mb_per_s": mb / statistics.median(t["total"])}
+    pag0, noop = times["pag0"]["total"], times["noop"]["total"]
+    # Each call through pag0 next to the call through the do-nothing filter of the same turn.
+    per_pair = [b / a for a, b in zip(pag0, noop)]
+    added = statistics.median(a - b for a, b in zip(pag0, noop))
+    ratio = statistics.median(per_pair)
+    return {
+        "calls": n, "bytes": len(expected), "events": events, "content_deltas": events - 6,
+        "chunks": len(writes), "write_bytes": s["stream_write"], "model": STREAM_MODEL,
+        "legs": legs,
+        "ratio": ratio,
+        "ratio_of_medians": legs["pag0"]["mb_per_s"] / legs["noop"]["mb_per_s"],
+        "per_pair_ratios": [round(x, 4) for x in per_pair],
+        "added_ms": added * 1000,
+        "per_chunk_us": added / len(writes) * 1e6,
+        "per_event_us": added / events * 1e6,
+        "upstream_over_noop": legs["upstream"]["mb_per_s"] / legs["noop"]["mb_per_s"],
+        "cost_per_call": cost, "reserved_per_call": statistics.median(reserved_header),
+        "check": check, "report": measured,
+        "other_cpus": foreign_cpus(cpu0, cpu1),
+        "target": STREAM_TARGET, "met": ratio >= STREAM_TARGET,
+        "total_ms": {p: [round(x * 1000, 3) for x in t["total"]] for p, t in times.items()},
+    }
+
+
+def stream_lines(st: dict) -> list[str]:
+    """The streamed case's table (RESULTS.md and the README's block)."""
+    names = {"upstream": "the upstream alone (bench/sse_upstream.py)",
+             "noop": "Envoy + do-nothing wasm filter", "pag0": "Envoy + pag0, metered (`meter: anthropic`)"}
+    L = ["| path | TTFB p50 ms | TTFB p95 ms | whole answer p50 ms | p95 ms | MB/s |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for path, leg in st["legs"].items():
+        L.append(f"| {names[path]} | {fmt(leg['ttfb_ms_p50'])} | {fmt(leg['ttfb_ms_p95'])} | "
+                 f"{fmt(leg['total_ms_p50'])} | {fmt(leg['total_ms_p95'])} | {fmt(leg['mb_per_s'], 1)} |")
+    L += ["", f"Throughput pag0 / do-nothing filter: **{fmt(st['ratio'])}** (goal >= {st['target']:.2f}: "
+          f"{yes(st['met'])}); metering adds {fmt(st['added_ms'])} ms per answer, "
+          f"**{fmt(st['per_chunk_us'], 2)} µs wall-clock per {st['write_bytes']:,}-byte chunk** "
+          f"({st['chunks']:,} chunks; {fmt(st['per_event_us'], 3)} µs per SSE event, {st['events']:,} events)."]
+    return L
+
+
 # ---------------------------------------------------------------- host calls
 
 def host_calls() -> dict | None:
@@ -1136,6 +1410,12 @@ def summary_tables(r: dict) -> str:
     lines += ["", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {yes(t['met'])} |")
+    st = r.get("stream")
+    if st:
+        lines += ["", f"Streamed LLM answer: an Anthropic Messages SSE answer of {st['bytes']:,} bytes "
+                  f"({st['content_deltas']:,} `content_block_delta` events) from a fast upstream in "
+                  f"{st['write_bytes']:,}-byte chunks, {st['calls']} calls per path, one at a time, "
+                  "alternating; medians:", ""] + stream_lines(st)
     cg = callgrind_table(r)
     if cg:
         lines += ["", "Instructions per request (callgrind):", ""] + cg
@@ -1157,6 +1437,10 @@ def targets(r: dict) -> list[dict]:
     out.append({"name": "x402 pay path, added over signer + upstream",
                 "measured": f"{fmt(x['added_net_ms'], 3)} ms" if x else "skipped", "goal": "< 1 ms",
                 "met": x["met"] if x else None})
+    st = r.get("stream")
+    out.append({"name": "streamed LLM answer (~1 MB SSE), throughput pag0 metering / do-nothing filter",
+                "measured": f"{fmt(st['ratio'], 3)} ({st['calls']} pairs)" if st else "skipped",
+                "goal": f">= {STREAM_TARGET:.2f}", "met": st["met"] if st else None})
     w = r["wasm"]
     out.append({"name": "pag0.wasm size", "measured": f"{w['pag0_bytes']:,} B",
                 "goal": f"<= {WASM_SIZE_TARGET:,} B", "met": w["pag0_bytes"] <= WASM_SIZE_TARGET})
@@ -1404,6 +1688,7 @@ def results_md(r: dict) -> str:
               f"| the relays themselves (3 calls) | {fmt(x['through_gaps_ms']['relays'], 3)} |", ""]
     else:
         L += ["Skipped (`BENCH_X402_CALLS=0`).", ""]
+    L += stream_md(r.get("stream"))
     L += ["## Notes", "",
           "- The machine is shared and the load generator, the upstream Envoy and the Envoy under test "
           "share its CPUs: compare figures of one run with each other (the ratios), not across runs.",
@@ -1425,6 +1710,46 @@ def results_md(r: dict) -> str:
     return "\n".join(L)
 
 
+def stream_md(st: dict | None) -> list[str]:
+    L = ["## Streamed LLM answer (token-metered route)", ""]
+    if not st:
+        return L + ["Skipped (`BENCH_STREAM_CALLS=0`).", ""]
+    up, noop = st["legs"]["upstream"], st["legs"]["noop"]
+    L += [f"`POST /v1/messages` (`{st['model']}`, `max_tokens` 4096, `stream: true`, the bench's identity "
+          f"headers) answered by `bench/sse_upstream.py`: the Anthropic Messages wire format, "
+          f"{st['bytes']:,} bytes in {st['events']:,} events (`message_start` with the input usage, "
+          f"{st['content_deltas']:,} `content_block_delta` events of 100-200 bytes, `message_delta` with "
+          f"the output usage at the end), pre-built, written in {st['chunks']:,} chunks of "
+          f"{st['write_bytes']:,} bytes (HTTP/1.1 chunked, one write each, events cut at any byte). "
+          "One Envoy (bench/envoy/stream.yaml.in), two listeners with the same route: pag0 metering "
+          "it (`meter: anthropic`, bench/envoy/pag0-llm.json: the claude-sonnet-4-5* price row) and the "
+          "do-nothing filter. A Python client on a raw keep-alive socket per path makes the calls one at "
+          f"a time, {st['calls']} per path, the three paths in turn (order rotated each call), after a "
+          "warm-up. TTFB: the request sent -> the first byte of the answer; whole answer: -> its last "
+          "byte. MB = 10^6 bytes.", ""]
+    L += stream_lines(st)
+    L += ["", f"The ratio is the median over the {st['calls']} pairs (the calls through pag0 and "
+          f"through the do-nothing filter of the same turn) of the do-nothing call's time over pag0's "
+          f"(the ratio of the medians above: {fmt(st['ratio_of_medians'])}). The added time is the median "
+          "of the pairs' differences, wall-clock (the client's clock, not CPU time), divided by the chunks "
+          "the upstream wrote, and by the SSE events. Envoy reads a fast upstream in large reads (up to "
+          "128 KiB each; Envoy's trace log shows about ten for this answer), so pag0 sees fewer, larger body chunks than the "
+          "upstream wrote, and Envoy sends the answer's headers with the first read's data: TTFB through "
+          "Envoy includes what the filter does with that first read. "
+          f"The upstream alone serves the answer {fmt(st['upstream_over_noop'], 1)}x as fast as it arrives "
+          f"through Envoy with the do-nothing filter ({fmt(up['mb_per_s'], 1)} vs {fmt(noop['mb_per_s'], 1)} "
+          "MB/s)" + (": it is not what limits the two Envoy paths" if st["upstream_over_noop"] >= 1.5 else
+                     ": too close to say it never limits the two Envoy paths") +
+          f". Other processes used {st['other_cpus']:.2f} CPUs meanwhile.", "",
+          f"Checked: every answer on every path arrived whole, byte for byte what the upstream sent; "
+          f"pag0's session report shows all {st['report']['requests']} measured calls metered at the "
+          f"stream's usage ({st['report']['input_tokens']:,} input and {st['report']['output_tokens']:,} "
+          f"output tokens, {st['report']['total_cost']:,} charged, {st['cost_per_call']:,} a call, none "
+          f"unmetered, nothing left reserved; each answer's `x-pag0-cost` said "
+          f"{st['reserved_per_call']:,.0f}, the reservation, as a streamed answer's does).", ""]
+    return L
+
+
 def update_readme(r: dict) -> None:
     path = ROOT / "README.md"
     text = path.read_text()
@@ -1436,6 +1761,28 @@ def update_readme(r: dict) -> None:
     _, tail = rest.split(end, 1)
     path.write_text(head + begin + "\n" + summary_tables(r) + "\n" + end + tail)
     log("README.md: benchmark block rewritten")
+
+
+def stream_problems(st: dict | None) -> list[str]:
+    """The streamed case's figures are there (that it was metered, stream_case checked)."""
+    if not isinstance(st, dict):
+        return [f"stream = {st!r}"]
+    problems = []
+    for path in ("upstream", "noop", "pag0"):
+        for k in ("ttfb_ms_p50", "ttfb_ms_p95", "total_ms_p50", "total_ms_p95", "mb_per_s"):
+            v = (st.get("legs") or {}).get(path, {}).get(k)
+            if not isinstance(v, (int, float)) or not v > 0:
+                problems.append(f"stream.legs.{path}.{k} = {v!r}")
+    for k in ("ratio", "chunks", "events", "bytes", "calls", "cost_per_call"):
+        if not isinstance(st.get(k), (int, float)) or not st[k] > 0:
+            problems.append(f"stream.{k} = {st.get(k)!r}")
+    for k in ("added_ms", "per_chunk_us", "per_event_us"):
+        if not isinstance(st.get(k), (int, float)):
+            problems.append(f"stream.{k} = {st.get(k)!r}")
+    rep = st.get("report") or {}
+    if rep.get("unmetered") != 0 or rep.get("requests") != st.get("calls"):
+        problems.append(f"stream.report = {rep!r}")
+    return problems
 
 
 def check_well_formed(r: dict, out: Path) -> list[str]:
@@ -1474,6 +1821,8 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
     if r.get("x402"):
         for k in ("through_pag0_ms", "direct_ms", "overhead_through_ms", "overhead_direct_ms"):
             num(f"x402.{k}", r["x402"][k])
+    if r["settings"]["stream_calls"]:
+        problems += stream_problems(r.get("stream"))
     if r["settings"]["callgrind"]:
         cg = r.get("callgrind")
         keys = [key for key, *_ in CALLGRIND_ADDED]
@@ -1496,6 +1845,8 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
         problems.append(f"results.json: {e}")
     md = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").exists() else ""
     needles = ["| case | requests/s", "| target |", "## Memory", "## x402 pay path"]
+    if r["settings"]["stream_calls"]:
+        needles += ["## Streamed LLM answer", "| path | TTFB p50 ms"]
     if r["settings"]["callgrind"]:
         needles += ["## Instructions per request (callgrind)", "| instructions added per request"]
     for needle in needles:
@@ -1506,9 +1857,31 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
 
 # ---------------------------------------------------------------- main
 
+def only_stream(s: dict, work: Path) -> int:
+    """`--only stream`: the streamed case alone, printed and kept in the work directory's parent."""
+    if not s["stream_calls"]:
+        raise BenchError("--only stream with BENCH_STREAM_CALLS=0 runs nothing")
+    envoy_bin = run([str(ROOT / "scripts/ensure-envoy.sh")])
+    build_filter("the do-nothing filter", NOOP_MANIFEST, NOOP_WASM)
+    st = stream_case(s, envoy_bin, work)
+    dest = work.parent / "stream.json"
+    dest.write_text(json.dumps(st, indent=2) + "\n")
+    print("\n".join(stream_md(st)))
+    log(f"wrote {dest}")
+    problems = stream_problems(st)
+    if problems:
+        print("bench: malformed stream results:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="pag0 benchmark (make bench)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run, checked for form only")
+    ap.add_argument("--only", choices=["stream"],
+                    help="run one part alone (stream: the streamed LLM answer); its result goes to "
+                         "target/bench[-smoke]/stream.json and the terminal, never to RESULTS.md, "
+                         "results.json or README.md")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
@@ -1523,6 +1896,8 @@ def main() -> int:
     try:
         if not PAG0_WASM.exists():
             raise BenchError(f"{PAG0_WASM} is missing: run `make build`")
+        if a.only == "stream":
+            return only_stream(s, work)
         wrk = ensure_wrk()
         if s["callgrind"]:
             ensure_valgrind()
@@ -1553,6 +1928,7 @@ def main() -> int:
         result["cache_memory"] = cache_memory(s, envoy_bin, wrk, work, up_port)
         upstream.stop()
         result["x402"] = x402_pay_path(s, envoy_bin, work) if s["x402_calls"] else None
+        result["stream"] = stream_case(s, envoy_bin, work) if s["stream_calls"] else None
         result["host_calls"] = host_calls()
         if s["callgrind"]:
             result["callgrind"], result["callgrind_raw"] = callgrind_counts(s, envoy_bin, work)

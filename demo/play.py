@@ -9,6 +9,9 @@ why each refusal happened:
   2. ralph loop              a runaway agent hits its own budget; the others go on
   3. researcher and friends  three subagents in parallel, each within its budget
   4. the contract            requests pag0 refuses before any budget is looked at
+  5. ultrawork               five agents ask the same search; the shared cache pays once
+  6. x402                    pag0 pays a paid API for buyer-1 until its budget stops it
+  7. Claude Code session     Claude Code's Messages API calls, each costing its tokens
 
 Every outcome is also checked against what the reference config (envoy/reference.yaml)
 must produce, so `make demo` doubles as a smoke test: the exit status is 0 when all
@@ -24,6 +27,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -31,6 +35,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,11 +63,11 @@ TRANSLATE_PRICE = 50_000
 EXIT_OK, EXIT_MISMATCH, EXIT_UNUSABLE = 0, 1, 2
 
 # What a full run spends (all in fresh sessions, all against the tenant's day):
-# autopilot 30 x LLM; ralph 20 x LLM + executor 5 x search + 3 x LLM;
-# researcher 5 x search, reviewer 10 x translate, debugger 2 x LLM.
-RUN_COST = (30 * LLM_PRICE) + (20 * LLM_PRICE + 5 * SEARCH_PRICE + 3 * LLM_PRICE) + (
-    5 * SEARCH_PRICE + 10 * TRANSLATE_PRICE + 2 * LLM_PRICE
-)
+# autopilot 30 x LLM; ralph 20 x LLM + executor 5 x LLM;
+# researcher 5 x search, reviewer 3 x LLM, debugger 2 x LLM; looper 1 x LLM.
+RUN_COST = (30 * LLM_PRICE) + (20 * LLM_PRICE + 5 * LLM_PRICE) + (
+    5 * SEARCH_PRICE + 3 * LLM_PRICE + 2 * LLM_PRICE
+) + LLM_PRICE
 
 # --- presentation ----------------------------------------------------------------------
 
@@ -657,10 +662,11 @@ def scenario_ralph(client: Client, checks: Checks, verbose: bool) -> Session:
         checks.expect(got == want, f"{s.title}: refusal details {got}, expected {want}", last,
                       major=True)
     out()
-    plan = [(TAVILY, "pag0 budget headers"), (TAVILY, "envoy wasm shared data"),
-            (OPENAI, "plan the fix"), (TAVILY, "rfc 8941 dictionary"),
-            (TAVILY, "proxy-wasm rust sdk"), (OPENAI, "write the patch"),
-            (TAVILY, "x402 exact scheme"), (OPENAI, "review the patch")]
+    # The executor's allow list is the LLM APIs (OpenAI, Anthropic): it plans and writes
+    # with them; searching is the researcher's job.
+    plan = [(OPENAI, "plan the fix"), (RESPONSES, "read the failing test"),
+            (OPENAI, "write the patch"), (RESPONSES, "explain the diff"),
+            (OPENAI, "review the patch")]
     ex = run_calls(s, "executor-1", plan)
     s.show(ex, "executor-1", verbose)
     expect_all_ok(checks, s, "executor-1", ex)
@@ -674,8 +680,8 @@ def scenario_friends(client: Client, checks: Checks, verbose: bool) -> Session:
     s = Session("researcher and friends", client, checks, sequential=False)
     banner(3, "researcher and friends", f"""
         Three subagents work in parallel in one session: researcher-1 searches (Tavily, Exa;
-        budget {usd(AGENT_BUDGETS['researcher'])}), reviewer-1 translates with DeepL until its
-        {usd(AGENT_BUDGETS['reviewer'])} budget stops it, debugger-1 asks two LLMs
+        budget {usd(AGENT_BUDGETS['researcher'])}), reviewer-1 reviews the patch with an LLM until
+        its {usd(AGENT_BUDGETS['reviewer'])} budget stops it, debugger-1 asks two LLMs
         ({usd(AGENT_BUDGETS['debugger'])}).""", s)
 
     for name in ("researcher-1", "reviewer-1", "debugger-1"):
@@ -688,7 +694,7 @@ def scenario_friends(client: Client, checks: Checks, verbose: bool) -> Session:
             (TAVILY, "envoy proxy-wasm filters")])
 
     def reviewer():
-        return loop(s, "reviewer-1", DEEPL, "Release notes", 20)
+        return loop(s, "reviewer-1", OPENAI, "review the patch, section", 20)
 
     def debugger():
         return run_calls(s, "debugger-1", [(OPENAI, "why does the test hang"),
@@ -703,8 +709,8 @@ def scenario_friends(client: Client, checks: Checks, verbose: bool) -> Session:
         s.show(events, name, verbose)
     expect_all_ok(checks, s, "researcher-1", results["researcher-1"])
     expect_all_ok(checks, s, "debugger-1", results["debugger-1"])
-    expect_stop(checks, s, "reviewer-1", results["reviewer-1"], 10, "AGENT_BUDGET_EXCEEDED")
-    total = 5 * SEARCH_PRICE + 10 * TRANSLATE_PRICE + 2 * LLM_PRICE
+    expect_stop(checks, s, "reviewer-1", results["reviewer-1"], 3, "AGENT_BUDGET_EXCEEDED")
+    total = 5 * SEARCH_PRICE + 3 * LLM_PRICE + 2 * LLM_PRICE
     checks.expect(s.spent == total, f"{s.title}: the session spent {s.spent}, expected {total}",
                   major=True)
     checks.expect(s.min_session_remaining == SESSION_BUDGET - total,
@@ -955,6 +961,375 @@ def scenario_x402(client: Client, checks: Checks) -> None:
                       "x402: report totalCost = payments x price", reply, major=True)
 
 
+# --- 7. a Claude Code session, token-metered ------------------------------------------
+
+PRICES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "envoy",
+                           "llm-prices.json")
+MAX_PER_REQUEST = 500_000
+CLAUDE_CODE_AGENT = "executor-1"
+SONNET, HAIKU = "claude-sonnet-4-5", "claude-haiku-4-5"
+# The CLI asks for 128000 output tokens on every request (PRODUCT.md); pag0 lowers that to
+# what the tightest budget (here maxPerRequest) affords and says so in x-pag0-max-tokens.
+CLAUDE_CODE_MAX_TOKENS = 128_000
+
+
+def load_prices(path: str = PRICES_FILE) -> list[tuple[str, dict[str, int]]]:
+    """envoy/llm-prices.json: [(model glob, {input, output, cacheWrite5m, cacheWrite1h,
+    cacheRead} per million tokens)]."""
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    kinds = ("input", "output", "cacheWrite5m", "cacheWrite1h", "cacheRead")
+    return [(row["model"], {k: int(row[k]) for k in kinds}) for row in table["prices"]]
+
+
+def rates_for(prices: list[tuple[str, dict[str, int]]], model: str) -> dict[str, int] | None:
+    """The most specific matching glob's rates: the one with the most literal characters
+    (`*` matches any run of characters)."""
+    best = None
+    for glob, rates in prices:
+        pattern = "^" + ".*".join(re.escape(p) for p in glob.split("*")) + "$"
+        if re.match(pattern, model):
+            literal = len(glob.replace("*", ""))
+            if best is None or literal > best[0]:
+                best = (literal, rates)
+    return best[1] if best else None
+
+
+def anthropic_tokens(usage: dict) -> dict[str, int]:
+    """A Messages API usage as billed: input, output, cache writes by TTL (without the
+    split, all at the 5-minute rate), cache reads."""
+    written = int(usage.get("cache_creation_input_tokens") or 0)
+    split = usage.get("cache_creation")
+    if isinstance(split, dict):
+        w5 = int(split.get("ephemeral_5m_input_tokens") or 0)
+        w1 = int(split.get("ephemeral_1h_input_tokens") or 0)
+    else:
+        w5, w1 = written, 0
+    return {"input": int(usage.get("input_tokens") or 0),
+            "output": int(usage.get("output_tokens") or 0),
+            "cacheWrite5m": w5, "cacheWrite1h": w1,
+            "cacheRead": int(usage.get("cache_read_input_tokens") or 0)}
+
+
+def token_cost(tokens: dict[str, int], rates: dict[str, int]) -> int:
+    """ceil(sum(tokens x rate per million) / 1e6), in the budget's unit (docs/llm.md)."""
+    micro = sum(tokens[k] * rates[k] for k in tokens)
+    return -(-micro // 1_000_000)
+
+
+def sse_usage(body: bytes) -> tuple[dict | None, bool]:
+    """The usage a Messages API stream adds up to: message_start's, then each
+    message_delta's fields overwrite (they are cumulative). And whether it ended
+    (message_stop)."""
+    usage, stopped = None, False
+    for raw in body.decode("utf-8", "replace").replace("\r\n", "\n").split("\n\n"):
+        data = "\n".join(line[5:].lstrip() for line in raw.split("\n")
+                         if line.startswith("data:"))
+        if not data:
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "message_start":
+            usage = dict((event.get("message") or {}).get("usage") or {})
+        elif kind == "message_delta" and usage is not None:
+            usage.update(event.get("usage") or {})
+        elif kind == "message_stop":
+            stopped = True
+    return usage, stopped
+
+
+def claude_code_tools() -> list[dict]:
+    """A few of the tool definitions Claude Code sends with every main-agent request."""
+    def tool(name: str, description: str, props: dict, required: list[str]) -> dict:
+        return {"name": name, "description": description,
+                "input_schema": {"type": "object", "properties": props, "required": required,
+                                 "additionalProperties": False,
+                                 "$schema": "http://json-schema.org/draft-07/schema#"}}
+    s = {"type": "string"}
+    return [
+        tool("Bash", "Executes a given bash command in a persistent shell session with "
+             "optional timeout, ensuring proper handling and security measures.",
+             {"command": {**s, "description": "The command to execute"},
+              "description": {**s, "description": "Clear, concise description of what this "
+                              "command does in 5-10 words"}}, ["command"]),
+        tool("Read", "Reads a file from the local filesystem. You can access any file "
+             "directly by using this tool.",
+             {"file_path": {**s, "description": "The absolute path to the file to read"}},
+             ["file_path"]),
+        tool("Edit", "Performs exact string replacements in files.",
+             {"file_path": {**s, "description": "The absolute path to the file to modify"},
+              "old_string": {**s, "description": "The text to replace"},
+              "new_string": {**s, "description": "The text to replace it with"}},
+             ["file_path", "old_string", "new_string"]),
+        tool("Grep", "A powerful search tool built on ripgrep.",
+             {"pattern": {**s, "description": "The regular expression pattern to search for"},
+              "path": {**s, "description": "File or directory to search in"}}, ["pattern"]),
+        tool("Task", "Launch a new agent to handle complex, multi-step tasks autonomously.",
+             {"description": {**s, "description": "A short (3-5 word) description of the task"},
+              "prompt": {**s, "description": "The task for the agent to perform"},
+              "subagent_type": {**s, "description": "The type of specialized agent to use"}},
+             ["description", "prompt", "subagent_type"]),
+    ]
+
+
+def claude_code_system(session: str) -> list[dict]:
+    """Claude Code's system prompt: its identity line, then the long instructions with the
+    environment, cached (cache_control) so that every later turn reads it."""
+    instructions = " ".join([
+        "You are an interactive CLI tool that helps users with software engineering tasks.",
+        "Use the instructions below and the tools available to you to assist the user.",
+        "IMPORTANT: Assist with defensive security tasks only.",
+        "# Tone and style: be concise, direct, and to the point.",
+        "# Doing tasks: use the TodoWrite tool to plan the task if required; use the",
+        "available search tools to understand the codebase; implement the solution using",
+        "all tools available to you; verify the solution if possible with tests.",
+        "# Tool usage policy: when doing file search, prefer to use the Task tool;",
+        "you have the capability to call multiple tools in a single response.",
+    ] * 6)
+    env = (f"<env>\nWorking directory: /work/main\nIs directory a git repo: Yes\n"
+           f"Platform: linux\nOS Version: Linux 6.8\nToday's date: 2026-11-29\n"
+           f"Session: {session}\n</env>\nYou are powered by the model named Sonnet 4.5. "
+           f"The exact model ID is {SONNET}.")
+    return [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+            {"type": "text", "text": f"{instructions}\n\n{env}",
+             "cache_control": {"type": "ephemeral"}}]
+
+
+def scenario_looper(client: Client, checks: Checks) -> None:
+    """looper-1 sends the same request again and again. Its repeat breaker (5 identical
+    calls within 60 s) stops it at the 5th, long before its budget would: the first call
+    is paid, the next three are cache hits (free, but a loop all the same) and warned."""
+    session = new_session_id("looper")
+    banner(8, "looper: stopped by behaviour, not by budget", f"""
+        looper-1 asks OpenAI the same thing in a loop. Its budget ({usd(1_000_000)}) would
+        let it go on; its repeat breaker (5 identical calls within 60 s, warning from the
+        3rd) stops it at the 5th call. Calls 2-4 come from the cache and cost nothing: a loop
+        served from the cache is still a loop.""", None)
+    out(paint(f"   session {session}", "dim"))
+    headers = {"x-pag0-api-key": API_KEY, "x-pag0-session": session, "x-pag0-agent": "looper-1"}
+    body = {"model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": f"are all tests green yet? ({session})"}]}
+    replies = []
+    for n in range(1, 6):
+        reply = client.request("POST", OPENAI.host, OPENAI.path, headers, body)
+        replies.append(reply)
+        warning = reply.headers.get("x-pag0-loop-warning")
+        cached = reply.headers.get("x-pag0-cached")
+        what = (paint(f"{reply.status} {reply.code}", "red", "bold") if reply.code
+                else f"{reply.status}  cost {usd(reply.cost)}  cached={cached}")
+        out(f"    looper-1 #{n:<2} {what}" + (f"  x-pag0-loop-warning: {warning}" if warning else ""))
+    statuses = [r.status for r in replies]
+    checks.expect(statuses == [200, 200, 200, 200, 429],
+                  f"looper: statuses {statuses}, expected 4 x 200 then 429", replies[-1], major=True)
+    checks.expect(replies[-1].code == "LOOP_DETECTED",
+                  f"looper: the 5th call was refused {replies[-1].code}, expected LOOP_DETECTED",
+                  replies[-1], major=True)
+    cached = [r.headers.get("x-pag0-cached") for r in replies[:4]]
+    checks.expect(cached == ["false", "true", "true", "true"],
+                  f"looper: cached {cached}, expected one paid call then three hits", replies[3])
+    warnings = [r.headers.get("x-pag0-loop-warning") for r in replies[:4]]
+    checks.expect(warnings == [None, None, "count=3, limit=5", "count=4, limit=5"],
+                  f"looper: warnings {warnings}", replies[3])
+    reply = client.request("GET", "pag0", f"/_pag0/v1/sessions/{session}/report",
+                           {"authorization": f"Bearer {ADMIN_KEY}"})
+    if checks.expect(reply.status == 200, "looper: report readable", reply):
+        report = json.loads(reply.body)
+        agent = next((a for a in report["byAgent"] if a["agentId"] == "looper-1"), {})
+        stopped = agent.get("stoppedBy") or {}
+        checks.expect(stopped.get("code") == "LOOP_DETECTED" and stopped.get("calls") == 4,
+                      f"looper: stoppedBy {stopped}, expected LOOP_DETECTED after 4 calls", reply,
+                      major=True)
+        checks.expect(report["totalCost"] == str(LLM_PRICE),
+                      f"looper: the session spent {report['totalCost']}, expected {LLM_PRICE}", reply)
+        out(f"   stopped at call 5 by LOOP_DETECTED after spending {usd(int(report['totalCost']))}; "
+            f"the budget alone would have let it make {1_000_000 // LLM_PRICE} paid calls.")
+
+
+def scenario_claude_code(client: Client, checks: Checks) -> None:
+    """What the Claude Code CLI sends, with ANTHROPIC_BASE_URL pointed at Envoy and the
+    pag0 headers added by ANTHROPIC_CUSTOM_HEADERS: POST /v1/messages?beta=true, a small
+    non-streamed Haiku call for the conversation's title, then the main agent's streamed
+    Sonnet turns with tools and a cached system prompt. Each call costs its tokens."""
+    label = "Claude Code session"
+    session = new_session_id("claude")
+    banner(7, label, f"""
+        {CLAUDE_CODE_AGENT} runs the Claude Code CLI: Haiku 4.5 names the conversation (one
+        JSON answer), Sonnet 4.5 works in streamed turns with tools and a cached system
+        prompt. The reference identity reads x-pag0-session, not X-Claude-Code-Session-Id,
+        so ANTHROPIC_CUSTOM_HEADERS adds the pag0 headers. The Messages API is
+        token-metered: a JSON answer's x-pag0-cost is its token cost, a stream's is what
+        was reserved, and the ledger gets the token cost when the stream ends.""", None)
+    out(paint(f"   session {session}", "dim"))
+    out()
+    prices = load_prices()
+    headers = {
+        # What Claude Code sends on every request...
+        "x-api-key": "sk-ant-demo-not-a-real-key",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+                          "fine-grained-tool-streaming-2025-05-14",
+        "anthropic-dangerous-direct-browser-access": "true",
+        "user-agent": "claude-cli/2.1.332 (external, cli)",
+        "x-app": "cli",
+        "X-Claude-Code-Session-Id": str(uuid.uuid4()),
+        # ... and what ANTHROPIC_CUSTOM_HEADERS adds for pag0.
+        "x-pag0-api-key": API_KEY,
+        "x-pag0-session": session,
+        "x-pag0-agent": CLAUDE_CODE_AGENT,
+    }
+    metadata = {"user_id": f"user_{secrets.token_hex(32)}_account__session_"
+                           f"{headers['X-Claude-Code-Session-Id']}"}
+    tools, system = claude_code_tools(), claude_code_system(session)
+    ask = "The demo test in tests/demo.rs fails after the last change. Find out why and fix it."
+    tool_id = f"toolu_{secrets.token_hex(12)}"
+    turn1 = [{"role": "user", "content": [{"type": "text", "text": ask}]}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "I'll run the demo test to see the failure."},
+            {"type": "tool_use", "id": tool_id, "name": "Bash",
+             "input": {"command": "cargo test --test demo", "description": "Run the demo test"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": tool_id,
+             "content": "test the_demo_scenarios_play_out_as_the_product_says ... FAILED\n"
+                        "  - ralph loop: report totalCost 3000000 = 3150000 charged"}]}]
+
+    def sonnet(messages: list[dict]) -> dict:
+        return {"model": SONNET, "max_tokens": CLAUDE_CODE_MAX_TOKENS, "messages": messages,
+                "system": system, "tools": tools, "metadata": metadata,
+                "thinking": {"type": "adaptive"}, "stream": True}
+
+    calls = [
+        ("title", {"model": HAIKU, "max_tokens": CLAUDE_CODE_MAX_TOKENS,
+                   "system": [{"type": "text", "text": "Analyze if this message indicates a new "
+                               "conversation topic. If it does, extract a 2-3 word title. Format "
+                               "your response as a JSON object with two fields: 'isNewTopic' "
+                               "(boolean) and 'title' (string or null)."}],
+                   "messages": [{"role": "user", "content": ask}], "metadata": metadata,
+                   "temperature": 0}),
+        ("turn 1", sonnet(turn1)),
+        ("turn 2", sonnet(turn2)),
+    ]
+    path = "/v1/messages?beta=true"
+    results = []  # (what, model, streamed, reply, tokens or None, real cost or None)
+    for n, (what, body) in enumerate(calls, 1):
+        reply = client.request("POST", "api.anthropic.com", path, headers, body)
+        model, streamed = body["model"], bool(body.get("stream"))
+        where = f"{label}: #{n} {what} ({model}, {'stream' if streamed else 'JSON'})"
+        rates = rates_for(prices, model)
+        checks.expect(rates is not None, f"{where}: no row of envoy/llm-prices.json prices "
+                                         f"{model}", major=True)
+        ok = checks.expect(reply.ok and reply.code is None,
+                           f"{where}: answered {reply.status} {reply.code or ''}, expected a "
+                           f"paid success", reply, major=True)
+        usage, ended = None, True
+        if ok and streamed:
+            checks.expect(reply.headers.get("content-type", "").startswith("text/event-stream"),
+                          f"{where}: not an event stream", reply)
+            usage, ended = sse_usage(reply.body)
+            checks.expect(ended, f"{where}: the stream has no message_stop", reply)
+        elif ok:
+            try:
+                usage = json.loads(reply.body).get("usage")
+            except (ValueError, AttributeError):
+                usage = None
+        checks.expect(isinstance(usage, dict), f"{where}: the answer carries no usage", reply,
+                      major=True)
+        tokens = anthropic_tokens(usage) if isinstance(usage, dict) else None
+        if tokens is not None:
+            checks.expect(tokens["cacheWrite5m"] + tokens["cacheWrite1h"]
+                          == int(usage.get("cache_creation_input_tokens") or 0),
+                          f"{where}: cache_creation split disagrees with its total", reply)
+        real = token_cost(tokens, rates) if tokens is not None and rates is not None else None
+        header = reply.cost
+        if real is not None:
+            if streamed:
+                checks.expect(header is not None and real <= header,
+                              f"{where}: token cost {real} is above the reservation "
+                              f"x-pag0-cost {header}", reply, major=True)
+            else:
+                checks.expect(header == real, f"{where}: x-pag0-cost {header}, expected the "
+                                              f"token cost {real}", reply, major=True)
+        checks.expect(header is not None and header <= MAX_PER_REQUEST,
+                      f"{where}: x-pag0-cost {header} is above maxPerRequest {MAX_PER_REQUEST}",
+                      reply)
+        results.append((what, model, streamed, reply, tokens, real))
+        status = (paint(str(reply.status), "green") if ok
+                  else paint(f"{reply.status} {reply.code or ''}", "red", "bold"))
+        line = (f"    {CLAUDE_CODE_AGENT} #{n} {what:<6} {model:<17} "
+                f"{'stream' if streamed else 'JSON':<6} {status}  ")
+        if streamed:
+            line += f"reserved {usd(header)}, tokens {usd(real)}"
+        else:
+            line += f"cost {usd(header)} = tokens {usd(real)}"
+        out(line)
+        if tokens is not None:
+            lowered = reply.headers.get("x-pag0-max-tokens")
+            out(paint(f"{'':>20}in {tokens['input']}, cache write "
+                      f"{tokens['cacheWrite5m'] + tokens['cacheWrite1h']}, cache read "
+                      f"{tokens['cacheRead']}, out {tokens['output']}"
+                      + (f"; max_tokens {body['max_tokens']} lowered to {lowered} "
+                         f"(x-pag0-max-tokens)" if lowered else ""), "dim"))
+
+    # The system prompt's cache: written by the first Sonnet turn, read by the second.
+    turns = [r for r in results if r[0].startswith("turn")]
+    written = turns[0][4]["cacheWrite5m"] if turns[0][4] else 0
+    read = turns[1][4]["cacheRead"] if turns[1][4] else 0
+    checks.expect(written > 0, f"{label}: turn 1 wrote no prompt cache", turns[0][3], major=True)
+    checks.expect(read == written and read > 0,
+                  f"{label}: turn 2 read {read} cached tokens, expected the {written} turn 1 "
+                  f"wrote", turns[1][3], major=True)
+
+    real_total = sum(r[5] or 0 for r in results)
+    totals = Counter()
+    by_model: dict[str, int] = Counter()
+    for _, model, _, _, tokens, real in results:
+        for k, v in (tokens or {}).items():
+            totals[k] += v
+        by_model[model] += real or 0
+    reply = client.request("GET", "pag0", f"/_pag0/v1/sessions/{session}/report",
+                           {"authorization": f"Bearer {ADMIN_KEY}"})
+    if checks.expect(reply.status == 200, f"{label}: report readable", reply, major=True):
+        report = json.loads(reply.body)
+        checks.expect(report["totalCost"] == str(real_total),
+                      f"{label}: report totalCost {report['totalCost']}, expected the token "
+                      f"costs' sum {real_total}", reply, major=True)
+        checks.expect(report["unmeteredCalls"]["count"] == 0,
+                      f"{label}: {report['unmeteredCalls']['count']} unmetered calls", reply)
+        checks.expect(report["reserved"] == "0",
+                      f"{label}: {report['reserved']} still reserved", reply)
+        want_tokens = {"input": totals["input"], "output": totals["output"],
+                       "cacheWrite": totals["cacheWrite5m"] + totals["cacheWrite1h"],
+                       "cacheRead": totals["cacheRead"]}
+        checks.expect(report["tokens"] == want_tokens,
+                      f"{label}: report tokens {report['tokens']}, expected {want_tokens}", reply)
+        models = {m["model"]: m for m in report["byModel"]}
+        checks.expect(set(models) == set(by_model),
+                      f"{label}: byModel lists {sorted(models)}, expected {sorted(by_model)}",
+                      reply, major=True)
+        for model, cost in by_model.items():
+            got = models.get(model, {}).get("cost")
+            checks.expect(got == str(cost), f"{label}: byModel {model} cost {got}, expected "
+                                            f"{cost}", reply)
+        agent = next((a for a in report["byAgent"] if a["agentId"] == CLAUDE_CODE_AGENT), {})
+        checks.expect(agent.get("cost") == str(real_total),
+                      f"{label}: {CLAUDE_CODE_AGENT} cost {agent.get('cost')} in the report, "
+                      f"expected {real_total}", reply)
+        out()
+        for m in report["byModel"]:
+            out(f"    {m['model']:<17} {usd(int(m['cost'])):>10}  {m['requests']} "
+                f"request{'s' if m['requests'] != 1 else ''}")
+    flat = len(results) * LLM_PRICE
+    all_in = totals["input"] + totals["cacheWrite5m"] + totals["cacheWrite1h"] + totals["cacheRead"]
+    out()
+    out(f"   Claude Code's {len(results)} calls cost their tokens: {usd(real_total)} for {all_in} "
+        f"input ({totals['cacheRead']} read from the prompt cache),")
+    out(f"   {totals['output']} output tokens; a flat price of {usd(LLM_PRICE)} a call would "
+        f"have charged {usd(flat)}.")
+
+
 def show_reports(client: Client, checks: Checks, sessions: list[Session]) -> None:
     """Reads each session's report from the report API and checks it against what the
     agents were charged, call by call."""
@@ -1023,6 +1398,8 @@ def main(argv: list[str] | None = None) -> int:
         show_reports(client, checks, sessions)
         scenario_ultrawork(client, checks)
         scenario_x402(client, checks)
+        scenario_claude_code(client, checks)
+        scenario_looper(client, checks)
     except Unreachable as exc:
         out(f"play.py: lost the listener while reading reports ({exc}).")
         return EXIT_UNUSABLE

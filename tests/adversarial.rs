@@ -788,7 +788,7 @@ fn preflights_are_free_head_is_charged_and_the_live_page_cannot_be_framed() {
         let mut raw = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
         write!(
             raw,
-            "HEAD /search HTTP/1.1\r\nhost: api.tavily.com\r\nx-pag0-api-key: {KEY}\r\nx-pag0-session: {s}\r\nx-pag0-agent: executor-1\r\nconnection: close\r\n\r\n"
+            "HEAD /search HTTP/1.1\r\nhost: api.tavily.com\r\nx-pag0-api-key: {KEY}\r\nx-pag0-session: {s}\r\nx-pag0-agent: researcher-1\r\nconnection: close\r\n\r\n"
         )
         .unwrap();
         let mut text = String::new();

@@ -83,6 +83,7 @@ fn the_reference_session_is_exactly_the_product_one() {
             ("ralph-*", Some(3_000_000)),
             ("ultrawork-*", Some(1_000_000)),
             ("buyer-*", Some(1_000_000)),
+            ("looper-*", Some(1_000_000)),
             ("autopilot-*", None),
             ("main", None),
         ];
@@ -92,6 +93,62 @@ fn the_reference_session_is_exactly_the_product_one() {
                 .iter()
                 .map(|(p, b)| (p.to_string(), *b))
                 .collect::<Vec<_>>(),
+            "{path}"
+        );
+        // The scenario's allow lists: the session's hosts, and each role's.
+        let lists: Vec<(String, Vec<String>)> = p
+            .agents
+            .iter()
+            .map(|a| {
+                let list = a.allowed.as_ref().map_or_else(Vec::new, |l| {
+                    l.iter().map(|g| g.source().to_string()).collect()
+                });
+                (a.pattern.source().to_string(), list)
+            })
+            .collect();
+        let want: [(&str, &[&str]); 10] = [
+            ("executor-*", &["api.openai.com/*", "api.anthropic.com/*"]),
+            (
+                "researcher-*",
+                &["api.tavily.com/*", "api.exa.ai/*", "api.deepl.com/*"],
+            ),
+            ("debugger-*", &["api.openai.com/*"]),
+            ("reviewer-*", &["api.openai.com/*"]),
+            ("ralph-*", &["api.openai.com/*", "api.tavily.com/*"]),
+            ("ultrawork-*", &["api.openai.com/*", "api.tavily.com/*"]),
+            ("buyer-*", &["x402.local/*"]),
+            ("looper-*", &["api.openai.com/*"]),
+            ("autopilot-*", &[]),
+            ("main", &[]),
+        ];
+        let want: Vec<(String, Vec<String>)> = want
+            .iter()
+            .map(|(p, l)| (p.to_string(), l.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        assert_eq!(lists, want, "{path}");
+        let session: Vec<&str> = p.allowed.iter().map(|g| g.source()).collect();
+        assert_eq!(
+            session,
+            [
+                "api.openai.com/*",
+                "api.anthropic.com/*",
+                "api.deepl.com/*",
+                "api.tavily.com/*",
+                "api.exa.ai/*",
+                "x402.local/*"
+            ],
+            "{path}"
+        );
+        let looper = p
+            .agents
+            .iter()
+            .find(|a| a.pattern.source() == "looper-*")
+            .unwrap();
+        assert_eq!(
+            looper
+                .repeat
+                .map(|r| (r.calls, r.window_seconds, r.warn_at)),
+            Some((5, 60, 3)),
             "{path}"
         );
         assert!(

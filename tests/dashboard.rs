@@ -79,13 +79,13 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
         c.post(
             "api.tavily.com",
             "/search",
-            &agent_headers("demo-key", &s, "executor-1"),
+            &agent_headers("demo-key", &s, "researcher-1"),
             &support::fresh_body(),
         );
     }
     c.post(
-        "api.deepl.com",
-        "/v2/translate",
+        "api.openai.com",
+        "/v1/chat/completions",
         &agent_headers("demo-key", &s, "reviewer-1"),
         &support::fresh_body(),
     );
@@ -109,11 +109,33 @@ fn the_dashboard_shows_the_agents_bars_without_console_errors() {
         "the page never loaded its data:\n{dom}"
     );
     assert_eq!(bar(&dom, "ralph-1"), Some((3_000_000, 3_000_000)));
-    assert_eq!(bar(&dom, "executor-1"), Some((60_000, 2_000_000)));
-    assert_eq!(bar(&dom, "reviewer-1"), Some((50_000, 500_000)));
-    assert_eq!(bar(&dom, "session"), Some((3_110_000, 5_000_000)));
+    assert_eq!(bar(&dom, "researcher-1"), Some((60_000, 1_500_000)));
+    assert_eq!(bar(&dom, "reviewer-1"), Some((150_000, 500_000)));
+    assert_eq!(bar(&dom, "session"), Some((3_210_000, 5_000_000)));
     assert!(dom.contains("AGENT_BUDGET_EXCEEDED"));
-    assert!(dom.contains("$3.11"));
+    assert!(dom.contains("$3.21"));
+    // The spend-over-time chart: a line per agent and the session's, the budget and
+    // its thresholds drawn; why ralph-1 stopped; the sessions overview.
+    assert!(
+        dom.contains("aria-label=\"spend over time\""),
+        "no chart:\n{dom}"
+    );
+    for agent in ["ralph-1", "researcher-1", "reviewer-1", "(session)"] {
+        assert!(
+            dom.contains(&format!("data-agent=\"{agent}\"")),
+            "no line for {agent}"
+        );
+    }
+    for label in ["session budget $5.00", "alert 70%", "kill switch 90%"] {
+        assert!(dom.contains(label), "chart without {label}");
+    }
+    let stops = &dom[dom.find("id=\"stops\"").unwrap()..];
+    assert!(stops[..stops.find("</table>").unwrap()].contains("AGENT_BUDGET_EXCEEDED"));
+    let overview = &dom[dom.find("id=\"overview\"").unwrap()..];
+    assert!(
+        overview[..overview.find("</table>").unwrap()].contains(&s),
+        "{s} not in the sessions overview"
+    );
 
     let shot = repo_root().join("target/test-output/dashboard.png");
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();

@@ -1,15 +1,64 @@
 //! `make demo` cannot rot: the scenario player runs against a real Envoy with the
-//! reference configuration and must find every outcome it expects.
+//! reference configuration, with demo/upstream.py behind it as `make run` has (it
+//! answers the Messages API in its wire format, so scenario 7's Claude Code calls are
+//! token-metered), and must find every outcome it expects.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
 use support::x402::Peers;
-use support::{repo_root, Envoy, Upstream};
+use support::{free_port, repo_root, Client, Envoy};
+
+/// demo/upstream.py (standard library only) on a free loopback port; stopped on drop.
+struct DemoApi {
+    port: u16,
+    child: Child,
+}
+
+impl DemoApi {
+    fn start() -> DemoApi {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(repo_root().join("demo/upstream.py"))
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut api = DemoApi { port, child };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = api.child.try_wait() {
+                panic!("demo/upstream.py exited with {status}");
+            }
+            assert!(Instant::now() < deadline, "demo/upstream.py did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        api
+    }
+
+    /// Every LLM request it answered, oldest first.
+    fn llm_log(&self) -> Vec<serde_json::Value> {
+        let r = Client::new(self.port).get("demo", "/_demo/llm/log", &[]);
+        assert_eq!(r.status, 200);
+        r.json().as_array().unwrap().clone()
+    }
+}
+
+impl Drop for DemoApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 #[test]
 fn the_demo_scenarios_play_out_as_the_product_says() {
-    let up = Upstream::start();
+    let up = DemoApi::start();
     // x402.local: the official SDK's paid API, paid through the reference signer.
     let peers = Peers::start();
     let envoy = Envoy::reference_with_x402(up.port, peers.v2, peers.signer);
@@ -38,4 +87,22 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     assert_eq!(peers.settlements()["sdkVerified"], 100);
     // The 101st call was refused before the signer was asked.
     assert_eq!(peers.signed(), 100);
+
+    // Scenario 7 played Claude Code: its calls reached the Messages API as the CLI sends
+    // them, one JSON answer and streamed turns, each answered with its usage.
+    assert!(text.contains("== 7. Claude Code session"), "{text}");
+    assert!(text.contains("cost their tokens"), "{text}");
+    let claude: Vec<_> = up
+        .llm_log()
+        .into_iter()
+        .filter(|r| r["endpoint"] == "api.anthropic.com/v1/messages")
+        .collect();
+    assert_eq!(claude.len(), 3, "{claude:?}");
+    for r in &claude {
+        assert_eq!(r["path"], "/v1/messages?beta=true", "{r}");
+        assert_eq!(r["outcome"], "complete", "{r}");
+        assert!(r["usage"].is_object(), "{r}");
+    }
+    let streamed = claude.iter().filter(|r| r["stream"] == true).count();
+    assert_eq!(streamed, 2, "{claude:?}");
 }

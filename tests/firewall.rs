@@ -55,16 +55,11 @@ fn ralph_stops_at_its_three_dollars_and_the_executor_goes_on() {
 
     // The executor of the same session goes on, within its own $2.
     for i in 1..=5u64 {
-        let r = call(
-            &mut c,
-            &session,
-            "executor-1",
-            ("api.tavily.com", "/search"),
-        );
+        let r = call(&mut c, &session, "executor-1", LLM);
         assert_eq!(r.status, 200);
-        assert_eq!(r.cost(), 20_000);
-        assert_eq!(r.remaining("agent"), Some(2_000_000 - i * 20_000));
-        assert_eq!(r.remaining("session"), Some(2_000_000 - i * 20_000));
+        assert_eq!(r.cost(), 150_000);
+        assert_eq!(r.remaining("agent"), Some(2_000_000 - i * 150_000));
+        assert_eq!(r.remaining("session"), Some(2_000_000 - i * 150_000));
     }
     assert_eq!(call(&mut c, &session, "executor-1", LLM).status, 200);
     assert_eq!(up.count(), 26);
@@ -114,7 +109,7 @@ fn autopilot_loop_is_stopped_by_the_kill_switch_after_an_alert() {
     let again = call(
         &mut c,
         &session,
-        "executor-1",
+        "researcher-1",
         ("api.tavily.com", "/search"),
     );
     assert_eq!(again.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
@@ -518,7 +513,7 @@ fn pag0_headers_never_reach_the_upstream() {
     let headers = [
         ("x-pag0-api-key", DEMO_KEY),
         ("x-pag0-session", "strip-1"),
-        ("x-pag0-agent", "executor-1"),
+        ("x-pag0-agent", "researcher-1"),
         ("x-pag0-cache-bypass", "true"),
         ("X-Pag0-Anything", "secret"),
         ("authorization", "Bearer upstream-token"),
@@ -603,4 +598,75 @@ fn an_encoded_slash_cannot_reach_a_paid_path_for_free() {
     );
     assert_eq!(r.status, 400);
     assert_eq!(up.count(), 0);
+}
+
+/// The reference session's allow lists (PRODUCT.md, issue 15): every role against every
+/// host of the demo. An allowed call is answered by the upstream; any other is refused
+/// ENDPOINT_NOT_ALLOWED before it reaches one.
+#[test]
+fn each_role_reaches_exactly_the_hosts_its_allow_list_names() {
+    let up = Upstream::start();
+    let envoy = Envoy::reference(up.port);
+    let hosts: [(&str, &str, &str); 6] = [
+        ("api.openai.com", "/v1/chat/completions", "openai"),
+        ("api.anthropic.com", "/v1/messages", "anthropic"),
+        ("api.deepl.com", "/v2/translate", "deepl"),
+        ("api.tavily.com", "/search", "tavily"),
+        ("api.exa.ai", "/search", "exa"),
+        ("x402.local", "/weather", "x402"),
+    ];
+    let allowed: [(&str, &[&str]); 10] = [
+        ("executor-1", &["openai", "anthropic"]),
+        ("researcher-1", &["tavily", "exa", "deepl"]),
+        ("debugger-1", &["openai"]),
+        ("reviewer-1", &["openai"]),
+        ("ralph-1", &["openai", "tavily"]),
+        ("ultrawork-1", &["openai", "tavily"]),
+        ("buyer-1", &["x402"]),
+        ("looper-1", &["openai"]),
+        // No list of their own: the session's.
+        (
+            "autopilot-1",
+            &["openai", "anthropic", "deepl", "tavily", "exa", "x402"],
+        ),
+        (
+            "main",
+            &["openai", "anthropic", "deepl", "tavily", "exa", "x402"],
+        ),
+    ];
+    let mut c = Client::new(envoy.port);
+    for (agent, list) in allowed {
+        let session = unique("allow");
+        for (host, path, name) in hosts {
+            let body = if name == "anthropic" {
+                format!(
+                    r#"{{"model":"claude-haiku-4-5","max_tokens":1024,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+                    unique("q")
+                )
+            } else {
+                support::fresh_body()
+            };
+            let before = up.count();
+            let r = c.post(host, path, &agent_headers(DEMO_KEY, &session, agent), &body);
+            // Metered routes answer in the API's own error shape: read the header.
+            let code = r.header("x-pag0-error").map(str::to_string);
+            if list.contains(&name) {
+                assert_ne!(
+                    code.as_deref(),
+                    Some("ENDPOINT_NOT_ALLOWED"),
+                    "{agent} → {host}"
+                );
+                if name != "x402" {
+                    assert_eq!(r.status, 200, "{agent} → {host}: {:?}", code);
+                }
+            } else {
+                assert_eq!(
+                    (r.status, code.as_deref()),
+                    (403, Some("ENDPOINT_NOT_ALLOWED")),
+                    "{agent} → {host}"
+                );
+                assert_eq!(up.count(), before, "{agent} → {host} reached the upstream");
+            }
+        }
+    }
 }

@@ -22,8 +22,9 @@ fn call(c: &mut Client, session: &str, agent: &str, host: &str, path: &str) -> s
     )
 }
 
-/// The reference scenario: ralph loops to its limit, then executor, researcher and
-/// reviewer work. Returns the session id.
+/// The reference scenario: ralph loops to its limit, then an ultrawork agent searches,
+/// the executor asks an LLM and lists the models, the researcher searches and translates,
+/// each within its role's allow list. Returns the session id.
 fn play_reference_session(c: &mut Client) -> String {
     let s = unique("report");
     for _ in 0..21 {
@@ -31,7 +32,7 @@ fn play_reference_session(c: &mut Client) -> String {
     }
     for _ in 0..5 {
         assert_eq!(
-            call(c, &s, "executor-1", "api.tavily.com", "/search").status,
+            call(c, &s, "ultrawork-1", "api.tavily.com", "/search").status,
             200
         );
     }
@@ -56,13 +57,13 @@ fn play_reference_session(c: &mut Client) -> String {
         c.get(
             "api.openai.com",
             "/v1/models",
-            &agent_headers(KEY, &s, "researcher-1")
+            &agent_headers(KEY, &s, "executor-1")
         )
         .status,
         200
     );
     assert_eq!(
-        call(c, &s, "reviewer-1", "api.deepl.com", "/v2/translate").status,
+        call(c, &s, "researcher-1", "api.deepl.com", "/v2/translate").status,
         200
     );
     s
@@ -92,7 +93,7 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
     let report = r.json();
     // 20 × 150000 + 5 × 20000 + 150000 + 2 × 20000 + 50000
     assert_eq!(report["totalCost"], "3340000");
-    // 21 ralph (one refused) + 6 executor + 3 researcher + 1 reviewer
+    // 21 ralph (one refused) + 5 ultrawork + 2 executor + 3 researcher
     assert_eq!(report["totalRequests"], 31);
     assert_eq!(report["cacheHits"], 0);
     assert_eq!(report["cacheHitRate"], 0.0);
@@ -112,16 +113,9 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
             );
         };
     expect_agent("ralph-1", "ralph", "3000000", 21, "3000000", 1.0);
-    expect_agent("executor-1", "executor", "250000", 6, "2000000", 0.125);
-    expect_agent(
-        "researcher-1",
-        "researcher",
-        "40000",
-        3,
-        "1500000",
-        40_000.0 / 1_500_000.0,
-    );
-    expect_agent("reviewer-1", "reviewer", "50000", 1, "500000", 0.1);
+    expect_agent("ultrawork-1", "ultrawork", "100000", 5, "1000000", 0.1);
+    expect_agent("executor-1", "executor", "150000", 2, "2000000", 0.075);
+    expect_agent("researcher-1", "researcher", "90000", 3, "1500000", 0.06);
     assert_eq!(agents.as_array().unwrap().len(), 4);
     let tools = &report["byTool"];
     assert_eq!(tally(tools, "tool", "llm")["cost"], "3150000");
@@ -175,7 +169,7 @@ fn the_report_after_the_reference_scenario_matches_the_hand_computed_one() {
     );
     assert_eq!(budget["daily"]["spent"], "3340000");
     assert_eq!(budget["agents"]["ralph-1"]["remaining"], "0");
-    assert_eq!(budget["agents"]["executor-1"]["utilizationRate"], 0.125);
+    assert_eq!(budget["agents"]["executor-1"]["utilizationRate"], 0.075);
 
     let list = c
         .get(
@@ -195,7 +189,7 @@ fn the_report_api_checks_keys_and_names_unknown_sessions() {
     let envoy = Envoy::reference(up.port);
     let mut c = Client::new(envoy.port);
     let s = unique("auth");
-    call(&mut c, &s, "executor-1", "api.tavily.com", "/search");
+    call(&mut c, &s, "researcher-1", "api.tavily.com", "/search");
     let path = format!("/_pag0/v1/sessions/{s}/report");
     let code = |r: support::Response| (r.status, r.error_code());
     assert_eq!(
@@ -344,7 +338,7 @@ fn the_manual_kill_switch_stops_the_next_priced_call_on_every_worker() {
     let mut c = Client::new(envoy.port);
     let s = unique("kill");
     assert_eq!(
-        call(&mut c, &s, "executor-1", "api.tavily.com", "/search").status,
+        call(&mut c, &s, "researcher-1", "api.tavily.com", "/search").status,
         200
     );
     let killed = c.post("h", &format!("/_pag0/v1/sessions/{s}/kill"), &ADMIN, "");
@@ -359,7 +353,7 @@ fn the_manual_kill_switch_stops_the_next_priced_call_on_every_worker() {
                 let r = call(
                     &mut c,
                     &s,
-                    &format!("executor-{i}"),
+                    &format!("researcher-{i}"),
                     "api.tavily.com",
                     "/search",
                 );
@@ -397,7 +391,7 @@ fn the_manual_kill_switch_stops_the_next_priced_call_on_every_worker() {
             call(
                 &mut Client::new(envoy.port),
                 &s,
-                "executor-1",
+                "researcher-1",
                 "api.tavily.com",
                 "/search"
             )
@@ -578,13 +572,13 @@ fn prometheus_and_the_access_log_show_the_calls() {
     );
     assert_eq!(
         value(
-            r#"pag0_cost{tenant="demo",role="executor",tool="search",endpoint="api_tavily_com_search"}"#
+            r#"pag0_cost{tenant="demo",role="ultrawork",tool="search",endpoint="api_tavily_com_search"}"#
         ),
         100_000
     );
     assert_eq!(
         value(
-            r#"pag0_requests{tenant="demo",role="researcher",tool="llm",endpoint="api_openai_com_v1_models"}"#
+            r#"pag0_requests{tenant="demo",role="executor",tool="llm",endpoint="api_openai_com_v1_models"}"#
         ),
         1
     );
@@ -601,13 +595,13 @@ fn prometheus_and_the_access_log_show_the_calls() {
     );
     // Access log: agent and cost of each call.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !envoy.stdout().contains("agent=reviewer-1 cost=50000") && Instant::now() < deadline {
+    while !envoy.stdout().contains("agent=researcher-1 cost=50000") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = envoy.stdout();
     assert!(
         log.contains(&format!(
-            "session={s} agent=reviewer-1 cost=50000 cached=false"
+            "session={s} agent=researcher-1 cost=50000 cached=false"
         )),
         "{log}"
     );
@@ -628,7 +622,7 @@ fn burst(port: u16, s: &str, threads: usize, calls: usize) {
                     let r = call(
                         &mut c,
                         &s,
-                        &format!("executor-{i}"),
+                        &format!("researcher-{i}"),
                         "api.tavily.com",
                         "/search",
                     );
@@ -710,7 +704,7 @@ fn a_kill_is_in_force_on_every_worker_for_free_calls_and_hits_once_the_api_answe
         call(
             &mut Client::new(envoy.port),
             &s,
-            "executor-1",
+            "researcher-1",
             "api.tavily.com",
             "/search"
         )

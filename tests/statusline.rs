@@ -202,10 +202,10 @@ fn the_statusline_shows_the_session_spend_alert_kill_and_kill_switch() {
     let mut c = Client::new(envoy.port);
     let s = claude_session_id();
 
-    call(&mut c, &s, "executor-1", SEARCH);
-    call(&mut c, &s, "executor-1", SEARCH);
+    call(&mut c, &s, "researcher-1", SEARCH);
+    call(&mut c, &s, "researcher-1", SEARCH);
     call(&mut c, &s, "executor-1", CHAT);
-    call(&mut c, &s, "reviewer-1", TRANSLATE);
+    call(&mut c, &s, "researcher-1", TRANSLATE);
     // 2 × 20000 + 150000 + 50000
     assert_eq!(spent(&mut c, &s), "240000");
     assert_eq!(line_for(&envoy, &s, &[]), "pag0 $0.24 / $5.00");
@@ -297,7 +297,7 @@ fn the_statusline_shows_the_session_spend_alert_kill_and_kill_switch() {
     for _ in 0..10 {
         call(&mut c, &t, "executor-1", RESPONSES);
     }
-    let refused = send(&mut c, &t, "executor-1", SEARCH);
+    let refused = send(&mut c, &t, "researcher-1", SEARCH);
     assert_eq!(
         (refused.status, refused.error_code().as_deref()),
         (403, Some("KILL_SWITCH_ACTIVE"))

@@ -683,6 +683,7 @@ fn llm_call<'a>(agent: &'a str, cost: u64) -> CallStats<'a> {
         }),
         unconfirmed: false,
         unmetered: false,
+        at_ms: ms(NOON) - 1,
     }
 }
 
@@ -696,9 +697,9 @@ fn report_records_merge_what_each_vm_counted_and_round_trip() {
         let vm = if i % 2 == 0 { &mut vm1 } else { &mut vm2 };
         vm.record_call(&llm_call("ralph-1", 1_000_000_000), 8);
     }
-    vm2.record_refusal("ralph-1", None, "AGENT_BUDGET_EXCEEDED", NOON, 8);
+    vm2.record_refusal("ralph-1", None, "AGENT_BUDGET_EXCEEDED", ms(NOON), 8);
     let mut vm1_later = ReportRecord::new("s");
-    vm1_later.record_refusal("ralph-1", None, "AGENT_BUDGET_EXCEEDED", NOON + 1, 8);
+    vm1_later.record_refusal("ralph-1", None, "AGENT_BUDGET_EXCEEDED", ms(NOON + 1), 8);
     let mut stored = ReportRecord::new("s");
     stored.merge(&vm1, 8, NOON);
     stored.merge(&vm2, 8, NOON);
@@ -713,7 +714,7 @@ fn report_records_merge_what_each_vm_counted_and_round_trip() {
         ralph.stop,
         Some(Stop {
             code: "AGENT_BUDGET_EXCEEDED".into(),
-            at: NOON,
+            at: ms(NOON),
             calls: 20,
             refused_since: 2
         })
@@ -763,7 +764,13 @@ fn report_records_merge_what_each_vm_counted_and_round_trip() {
     assert_eq!(stop["refusedSince"], 2);
     // A call that goes through after a refusal means the agent did not stop.
     let mut later = ReportRecord::new("s");
-    later.record_call(&llm_call("ralph-1", 1), 8);
+    later.record_call(
+        &CallStats {
+            at_ms: ms(NOON + 3),
+            ..llm_call("ralph-1", 1)
+        },
+        8,
+    );
     stored.merge(&later, 8, NOON + 3);
     assert_eq!(stored.agent("ralph-1").unwrap().stop, None);
     assert_eq!(stored.agent("ralph-1").unwrap().ok_calls, 21);
@@ -1597,7 +1604,13 @@ fn ralph_end_to_end_twenty_calls_then_refused_with_budgets_in_headers() {
         refused_at_21.view.alert_header().as_deref(),
         Some("agent=1.0")
     );
-    record_refusal(&mut local, &cfg, &who, &refused_at_21.refusal, NOON + 21);
+    record_refusal(
+        &mut local,
+        &cfg,
+        &who,
+        &refused_at_21.refusal,
+        ms(NOON + 21),
+    );
     // The refused call reserved nothing anywhere. Adapted: the day still shows the
     // 20th call as reserved until this VM flushes its deferred window commit; after
     // the flush nothing is reserved in any scope and the day has it all as spent.
@@ -1630,7 +1643,13 @@ fn ralph_end_to_end_twenty_calls_then_refused_with_budgets_in_headers() {
     // Ralph tries again; the report says how it stopped, over two flushes.
     let again = refused(admit(&cfg, &store, &mut local, &who, &call, ms(NOON + 23)));
     assert!(again.alerts.is_empty(), "an alert goes out once");
-    record_refusal(&mut local, &cfg, &who, &again.refused.refusal, NOON + 23);
+    record_refusal(
+        &mut local,
+        &cfg,
+        &who,
+        &again.refused.refusal,
+        ms(NOON + 23),
+    );
     local.flush(&cfg, &store, ms(NOON + 23));
     let records = read_session(&cfg, &store, "demo", "ralph-session")
         .unwrap()
@@ -1644,7 +1663,7 @@ fn ralph_end_to_end_twenty_calls_then_refused_with_budgets_in_headers() {
         ralph.stop,
         Some(Stop {
             code: "AGENT_BUDGET_EXCEEDED".into(),
-            at: NOON + 21,
+            at: ms(NOON + 21),
             calls: 20,
             refused_since: 2,
         })

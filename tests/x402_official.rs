@@ -417,10 +417,11 @@ fn relay_mode_budgets_what_the_official_clients_pay_themselves() {
 fn after_every_fault_the_ledger_is_settled_plus_unconfirmed() {
     let _turn = turn();
     let peers = Peers::start();
-    // The paid retry gives up after 1 s: a settlement slower than that is unknown.
+    // The paid retry gives up after 2 s: a settlement slower than that is unknown (2 s,
+    // not less: on a loaded machine the Python facilitator's ordinary answers take 1 s).
     let envoy = envoy_for(
         &peers,
-        &plugin(1_000_000, r#", "retryTimeoutMs": 1000"#),
+        &plugin(1_000_000, r#", "retryTimeoutMs": 2000"#),
         peers.signer,
     );
     let mut c = Client::new(envoy.port);
@@ -477,7 +478,7 @@ fn after_every_fault_the_ledger_is_settled_plus_unconfirmed() {
     }
     // The settlement outlasts the retry timeout: the money may have moved, so it
     // stays charged, marked unconfirmed.
-    peers.control(peers.facilitator, r#"{"settleDelayMs": 2500}"#);
+    peers.control(peers.facilitator, r#"{"settleDelayMs": 4500}"#);
     let r = c.get("v2.api", "/weather", &h);
     assert_eq!(r.cost(), 10_000, "{}", String::from_utf8_lossy(&r.body));
     assert!(r
@@ -485,7 +486,7 @@ fn after_every_fault_the_ledger_is_settled_plus_unconfirmed() {
         .unwrap()
         .starts_with("unconfirmed"));
     peers.control(peers.facilitator, r#"{"settleDelayMs": 0}"#);
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(5));
 
     let rep = report(&envoy, &s);
     let unconfirmed: u64 = rep["unconfirmedPayments"]["amount"]

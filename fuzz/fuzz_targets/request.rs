@@ -19,10 +19,13 @@
 //! reserves at least its worth in the budget's unit; pay mode reserves the cheapest
 //! requirement policy allows; when relay mode lets a 402 offer through (its dry run
 //! said the payment fits), the agent's paid retry is not refused by a budget or the
-//! kill switch; a cache slot holds exactly the entry filled.
+//! kill switch; a cache slot holds exactly the entry filled. A token-metered call
+//! (src/core/meter) reserves between its least price and the bound of its body, never
+//! carries a relayed payment, goes upstream asking for the output limit its reservation
+//! pays for, and, when its usage stays within the limits pag0 set, costs no more than
+//! that bound. "Spent" is compared as the ledger keeps it: saturated at u64::MAX.
 //!
-//! `PAG0_FUZZ_SKIP` (see [`skip`]) stops producing a class of inputs whose failure is
-//! known, to look for others; `PAG0_FUZZ_TRACE=1` prints each input's steps.
+//! `PAG0_FUZZ_TRACE=1` prints each input's steps.
 #![no_main]
 
 use std::collections::HashMap;
@@ -40,9 +43,10 @@ use pag0::core::compile::{compile_json, sha256_hex, Config};
 use pag0::core::errors::{ErrorCode, Refusal};
 use pag0::core::firewall;
 use pag0::core::ledger::local::LocalLedger;
-use pag0::core::ledger::report::Tokens;
 use pag0::core::ledger::windows::WindowsRecord;
 use pag0::core::ledger::{self, sessions, Outcome, Ticket};
+use pag0::core::meter::request::{self as llm_request, Api, LlmRequest, Plan};
+use pag0::core::meter::usage::{AnswerMeter, Metered as MeterResult};
 use pag0::core::offers;
 use pag0::core::payments::{self, PaymentOutcome};
 use pag0::core::route_meta;
@@ -82,7 +86,19 @@ fn config_json() -> String {
              "ttlRules": [{{"pattern": ".*nocache.*", "ttl": 0}}, {{"pattern": ".*search.*", "ttl": 30}}],
              "maxEntryBytes": 512, "entries": 8, "coalesceWaitMs": 1000}},
   "defaultPolicy": "main",
+  "llm": {{"prices": {{
+      "claude-*": {{"input": "3000000", "output": "15000000", "cacheWrite5m": "3750000",
+                    "cacheWrite1h": "6000000", "cacheRead": "300000"}},
+      "gpt-*": {{"input": "1250000", "output": "10000000", "cacheWrite5m": "1250000",
+                 "cacheWrite1h": "1250000", "cacheRead": "125000"}},
+      "pricey-*": {{"input": "50000000", "output": "250000000", "cacheWrite5m": "60000000",
+                    "cacheWrite1h": "100000000", "cacheRead": "5000000"}},
+      "free-*": {{"input": "0", "output": "0", "cacheWrite5m": "0", "cacheWrite1h": "0",
+                  "cacheRead": "0"}}}},
+          "defaultMaxTokens": 4096, "minOutputTokens": 256, "maxBodyBytes": 4096}},
   "endpoints": [
+    {{"pattern": "api.anthropic.example/*", "meter": "anthropic", "tool": "llm"}},
+    {{"pattern": "api.openai.example/*", "meter": "openai"}},
     {{"pattern": "api.search.example/*", "price": "20000", "tool": "search"}},
     {{"pattern": "x402.pay.example/*", "x402": true}},
     {{"pattern": "x402.relay.example/*", "x402": true, "price": "1000"}},
@@ -319,13 +335,37 @@ enum Settlement {
     Raw(Vec<u8>),
 }
 
+/// The usage a metered call's answer reports, as JSON or an SSE stream of the API.
 #[derive(Arbitrary, Debug)]
 struct Metered {
-    cost: u32,
-    input: u16,
-    output: u16,
-    /// The usage never came (a cut stream): charged the reservation.
-    unmetered: bool,
+    input: u32,
+    output: u32,
+    cache_write: u16,
+    cache_read: u16,
+    /// Small counts (within what pag0 bounded the call to, mostly).
+    small: bool,
+    sse: bool,
+    /// The answer is cut halfway (the usage may never come: charged the reservation).
+    cut: bool,
+    /// The answer arrives in chunks of this many bytes (0: whole).
+    chunk: u8,
+}
+
+/// A metered LLM request's body.
+#[derive(Arbitrary, Debug)]
+struct LlmSpec {
+    /// Which API, and whether route metadata or an endpoint rule meters it.
+    api: u8,
+    model: u8,
+    max_tokens: Option<u32>,
+    /// Chat Completions: the limit under its older name `max_tokens`.
+    old_name: bool,
+    n: Option<u8>,
+    stream: bool,
+    prompt: u16,
+    thinking: Option<u32>,
+    /// Images by URL (each counts `imageTokens` of input).
+    images: u8,
 }
 
 #[derive(Debug)]
@@ -395,7 +435,8 @@ impl<'a> Arbitrary<'a> for End {
 enum Kind {
     /// `api.search.example/search`, priced by its endpoint rule.
     Search,
-    /// A token-metered LLM call, priced by route metadata (maybe 0).
+    /// A token-metered LLM call (route metadata or an endpoint rule's `meter`), priced
+    /// by the bound of its body.
     Llm,
     /// An x402 route whose policy relays (the agent pays).
     Relay,
@@ -442,6 +483,8 @@ enum Override {
     /// No route metadata at all.
     NoRoute,
     Body(Vec<u8>),
+    /// The body of a metered request (for the final path), whatever the kind.
+    LlmBody,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -459,6 +502,7 @@ struct Request {
     upstream: Upstream,
     end: End,
     flush_after: bool,
+    llm: LlmSpec,
 }
 
 #[derive(Debug)]
@@ -487,6 +531,8 @@ const HOSTS: &[&str] = &[
     "api.llm.example",
     "free.example",
     "API.Search.Example:443",
+    "api.anthropic.example",
+    "api.openai.example",
 ];
 const PATHS: &[&str] = &[
     "/search",
@@ -501,6 +547,9 @@ const PATHS: &[&str] = &[
     "/_pag0/v1/sessions/s-1/kill",
     "/_pag0/v1/sessions/s-1/resume",
     "/_pag0/dashboard",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/messages/count_tokens",
 ];
 const QUERIES: &[&str] = &[
     "q=1",
@@ -782,6 +831,108 @@ fn query_param(path: &[u8], name: &str) -> Option<String> {
     })
 }
 
+const MODELS: &[&str] = &[
+    "claude-sonnet-4-5",
+    "gpt-5",
+    "pricey-1",
+    "free-1",
+    "unknown-model",
+    "",
+];
+
+/// A metered request's body for the API its path speaks.
+fn llm_body(spec: &LlmSpec, path: &str) -> Vec<u8> {
+    let model = nth(MODELS, spec.model);
+    let prompt = "x".repeat(usize::from(spec.prompt % 2048));
+    let images: Vec<Value> = (0..spec.images % 3)
+        .map(|_| json!({"type": "image", "source": {"type": "url", "url": "https://img.example/a.png"}}))
+        .collect();
+    let mut content = vec![json!({"type": "text", "text": prompt})];
+    content.extend(images);
+    let mut v = json!({"model": model});
+    if path.ends_with("/messages") {
+        v["messages"] = json!([{"role": "user", "content": content}]);
+        if let Some(m) = spec.max_tokens {
+            v["max_tokens"] = json!(m % 20_000);
+        }
+        if let Some(t) = spec.thinking {
+            v["thinking"] = json!({"type": "enabled", "budget_tokens": t % 20_000});
+        }
+    } else if path.ends_with("/chat/completions") {
+        v["messages"] = json!([{"role": "user", "content": prompt}]);
+        if let Some(m) = spec.max_tokens {
+            let name = if spec.old_name {
+                "max_tokens"
+            } else {
+                "max_completion_tokens"
+            };
+            v[name] = json!(m % 20_000);
+        }
+        if let Some(n) = spec.n {
+            v["n"] = json!(n % 5);
+        }
+    } else {
+        v["input"] = json!(prompt);
+        if let Some(m) = spec.max_tokens {
+            v["max_output_tokens"] = json!(m % 20_000);
+        }
+    }
+    if spec.stream {
+        v["stream"] = json!(true);
+    }
+    v.to_string().into_bytes()
+}
+
+/// A metered answer carrying this usage, as the API writes it (JSON or SSE).
+fn llm_answer(api: Api, m: &Metered) -> Vec<u8> {
+    let (input, output) = if m.small {
+        (u64::from(m.input % 4096), u64::from(m.output % 4096))
+    } else {
+        (u64::from(m.input), u64::from(m.output))
+    };
+    let (write, read) = (u64::from(m.cache_write), u64::from(m.cache_read));
+    let body = match (api, m.sse) {
+        (Api::Messages, false) => json!({"type": "message", "usage": {
+            "input_tokens": input, "output_tokens": output,
+            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}})
+        .to_string(),
+        (Api::Messages, true) => format!(
+            "event: message_start\ndata: {}\n\nevent: content_block_delta\ndata: {{\"delta\": \"hi\"}}\n\nevent: message_delta\ndata: {}\n\n",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": input,
+                "output_tokens": 1, "cache_creation_input_tokens": write,
+                "cache_read_input_tokens": read}}}),
+            json!({"type": "message_delta", "usage": {"output_tokens": output}}),
+        ),
+        (Api::Chat, false) => json!({"usage": {"prompt_tokens": input + read,
+            "completion_tokens": output, "prompt_tokens_details": {"cached_tokens": read}}})
+        .to_string(),
+        (Api::Chat, true) => format!(
+            "data: {{\"choices\": []}}\n\ndata: {}\n\ndata: [DONE]\n\n",
+            json!({"choices": [], "usage": {"prompt_tokens": input + read,
+                "completion_tokens": output, "prompt_tokens_details": {"cached_tokens": read}}}),
+        ),
+        (Api::Responses, false) => json!({"usage": {"input_tokens": input + read,
+            "output_tokens": output, "input_tokens_details": {"cached_tokens": read}}})
+        .to_string(),
+        (Api::Responses, true) => format!(
+            "event: response.created\ndata: {{}}\n\nevent: response.completed\ndata: {}\n\n",
+            json!({"response": {"usage": {"input_tokens": input + read,
+                "output_tokens": output, "input_tokens_details": {"cached_tokens": read}}}}),
+        ),
+    };
+    let mut bytes = body.into_bytes();
+    if m.cut {
+        bytes.truncate(bytes.len() / 2);
+    }
+    bytes
+}
+
+/// A metered call, between the gate and its answer (src/host/stream/meter.rs).
+struct MeterFlow {
+    request: LlmRequest,
+    plan: Option<Plan>,
+}
+
 /// A request as the host sees it.
 struct Built {
     method: Vec<u8>,
@@ -812,16 +963,28 @@ fn build(cfg: &Config, req: &Request, now_s: u64) -> Built {
     let (method, authority, path, mut route): (&str, &str, String, Vec<(&str, String)>) =
         match req.kind {
             Kind::Search => ("GET", "api.search.example", "/search".into(), vec![]),
-            Kind::Llm => (
-                "POST",
-                "api.llm.example",
-                "/v1/messages".into(),
-                vec![
-                    ("meter", "anthropic".into()),
-                    ("tool", "llm".into()),
-                    ("price", "150000".into()),
-                ],
-            ),
+            // A metered route is priced by its tokens: no `price` with `meter`.
+            Kind::Llm => match req.llm.api % 4 {
+                0 => (
+                    "POST",
+                    "api.llm.example",
+                    "/v1/messages".into(),
+                    vec![("meter", "anthropic".into()), ("tool", "llm".into())],
+                ),
+                1 => (
+                    "POST",
+                    "api.anthropic.example",
+                    "/v1/messages".into(),
+                    vec![],
+                ),
+                2 => (
+                    "POST",
+                    "api.llm.example",
+                    "/v1/chat/completions".into(),
+                    vec![("meter", "openai".into())],
+                ),
+                _ => ("POST", "api.openai.example", "/v1/responses".into(), vec![]),
+            },
             Kind::Relay => (
                 "GET",
                 "x402.relay.example",
@@ -858,8 +1021,11 @@ fn build(cfg: &Config, req: &Request, now_s: u64) -> Built {
     if let Some(p) = req.policy {
         set(&mut route, "policy", nth(POLICIES, p));
     }
-    if let Some(p) = req.price {
-        set(&mut route, "price", nth(PRICES, p));
+    match (req.price, req.kind) {
+        // Mostly leave a metered route unpriced (a price there is a config error).
+        (Some(p), Kind::Llm) if p % 8 != 0 => {}
+        (Some(p), _) => set(&mut route, "price", nth(PRICES, p)),
+        (None, _) => {}
     }
     let mut api_key = match req.kind {
         Kind::Admin => Hdr::One(Text::Raw(nth(ADMIN_KEYS, req.tenant).as_bytes().to_vec())),
@@ -871,8 +1037,12 @@ fn build(cfg: &Config, req: &Request, now_s: u64) -> Built {
     let mut extra: Vec<(String, Vec<u8>)> = Vec::new();
     let mut route_raw: Option<Vec<u8>> = None;
     let mut route_extra: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut body = Vec::new();
+    let mut body = match req.kind {
+        Kind::Llm => llm_body(&req.llm, &path),
+        _ => Vec::new(),
+    };
     let (mut method_o, mut authority_o, mut path_o) = (None, None, None);
+    let mut llm_path = false;
     for o in req.overrides.iter().take(8) {
         match o {
             Override::Method(t) => method_o = Some(pick(t, METHODS)),
@@ -896,11 +1066,16 @@ fn build(cfg: &Config, req: &Request, now_s: u64) -> Built {
             Override::RouteRaw(bytes) => route_raw = Some(bytes.clone()),
             Override::NoRoute => route_raw = Some(Vec::new()),
             Override::Body(b) => body = b.clone(),
+            Override::LlmBody => llm_path = true,
         }
     }
     let method = method_o.unwrap_or_else(|| method.as_bytes().to_vec());
     let authority = authority_o.unwrap_or_else(|| authority.as_bytes().to_vec());
     let path = path_o.unwrap_or_else(|| path.into_bytes());
+    if llm_path {
+        let text = String::from_utf8_lossy(&path);
+        body = llm_body(&req.llm, text.split('?').next().unwrap_or(""));
+    }
     let mut headers: Vec<(String, Vec<u8>)> = vec![
         (":method".into(), method.clone()),
         (":path".into(), path.clone()),
@@ -1123,8 +1298,8 @@ impl Harness {
             refusal.code.as_str(),
             refusal.message
         ));
-        let now = self.now_s();
-        ledger::record_refusal(&mut self.local, self.cfg, caller, refusal, now);
+        let now_ms = self.now_s() * 1000;
+        ledger::record_refusal(&mut self.local, self.cfg, caller, refusal, now_ms);
     }
 
     // --- admit and settle, with the model ------------------------------------------------
@@ -1180,7 +1355,8 @@ impl Harness {
                 ));
             }
         }
-        if t.price != call.price || t.policy != call.policy {
+        let least = call.min_price.unwrap_or(call.price).min(call.price);
+        if t.price > call.price || t.price < least || t.policy != call.policy {
             self.fail(format!("ticket {t:?} does not reserve the call {call:?}"));
         }
         self.open.push(t.clone());
@@ -1577,19 +1753,15 @@ impl Harness {
             let worth = asset
                 .as_deref()
                 .map(|a| rules.to_budget(&payment.network, a, payment.value));
-            let other_decimals = asset
-                .as_deref()
-                .is_some_and(|a| a.eq_ignore_ascii_case(TOKEN2) || a.eq_ignore_ascii_case(TOKEN18));
             match worth {
                 Some(Ok(worth)) if relayed.price >= worth && relayed.price >= call.price => {}
-                _ if other_decimals && skip("relay-decimals") => {}
                 other => self.fail(format!(
                     "relay mode reserves {} for a payment of {} of asset {:?} on {} (worth {:?} in the budget's unit; the route's price is {})",
                     relayed.price, payment.value, asset, payment.network, other, call.price
                 )),
             }
         }
-        let call = relayed;
+        let mut call = relayed;
         if let Some(p) = &call.payment {
             self.note(format!(
                 "relayed payment v{} of {} on {}: price {}",
@@ -1625,6 +1797,7 @@ impl Harness {
                 || !cc.caches_method(&method_text)
                 || cache::request_bypasses(cache_control.as_deref(), range)
                 || call.x402
+                || call.meter.is_some()
             {
                 return None;
             }
@@ -1634,6 +1807,50 @@ impl Harness {
             }
             Some(ttl)
         });
+
+        // Token metering (src/host/stream/meter.rs): a body over llm.maxBodyBytes is
+        // refused before the gate; at the gate the body prices the call by its bound.
+        let meter_api = call
+            .meter
+            .and_then(|kind| Api::for_path(kind, &String::from_utf8_lossy(&path)));
+        let mut meter: Option<MeterFlow> = None;
+        if let Some(api) = meter_api {
+            let Some(settings) = cfg.llm.as_ref() else {
+                self.fail("a metered call, and no llm block".into());
+            };
+            if content_length.is_some_and(|l| l > settings.max_body_bytes) {
+                let refusal = Refusal::new(ErrorCode::InvalidRequest, "over llm.maxBodyBytes")
+                    .with_status(413);
+                self.refused(&caller, &refusal);
+                return;
+            }
+            let request = match llm_request::read(api, &body, settings) {
+                Ok(r) => r,
+                Err(refusal) => {
+                    self.refused(&caller, &refusal);
+                    return;
+                }
+            };
+            if call.payment.is_some() {
+                // The bound would take the place of the payment's worth.
+                self.fail(format!(
+                    "a call carrying a relayed x402 payment (reserving {}) is metered by its tokens",
+                    call.price
+                ));
+            }
+            call.price = request.bound(request.asked_output(settings));
+            // (Above the bound when thinking's least limit is above what was asked:
+            // admission then takes the bound as the least.)
+            call.min_price = Some(request.bound(request.min_output(settings)));
+            self.note(format!(
+                "metered {api:?} {:?}: bound {}, least {:?}",
+                request.model, call.price, call.min_price
+            ));
+            meter = Some(MeterFlow {
+                request,
+                plan: None,
+            });
+        }
 
         // The gate.
         if let Err(refusal) = firewall::check_lists(cfg, &caller, &call) {
@@ -1686,7 +1903,17 @@ impl Harness {
                         Ok((_, Some(refusal))) => self.refused(&caller, &refusal),
                         _ => {
                             self.note(format!("cache hit for {}", caller.session));
-                            ledger::record_hit(&mut self.local, cfg, &caller, &call, entry.cost);
+                            {
+                                let now_ms = self.now_s() * 1000;
+                                ledger::record_hit(
+                                    &mut self.local,
+                                    cfg,
+                                    &caller,
+                                    &call,
+                                    entry.cost,
+                                    now_ms,
+                                );
+                            }
                         }
                     }
                     return;
@@ -1710,6 +1937,9 @@ impl Harness {
             abandon(self, &fill);
             return;
         };
+        if let Some(flow) = meter.as_mut() {
+            self.plan(flow, &call, &ticket, &body);
+        }
         let up = &req.upstream;
         if !self.approved(&caller, &call, &ticket, up) {
             abandon(self, &fill);
@@ -1726,6 +1956,24 @@ impl Harness {
         if matches!(req.end, End::Gone) && !(answer == 402 && reached && pays) {
             // The client left before any answer: the stream's log settles.
             abandon(self, &fill);
+            if let Some(flow) = &meter {
+                // A metered call cut before its usage came: the bound it went with.
+                let cost = flow
+                    .plan
+                    .map_or(ticket.price, |p| p.bound.min(ticket.price));
+                let model = Some(flow.request.model.clone());
+                self.due.push(Due {
+                    at_step: usize::MAX,
+                    ticket,
+                    outcome: Outcome {
+                        cost,
+                        unmetered: true,
+                        model,
+                        ..Outcome::default()
+                    },
+                });
+                return;
+            }
             let paid = call.payment.is_some();
             self.finish(ticket, Outcome::release(), End::Gone, true, paid);
             return;
@@ -1771,13 +2019,22 @@ impl Harness {
             }
             Offer::RawBody(bytes) => answer_body = bytes.clone(),
         }
+        if let (Some(flow), Some(m)) = (&meter, &up.metered) {
+            answer_body = llm_answer(flow.request.api, m);
+            let kind = if m.sse {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
+            response.insert(0, ("content-type".into(), kind.as_bytes().to_vec()));
+        }
         if let Some(value) = settlement_value(&up.settlement) {
             let version = call.payment.as_ref().map_or(2, |p| p.version);
             let swapped = matches!(up.settlement, Settlement::Spec { swapped: true, .. });
             let version = if swapped { 3 - version } else { version };
             response.push((x402::settlement_header(version).into(), value));
         }
-        if answer == 402 && reached {
+        if answer == 402 && reached && meter.is_none() {
             if pays {
                 if self.pay(
                     &caller,
@@ -1799,8 +2056,16 @@ impl Harness {
                         return;
                     }
                     RelayOffer::Passed(promise) => {
-                        let outcome =
-                            self.answer_outcome(&call, &ticket, answer, reached, &response, up);
+                        let outcome = self.answer_outcome(
+                            &call,
+                            &ticket,
+                            answer,
+                            reached,
+                            &response,
+                            up,
+                            None,
+                            &answer_body,
+                        );
                         abandon(self, &fill);
                         self.settle(&ticket, &outcome);
                         if let Some(promise) = promise {
@@ -1812,7 +2077,16 @@ impl Harness {
                 }
             }
         }
-        let outcome = self.answer_outcome(&call, &ticket, answer, reached, &response, up);
+        let outcome = self.answer_outcome(
+            &call,
+            &ticket,
+            answer,
+            reached,
+            &response,
+            up,
+            meter.as_ref(),
+            &answer_body,
+        );
         if let Some((slot, key, ttl)) = fill.take() {
             self.store_answer(
                 slot,
@@ -1827,6 +2101,137 @@ impl Harness {
         }
         let paid = call.payment.is_some();
         self.finish(ticket, outcome, req.end, true, paid);
+    }
+
+    /// A metered call was admitted with `ticket.price` (its bound, or less down to its
+    /// least price): the output limit that pays for, written into the body the upstream
+    /// gets (src/host/stream/meter.rs `apply`).
+    fn plan(&mut self, flow: &mut MeterFlow, call: &Call, ticket: &Ticket, body: &[u8]) {
+        let Some(settings) = self.cfg.llm.as_ref() else {
+            return;
+        };
+        let request = &flow.request;
+        let least = call.min_price.unwrap_or(call.price);
+        let Some(plan) = request.plan(settings, ticket.price) else {
+            self.fail(format!(
+                "a metered call reserved {} (bound {}, least {least}), which pays for no output limit",
+                ticket.price, call.price
+            ));
+        };
+        let asked = request.asked_output(settings);
+        if plan.bound > ticket.price
+            || plan.max_output > asked
+            || plan.max_output < request.min_output(settings).min(asked)
+            || plan.lowered != (plan.max_output < asked)
+        {
+            self.fail(format!(
+                "the plan {plan:?} for a reservation of {} (asked {asked}, least output {})",
+                ticket.price,
+                request.min_output(settings)
+            ));
+        }
+        // The body goes upstream with that limit (and a thinking budget below it).
+        let sent = request
+            .rewrite(body, &plan)
+            .unwrap_or_else(|| body.to_vec());
+        let unbounded = pag0::core::meter::LlmSettings {
+            max_body_bytes: usize::MAX,
+            ..settings.clone()
+        };
+        match llm_request::read(request.api, &sent, &unbounded) {
+            Ok(again) => {
+                let thinking_ok = again.thinking_budget.is_none_or(|b| b < plan.max_output);
+                if again.asked_max != Some(plan.max_output) || !thinking_ok {
+                    self.fail(format!(
+                        "the body sent upstream asks {:?} tokens (thinking {:?}), the reservation pays for {}: {}",
+                        again.asked_max,
+                        again.thinking_budget,
+                        plan.max_output,
+                        String::from_utf8_lossy(&sent)
+                    ));
+                }
+                if request.api == Api::Chat && request.stream {
+                    let asks_usage = serde_json::from_slice::<Value>(&sent)
+                        .ok()
+                        .is_some_and(|v| v["stream_options"]["include_usage"] == json!(true));
+                    if !asks_usage {
+                        self.fail(format!(
+                            "a streamed chat call goes without include_usage: {}",
+                            String::from_utf8_lossy(&sent)
+                        ));
+                    }
+                }
+            }
+            Err(e) => self.fail(format!(
+                "the body sent upstream does not read back: {} ({})",
+                e.message,
+                String::from_utf8_lossy(&sent)
+            )),
+        }
+        self.note(format!(
+            "planned {} output tokens for {}",
+            plan.max_output, ticket.price
+        ));
+        flow.plan = Some(plan);
+    }
+
+    /// A metered call's end: its usage's cost, or, without usage, the bound it went with.
+    #[allow(clippy::too_many_arguments)]
+    fn metered_outcome(
+        &self,
+        call: &Call,
+        ticket: &Ticket,
+        flow: &MeterFlow,
+        upstream_status: Option<u32>,
+        response: &[(String, Vec<u8>)],
+        up: &Upstream,
+        body: &[u8],
+    ) -> Outcome {
+        if !firewall::should_commit(call.charge_on, upstream_status) {
+            // An error answer (the APIs do not bill those) or Envoy's own.
+            return Outcome::release();
+        }
+        let streaming =
+            first_of(response, "content-type").is_some_and(|t| t.starts_with(b"text/event-stream"));
+        let mut answer = AnswerMeter::new(flow.request.api, streaming);
+        match up.metered.as_ref().map_or(0, |m| usize::from(m.chunk)) {
+            0 => answer.feed(body),
+            n => body.chunks(n).for_each(|c| answer.feed(c)),
+        }
+        let Some(plan) = flow.plan else {
+            self.fail("a metered call answered without a plan".into());
+        };
+        let model = Some(flow.request.model.clone());
+        match answer.finish() {
+            MeterResult::Usage(usage) => {
+                let cost = usage.cost(&flow.request.rates);
+                let input = usage
+                    .input
+                    .saturating_add(usage.cache_write_5m)
+                    .saturating_add(usage.cache_write_1h)
+                    .saturating_add(usage.cache_read);
+                let within = input <= flow.request.input_bound
+                    && usage.output <= plan.max_output.saturating_mul(flow.request.n);
+                if within && cost > plan.bound {
+                    self.fail(format!(
+                        "a call within the limits pag0 set ({usage:?}, input bound {}, output {}) costs {cost}, above its bound {}",
+                        flow.request.input_bound, plan.max_output, plan.bound
+                    ));
+                }
+                Outcome {
+                    cost,
+                    tokens: Some(usage.tokens()),
+                    model,
+                    ..Outcome::default()
+                }
+            }
+            MeterResult::Unmetered => Outcome {
+                cost: plan.bound.min(ticket.price),
+                unmetered: true,
+                model,
+                ..Outcome::default()
+            },
+        }
     }
 
     /// The approval service, when the call's price is above the policy's threshold; a
@@ -1848,7 +2253,9 @@ impl Harness {
         }
     }
 
-    /// How the call ends, from the upstream's answer (src/host/stream/respond.rs).
+    /// How the call ends, from the upstream's answer (src/host/stream/respond.rs, and
+    /// src/host/stream/meter.rs for a metered call).
+    #[allow(clippy::too_many_arguments)]
     fn answer_outcome(
         &self,
         call: &Call,
@@ -1857,33 +2264,15 @@ impl Harness {
         reached: bool,
         response: &[(String, Vec<u8>)],
         up: &Upstream,
+        meter: Option<&MeterFlow>,
+        body: &[u8],
     ) -> Outcome {
         let upstream_status = reached.then_some(answer);
+        if let Some(flow) = meter {
+            return self.metered_outcome(call, ticket, flow, upstream_status, response, up, body);
+        }
         match &call.payment {
             None => {
-                let free_metered = ticket.price == 0 && skip("free-metered");
-                if let (Some(_), Some(m), true, false) =
-                    (call.meter, &up.metered, reached, free_metered)
-                {
-                    return if m.unmetered {
-                        Outcome {
-                            cost: ticket.price,
-                            unmetered: true,
-                            ..Outcome::default()
-                        }
-                    } else {
-                        Outcome {
-                            cost: u64::from(m.cost),
-                            tokens: Some(Tokens {
-                                input: u64::from(m.input),
-                                output: u64::from(m.output),
-                                ..Tokens::default()
-                            }),
-                            model: Some("model-x".into()),
-                            ..Outcome::default()
-                        }
-                    };
-                }
                 if firewall::should_commit(call.charge_on, upstream_status) {
                     Outcome::commit(ticket.price)
                 } else {
@@ -2239,13 +2628,10 @@ impl Harness {
             }
             Err(rejection) => {
                 let refusal = &rejection.refused.refusal;
-                let known = refusal.code == ErrorCode::KillSwitchActive && skip("relay-kill");
-                if !known
-                    && !matches!(
-                        refusal.code,
-                        ErrorCode::CapacityExceeded | ErrorCode::InternalError
-                    )
-                {
+                if !matches!(
+                    refusal.code,
+                    ErrorCode::CapacityExceeded | ErrorCode::InternalError
+                ) {
                     self.fail(format!(
                         "relay mode let a 402 offer through (dry run: a payment of {} fits), but the agent's paid retry is refused: {} {}",
                         promise.call.price,
@@ -2448,34 +2834,11 @@ fn encode_pairs(list: &[(&[u8], &[u8])]) -> Vec<u8> {
     out
 }
 
-/// `PAG0_FUZZ_SKIP=tag,…`: stop producing inputs of a class whose failure is known and
-/// reported, to look for others meanwhile. Tags: `free-metered` (a metered call that
-/// reserved nothing is charged its usage), `relay-decimals` (a relayed payment in an
-/// asset of other than 6 decimals), `relay-kill` (relay mode's promise that the paid
-/// retry of an offer it let through is admitted), `saturation` (amounts past u64::MAX,
-/// where the ledger saturates: spent is compared as the ledger keeps it).
-fn skip(tag: &str) -> bool {
-    static SKIP: OnceLock<Vec<String>> = OnceLock::new();
-    SKIP.get_or_init(|| {
-        std::env::var("PAG0_FUZZ_SKIP")
-            .unwrap_or_default()
-            .split(',')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect()
-    })
-    .iter()
-    .any(|t| t == tag)
-}
-
-/// What the ledger keeps of an amount: saturated at u64::MAX (with `saturation`
-/// skipped), else the exact sum.
+/// What the ledger keeps of an amount: it saturates at u64::MAX (no scope can hold
+/// more than that, and a sum past it must neither wrap nor panic), so amounts past it
+/// are compared as it keeps them.
 fn kept(v: u128) -> u128 {
-    if skip("saturation") {
-        v.min(u128::from(u64::MAX))
-    } else {
-        v
-    }
+    v.min(u128::from(u64::MAX))
 }
 
 /// `PAG0_FUZZ_TRACE=1`: print each input's steps (to see what the corpus reaches).

@@ -524,7 +524,7 @@ pub fn report_json(
                 "budgetShared": key.is_some_and(|(k, _)| k == POOL),
                 "budgetUtilization": limit.map(|b| utilization(spent.saturating_add(reserved), b)),
                 "stoppedBy": a.stop.as_ref().map(|s| json!({
-                    "code": s.code, "at": s.at, "calls": s.calls, "refusedSince": s.refused_since,
+                    "code": s.code, "at": s.at / 1000, "calls": s.calls, "refusedSince": s.refused_since,
                 })),
             })
         })
@@ -722,7 +722,7 @@ mod tests {
                     );
                     alerts.extend(rejection.alerts);
                     let refused = rejection.refused;
-                    record_refusal(&mut local, &cfg, &ralph, &refused.refusal, 100);
+                    record_refusal(&mut local, &cfg, &ralph, &refused.refusal, 100_000);
                     break;
                 }
             }

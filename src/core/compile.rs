@@ -769,7 +769,85 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         payments,
         pay_x402,
         approval,
+        repeat: repeat_rule(raw.repeat_breaker.as_ref(), &f("repeatBreaker"))?,
+        spend_rate: rate_rule(raw.spend_rate.as_ref(), &f("spendRate"))?,
     })
+}
+
+/// `spendRate: {limit, windowSeconds}`.
+fn rate_rule(
+    raw: Option<&crate::core::config::RawSpendRate>,
+    field: &str,
+) -> Result<Option<crate::core::spend_rate::RateRule>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    let limit = amount(raw.limit.as_ref(), &format!("{field}.limit"), false)?
+        .ok_or_else(|| format!("{field}.limit: required (an amount, e.g. \"1000000\")"))?;
+    let window_seconds = match raw.window_seconds.as_ref() {
+        None | Some(Value::Null) => 60,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(x) if (6..=86_400).contains(&x) => x as u32,
+            _ => {
+                return Err(format!(
+                    "{field}.windowSeconds: {n} must be a whole number from 6 to 86400"
+                ))
+            }
+        },
+        Some(other) => return Err(format!("{field}.windowSeconds: {other} must be a number")),
+    };
+    Ok(Some(crate::core::spend_rate::RateRule {
+        limit,
+        window_seconds,
+    }))
+}
+
+/// `repeatBreaker: {calls, windowSeconds, warnAt, killSession}`.
+fn repeat_rule(
+    raw: Option<&crate::core::config::RawRepeatBreaker>,
+    field: &str,
+) -> Result<Option<crate::core::breaker::RepeatRule>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    let number =
+        |v: Option<&Value>, name: &str, default: Option<u64>, max: u64| -> Result<u64, String> {
+            match v {
+                None | Some(Value::Null) => {
+                    default.ok_or_else(|| format!("{field}.{name}: required"))
+                }
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(x) if (1..=max).contains(&x) => Ok(x),
+                    _ => Err(format!(
+                        "{field}.{name}: {n} must be a whole number from 1 to {max}"
+                    )),
+                },
+                Some(other) => Err(format!("{field}.{name}: {other} must be a number")),
+            }
+        };
+    let calls = number(raw.calls.as_ref(), "calls", None, 1_000_000)?;
+    if calls < 2 {
+        return Err(format!(
+            "{field}.calls: must be at least 2 (the first call is never a repeat)"
+        ));
+    }
+    let window = number(
+        raw.window_seconds.as_ref(),
+        "windowSeconds",
+        Some(60),
+        86_400,
+    )?;
+    let warn_at = match raw.warn_at.as_ref() {
+        None | Some(Value::Null) => 0,
+        v => number(v, "warnAt", None, 1_000_000)?,
+    };
+    if warn_at >= calls {
+        return Err(format!(
+            "{field}.warnAt: {warn_at} must be below calls ({calls})"
+        ));
+    }
+    Ok(Some(crate::core::breaker::RepeatRule {
+        calls: u32::try_from(calls).unwrap_or(u32::MAX),
+        warn_at: u32::try_from(warn_at).unwrap_or(u32::MAX),
+        window_seconds: u32::try_from(window).unwrap_or(u32::MAX),
+        kill_session: raw.kill_session.unwrap_or(false),
+    }))
 }
 
 fn compile_payments(
@@ -903,6 +981,11 @@ fn compile_agent(field: &str, pattern: &str, raw: RawAgentPolicy) -> Result<Agen
         blocked,
         inherit_parent: raw.inherit_parent_policy.unwrap_or(true),
         inherit_cache: raw.inherit_parent_cache.unwrap_or(true),
+        repeat: repeat_rule(
+            raw.repeat_breaker.as_ref(),
+            &format!("{field}.repeatBreaker"),
+        )?,
+        spend_rate: rate_rule(raw.spend_rate.as_ref(), &format!("{field}.spendRate"))?,
     })
 }
 

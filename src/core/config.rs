@@ -233,6 +233,26 @@ pub struct RawPolicy {
     pub unmatched_agents: Option<Value>,
     /// `allow` (default) or `refuse`: what happens to a call no price applies to.
     pub unpriced_routes: Option<String>,
+    /// The same request again and again from one agent: refused from the N-th.
+    pub repeat_breaker: Option<RawRepeatBreaker>,
+    /// The session's spend per sliding window.
+    pub spend_rate: Option<RawSpendRate>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawSpendRate {
+    pub limit: Option<Value>,
+    pub window_seconds: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawRepeatBreaker {
+    pub calls: Option<Value>,
+    pub window_seconds: Option<Value>,
+    pub warn_at: Option<Value>,
+    pub kill_session: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -247,6 +267,10 @@ pub struct RawAgentPolicy {
     pub inherit_parent_policy: Option<bool>,
     /// false: the agent's cache entries are its own (a private namespace).
     pub inherit_parent_cache: Option<bool>,
+    /// This agent pattern's own repeat breaker (else the policy's).
+    pub repeat_breaker: Option<RawRepeatBreaker>,
+    /// Each matching agent's spend per sliding window.
+    pub spend_rate: Option<RawSpendRate>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -246,7 +246,6 @@ pub fn describe_checked(
         Some(t) => Some(t.clone()),
         None => rule.and_then(|r| r.tool.clone()),
     };
-    let x402 = checked.x402.unwrap_or_else(|| rule.is_some_and(|r| r.x402));
     // The meter prices the API's calls (messages, completions, responses); any other
     // path of a metered route (token counting, model lists) is priced as the route
     // would be without it.
@@ -258,6 +257,12 @@ pub fn describe_checked(
     let meter = checked.meter.or(rule_meter).filter(|kind| {
         crate::core::meter::request::Api::for_path(*kind, &String::from_utf8_lossy(path)).is_some()
     });
+    // And a route's meter wins over an endpoint rule's x402 flag, as over its price: a
+    // metered call is priced by its tokens, so an agent's own payment on it is refused
+    // rather than budgeted as tokens.
+    let x402 = checked
+        .x402
+        .unwrap_or_else(|| meter.is_none() && rule.is_some_and(|r| r.x402));
     let labelled = rule
         .map(|r| r.glob.source().to_string())
         .or_else(|| route.endpoint.clone());
@@ -280,10 +285,10 @@ pub fn describe_checked(
 
 /// An agent's x402 payment header, when it sends one. Relay mode only ever adds a
 /// check: on an x402 route whose policy relays, the payment is decoded and checked
-/// against the policy's x402 rules, and its value is reserved when it is more than
-/// the route's price (it never lowers what a call costs). Anywhere else (a route that
-/// is not an x402 route, or one where pag0 pays itself) a payment header is refused:
-/// pag0 cannot budget a payment it does not expect.
+/// against the policy's x402 rules, and its worth in the budget's unit is reserved
+/// when it is more than the route's price (it never lowers what a call costs).
+/// Anywhere else (a route that is not an x402 route, or one where pag0 pays itself) a
+/// payment header is refused: pag0 cannot budget a payment it does not expect.
 pub fn relay_payment(
     cfg: &Config,
     call: &mut Call,
@@ -331,14 +336,23 @@ pub fn relay_payment(
         .as_ref()
         .map(|a| a.asset.clone())
         .or_else(|| offered_asset(&payment));
-    policy
-        .payments
+    let rules = &policy.payments;
+    let worth = rules
         .check_payment(
             &payment.scheme,
             &payment.network,
             asset.as_deref(),
             &payment.to,
         )
+        .and_then(|()| {
+            // What the payment spends in the budget's unit (an asset of other than 6
+            // decimals is scaled), not its raw value.
+            rules.to_budget(
+                &payment.network,
+                asset.as_deref().unwrap_or_default(),
+                payment.value,
+            )
+        })
         .map_err(|why| {
             Refusal::new(
                 ErrorCode::PaymentNotAllowed,
@@ -351,7 +365,7 @@ pub fn relay_payment(
                 ("requested", payment.value.to_string()),
             ])
         })?;
-    call.price = call.price.max(payment.value);
+    call.price = call.price.max(worth);
     call.payment = Some(RelayedPayment {
         version,
         network: payment.network,
@@ -428,5 +442,97 @@ pub fn should_commit(charge_on: ChargeOn, upstream_status: Option<u32>) -> bool 
         (_, None) => false,
         (ChargeOn::Success, Some(status)) => (200..300).contains(&status),
         (ChargeOn::Always, Some(_)) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::base64;
+    use crate::core::compile::compile_json;
+    use serde_json::json;
+
+    const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+    /// A USD token of 2 decimals: 1 of its units is 10000 in the budget's unit.
+    const CENTS: &str = "0x00000000000000000000000000000000000000d2";
+
+    fn config() -> Config {
+        let json = format!(
+            r#"{{"endpoints": [{{"pattern": "x402.example/*", "x402": true, "price": "1000"}}],
+                "policies": {{"p": {{"sessionBudget": "3000000",
+                    "x402": {{"mode": "relay", "assets": [{{"address": "{CENTS}", "decimals": 2}}]}}}}}}}}"#
+        );
+        compile_json(json.as_bytes()).unwrap()
+    }
+
+    fn payment(value: u64) -> HeaderValue {
+        let v = json!({
+            "x402Version": 2,
+            "payload": {"signature": format!("0x{}", "cd".repeat(65)), "authorization": {
+                "from": "0x857b06519E91e3A54538791bDbb0E22373e36b66", "to": PAY_TO,
+                "value": value.to_string(), "validAfter": "0", "validBefore": "2000000000",
+                "nonce": format!("0x{}", "ab".repeat(32))}},
+            "accepted": {"scheme": "exact", "network": "eip155:8453", "amount": value.to_string(),
+                "asset": CENTS, "payTo": PAY_TO, "maxTimeoutSeconds": 60},
+        });
+        HeaderValue::One(base64::encode(v.to_string().as_bytes()).into_bytes())
+    }
+
+    fn relay(cfg: &Config, value: u64) -> Result<Call, Refusal> {
+        let mut call = describe_call(cfg, b"x402.example", b"/a", &RouteSettings::default())?;
+        relay_payment(
+            cfg,
+            &mut call,
+            HeaderValue::Missing,
+            payment(value),
+            1_000_000_000,
+            &|_| None,
+        )?;
+        Ok(call)
+    }
+
+    #[test]
+    fn a_relayed_payment_in_a_two_decimal_token_reserves_its_worth_in_usdc_units() {
+        let cfg = config();
+        // 250 cents are $2.50: 2500000 in the budget's unit, not 250.
+        let call = relay(&cfg, 250).unwrap();
+        assert_eq!(call.price, 2_500_000);
+        assert_eq!(call.payment.map(|p| p.value), Some(250));
+        // A payment worth more than any amount the ledger can hold is refused.
+        let refused = relay(&cfg, u64::MAX).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PaymentNotAllowed);
+    }
+
+    #[test]
+    fn a_metered_route_on_an_x402_endpoint_refuses_the_agents_payment() {
+        let json = format!(
+            r#"{{"endpoints": [{{"pattern": "x402.example/*", "x402": true, "price": "1000"}}],
+                "llm": {{"prices": {{"claude-*": {{"input": "3000000", "output": "15000000",
+                    "cacheWrite5m": "3750000", "cacheWrite1h": "6000000", "cacheRead": "300000"}}}}}},
+                "policies": {{"p": {{"sessionBudget": "3000000", "x402": {{"mode": "relay",
+                    "assets": [{{"address": "{CENTS}", "decimals": 2}}]}}}}}}}}"#
+        );
+        let cfg = compile_json(json.as_bytes()).unwrap();
+        let route = RouteSettings {
+            meter: Some("anthropic".into()),
+            ..RouteSettings::default()
+        };
+        // The call is priced by its tokens: a payment of $2.50 cannot ride on it, where
+        // the token bound would take the place of the payment's worth.
+        let mut call = describe_call(&cfg, b"x402.example", b"/v1/messages", &route).unwrap();
+        assert_eq!((call.meter, call.x402), (Some(MeterKind::Anthropic), false));
+        let refused = relay_payment(
+            &cfg,
+            &mut call,
+            HeaderValue::Missing,
+            payment(250),
+            1_000_000_000,
+            &|_| None,
+        )
+        .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PaymentNotAllowed);
+        // A path the meter does not price is the x402 route it was.
+        let other = describe_call(&cfg, b"x402.example", b"/v1/models", &route).unwrap();
+        assert_eq!((other.meter, other.x402), (None, true));
     }
 }

@@ -32,6 +32,9 @@ pub struct Policy {
     pub approval: Option<Approval>,
     /// `unpricedRoutes: "refuse"`: a call no price applies to is refused.
     pub refuse_unpriced: bool,
+    pub repeat: Option<crate::core::breaker::RepeatRule>,
+    /// The session's spend-rate limit.
+    pub spend_rate: Option<crate::core::spend_rate::RateRule>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +65,9 @@ pub struct AgentRule {
     pub inherit_parent: bool,
     /// false: the agent reads and writes only its own cache entries.
     pub inherit_cache: bool,
+    pub repeat: Option<crate::core::breaker::RepeatRule>,
+    /// Each matching agent's spend-rate limit.
+    pub spend_rate: Option<crate::core::spend_rate::RateRule>,
 }
 
 /// A glob over agent ids (`executor-*`), case-sensitive.
@@ -160,6 +166,13 @@ impl Policy {
             Unmatched::Pool(rule) => Some(rule),
             _ => None,
         })
+    }
+
+    /// The repeat breaker over an agent: its rule's own, else the policy's.
+    pub fn repeat_rule(&self, agent_id: &str) -> Option<&crate::core::breaker::RepeatRule> {
+        self.agent_rule(agent_id)
+            .and_then(|r| r.repeat.as_ref())
+            .or(self.repeat.as_ref())
     }
 
     /// Whether the agent is refused: no pattern matches and unmatched agents are.
@@ -310,6 +323,8 @@ mod tests {
             payments: crate::core::payments::PaymentRules::default(),
             pay_x402: false,
             approval: None,
+            repeat: None,
+            spend_rate: None,
             agents: vec![
                 AgentRule {
                     pattern: IdPattern::new("reviewer-*").unwrap(),
@@ -319,6 +334,8 @@ mod tests {
                     blocked: None,
                     inherit_parent: true,
                     inherit_cache: true,
+                    repeat: None,
+                    spend_rate: None,
                 },
                 AgentRule {
                     pattern: IdPattern::new("scout-*").unwrap(),
@@ -328,6 +345,8 @@ mod tests {
                     blocked: None,
                     inherit_parent: false,
                     inherit_cache: true,
+                    repeat: None,
+                    spend_rate: None,
                 },
             ],
         }

@@ -67,3 +67,20 @@ pub fn queue_alerts(cfg: &crate::core::compile::Config, raised: Vec<crate::core:
         });
     }
 }
+
+/// Queues an alert body of pag0's own (a breaker's trip) for the alert webhook.
+pub fn queue_alert_json(cfg: &crate::core::compile::Config, body: String) {
+    let Some(sink) = &cfg.alerts else {
+        return;
+    };
+    queue(Outgoing {
+        kind: Kind::Alert,
+        cluster: sink.cluster.clone(),
+        method: "POST",
+        path: sink.path.clone(),
+        authority: sink.authority.clone(),
+        content_type: "application/json",
+        body,
+        timeout_ms: sink.timeout_ms,
+    });
+}

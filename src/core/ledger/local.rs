@@ -110,6 +110,8 @@ pub struct Seen<T> {
 
 /// Sessions whose records a VM remembers; past this, the ones not seen lately go.
 const MAX_SEEN_SESSIONS: usize = 4096;
+/// Under a flood of new sessions, records older than this go first.
+const SEEN_FLOOD_MS: u64 = 50;
 
 /// What a tick did that the host must act on.
 #[derive(Debug, Default)]
@@ -270,6 +272,13 @@ impl LocalLedger {
         now_ms: u64,
     ) {
         let sessions = self.seen.entry(tenant).or_default();
+        if sessions.len() >= MAX_SEEN_SESSIONS && !sessions.contains_key(session) {
+            // Bounded between ticks too: a flood of new sessions must not grow the VM.
+            sessions.retain(|_, s| now_ms.saturating_sub(s.at_ms) < SEEN_FLOOD_MS);
+            if sessions.len() >= MAX_SEEN_SESSIONS {
+                *sessions = HashMap::new();
+            }
+        }
         let seen = Seen {
             at_ms: now_ms,
             value: record,
@@ -777,4 +786,24 @@ pub fn unregistered() -> Refusal {
         ErrorCode::InternalError,
         "this VM could not register in the ledger",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_new_sessions_keeps_the_remembered_records_bounded() {
+        let mut ledger = LocalLedger::new();
+        // 100,000 sessions, 20 a millisecond, with no tick in between.
+        for i in 0..100_000u64 {
+            ledger.saw(0, &format!("flood-{i}"), None, 1_000 + i / 20);
+        }
+        let kept: usize = ledger.seen.values().map(HashMap::len).sum();
+        assert!(kept <= MAX_SEEN_SESSIONS, "{kept} records kept");
+        // The latest ones are still there (the view cache keeps working).
+        assert!(ledger
+            .seen(0, "flood-99999", 1_000 + 99_999 / 20, 100)
+            .is_some());
+    }
 }

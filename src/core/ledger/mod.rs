@@ -583,6 +583,7 @@ pub fn settle<S: SharedStore + ?Sized>(
                 tokens: outcome.tokens,
                 unconfirmed: outcome.unconfirmed,
                 unmetered: outcome.unmetered,
+                at_ms: now_ms,
             },
             max_agents,
         );
@@ -853,6 +854,20 @@ pub fn dry_run<S: SharedStore + ?Sized>(
     )
     .map_err(plain)?;
     let (view, killed) = current_view(cfg, store, caller, call, now).map_err(plain)?;
+    // `current_view` reports only a manual kill (free calls go on past the threshold);
+    // a priced call is refused at the threshold too, as `admit` would.
+    let killed = match killed {
+        Some(refusal) => Some(refusal),
+        None if call.price > 0 => {
+            let tenant = tenant_id(cfg, caller.tenant).map_err(plain)?;
+            sessions::lookup(store, tenant, &caller.session, &cfg.sessions)
+                .map_err(plain)?
+                .and_then(|(_, r)| {
+                    r.kill_refusal(policy.session_budget, policy.kill_ppm, call.price)
+                })
+        }
+        None => None,
+    };
     if let Some(refusal) = killed {
         return Err(Box::new(Refused { refusal, view }));
     }
@@ -926,6 +941,7 @@ pub fn record_hit(
     caller: &Caller,
     call: &Call,
     savings: Amount,
+    now_ms: u64,
 ) {
     local.record_call(
         caller.tenant,
@@ -943,18 +959,19 @@ pub fn record_hit(
             tokens: None,
             unconfirmed: false,
             unmetered: false,
+            at_ms: now_ms,
         },
         cfg.sessions.max_agents,
     );
 }
 
-/// Counts a refused call for the report.
+/// Counts a refused call for the report (`now_ms`: Unix milliseconds).
 pub fn record_refusal(
     local: &mut LocalLedger,
     cfg: &Config,
     caller: &Caller,
     refusal: &Refusal,
-    now: u64,
+    now_ms: u64,
 ) {
     if matches!(
         refusal.code,
@@ -968,7 +985,68 @@ pub fn record_refusal(
         &caller.agent,
         caller.parent.as_deref(),
         refusal.code.as_str(),
-        now,
+        now_ms,
         cfg.sessions.max_agents,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::call::RouteSettings;
+    use crate::core::compile::compile_json;
+    use crate::core::firewall::describe_call;
+    use crate::core::store::MemoryStore;
+
+    fn priced(cfg: &Config, price: &str) -> Call {
+        let route = RouteSettings {
+            price: Some(price.to_string()),
+            ..RouteSettings::default()
+        };
+        describe_call(cfg, b"x402.example", b"/a", &route).unwrap()
+    }
+
+    #[test]
+    fn a_dry_run_past_the_kill_switch_threshold_refuses_as_the_call_would_be() {
+        let cfg = compile_json(
+            br#"{"policies": {"p": {"sessionBudget": "1000000", "killSwitchThreshold": 0.9}}}"#,
+        )
+        .unwrap();
+        let (store, mut local) = (MemoryStore::new(), LocalLedger::new());
+        let caller = Caller {
+            tenant: 0,
+            session: "s-1".into(),
+            agent: "buyer-1".into(),
+            parent: None,
+        };
+        let now_ms = 1_773_100_800_000;
+        let first = admit(
+            &cfg,
+            &store,
+            &mut local,
+            &caller,
+            &priced(&cfg, "950000"),
+            now_ms,
+        )
+        .unwrap()
+        .ticket;
+        settle(
+            &cfg,
+            &store,
+            &mut local,
+            &first,
+            &Outcome::commit(950_000),
+            now_ms,
+        )
+        .unwrap();
+        // Relay mode's question before an x402 offer goes to the agent: would its paid
+        // retry be admitted? Not past the threshold (the agent would sign for nothing).
+        let retry = priced(&cfg, "10000");
+        let refused = admit(&cfg, &store, &mut local, &caller, &retry, now_ms).unwrap_err();
+        assert_eq!(refused.refused.refusal.code, ErrorCode::KillSwitchActive);
+        let dry = dry_run(&cfg, &store, &caller, &retry, now_ms / 1000).unwrap_err();
+        assert_eq!(dry.refusal.code, ErrorCode::KillSwitchActive);
+        // A free call is not spending: the threshold does not stop it.
+        assert!(dry_run(&cfg, &store, &caller, &priced(&cfg, "0"), now_ms / 1000).is_ok());
+    }
 }

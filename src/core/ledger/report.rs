@@ -78,7 +78,7 @@ impl Tally {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Stop {
     pub code: String,
-    /// Unix seconds of that first refusal.
+    /// Unix milliseconds of that first refusal (the report shows seconds).
     pub at: u64,
     /// Successful calls before it.
     pub calls: u64,
@@ -98,6 +98,9 @@ pub struct AgentStats {
     pub tokens: Tokens,
     /// Calls that went through (upstream or from the cache).
     pub ok_calls: u64,
+    /// Unix milliseconds of the last of them: workers' counts merge in any order, and
+    /// only a refusal after it says how the agent stopped.
+    pub last_ok_ms: u64,
     pub stop: Option<Stop>,
 }
 
@@ -157,6 +160,8 @@ pub struct CallStats<'a> {
     pub tokens: Option<Tokens>,
     pub unconfirmed: bool,
     pub unmetered: bool,
+    /// Unix milliseconds when the call went through.
+    pub at_ms: u64,
 }
 
 impl ReportRecord {
@@ -194,7 +199,11 @@ impl ReportRecord {
             agent.requests = agent.requests.saturating_add(1);
             agent.cost = agent.cost.saturating_add(call.cost);
             agent.ok_calls = agent.ok_calls.saturating_add(1);
-            agent.stop = None;
+            agent.last_ok_ms = agent.last_ok_ms.max(call.at_ms);
+            // A tie (same millisecond) goes to the refusal, as in `merge`.
+            if agent.stop.as_ref().is_some_and(|s| s.at < call.at_ms) {
+                agent.stop = None;
+            }
             if agent.parent.is_none() {
                 agent.parent = call.parent.map(str::to_string);
             }
@@ -221,15 +230,16 @@ impl ReportRecord {
         }
     }
 
-    /// Counts a refused call.
+    /// Counts a refused call (`now_ms`: Unix milliseconds).
     pub fn record_refusal(
         &mut self,
         agent: &str,
         parent: Option<&str>,
         code: &str,
-        now: u64,
+        now_ms: u64,
         max_agents: u16,
     ) {
+        let now = now_ms / 1000;
         self.requests = self.requests.saturating_add(1);
         if let Some(entry) = agent_entry(&mut self.agents, agent, max_agents) {
             entry.requests = entry.requests.saturating_add(1);
@@ -242,7 +252,7 @@ impl ReportRecord {
                 None => {
                     entry.stop = Some(Stop {
                         code: code.to_string(),
-                        at: now,
+                        at: now_ms,
                         calls,
                         refused_since: 1,
                     })
@@ -289,24 +299,25 @@ impl ReportRecord {
             if a.parent.is_none() {
                 a.parent = d.parent.clone();
             }
-            // The delta's calls came after what the record holds: a call that went
-            // through means the agent did not stop at an earlier refusal.
-            if d.ok_calls > 0 {
-                a.stop = None;
-            }
-            let calls_before = a.ok_calls;
+            // Workers' counts come in any order: a stop holds only if its first
+            // refusal came after the last call that went through, on any worker. Then
+            // every call that went through came before it.
             a.ok_calls = a.ok_calls.saturating_add(d.ok_calls);
-            if let Some(ds) = &d.stop {
-                match &mut a.stop {
-                    Some(s) => s.refused_since = s.refused_since.saturating_add(ds.refused_since),
-                    None => {
-                        a.stop = Some(Stop {
-                            calls: calls_before.saturating_add(ds.calls),
-                            ..ds.clone()
-                        })
-                    }
-                }
-            }
+            a.last_ok_ms = a.last_ok_ms.max(d.last_ok_ms);
+            let last_ok = a.last_ok_ms;
+            let stops: Vec<Stop> = [a.stop.take(), d.stop.clone()]
+                .into_iter()
+                .flatten()
+                .filter(|s| s.at >= last_ok)
+                .collect();
+            a.stop = stops.iter().min_by_key(|s| s.at).map(|first| Stop {
+                calls: a.ok_calls,
+                refused_since: stops
+                    .iter()
+                    .map(|s| s.refused_since)
+                    .fold(0, u64::saturating_add),
+                ..first.clone()
+            });
         }
         for (mine, theirs) in [
             (&mut self.tools, &delta.tools),
@@ -397,7 +408,14 @@ impl ReportRecord {
                 }
                 None => w.push(0),
             }
-            for v in [a.requests, a.cache_hits, a.savings, a.cost, a.ok_calls] {
+            for v in [
+                a.requests,
+                a.cache_hits,
+                a.savings,
+                a.cost,
+                a.ok_calls,
+                a.last_ok_ms,
+            ] {
                 put_u64(&mut w, v);
             }
             a.tokens.encode(&mut w);
@@ -484,6 +502,7 @@ impl ReportRecord {
                 savings: r.u64()?,
                 cost: r.u64()?,
                 ok_calls: r.u64()?,
+                last_ok_ms: r.u64()?,
                 tokens: Tokens::decode(&mut r)?,
                 ..AgentStats::default()
             };
@@ -596,6 +615,14 @@ mod tests {
             tokens: None,
             unconfirmed: false,
             unmetered: false,
+            at_ms: 1,
+        }
+    }
+
+    fn call_at<'a>(agent: &'a str, cost: Amount, at_ms: u64) -> CallStats<'a> {
+        CallStats {
+            at_ms,
+            ..call(agent, cost)
         }
     }
 
@@ -606,7 +633,7 @@ mod tests {
         let mut vm2 = ReportRecord::new("s");
         for i in 0..20 {
             let vm = if i % 2 == 0 { &mut vm1 } else { &mut vm2 };
-            vm.record_call(&call("ralph-1", 150_000), 8);
+            vm.record_call(&call_at("ralph-1", 150_000, i + 1), 8);
         }
         vm2.record_refusal("ralph-1", None, "AGENT_BUDGET_EXCEEDED", 99, 8);
         let mut vm1b = ReportRecord::new("s");
@@ -642,9 +669,42 @@ mod tests {
         stored.merge(&d, 8, 5);
         assert!(stored.agent("reviewer-1").unwrap().stop.is_some());
         let mut d = ReportRecord::new("s");
-        d.record_call(&call("reviewer-1", 1), 8);
+        d.record_call(&call_at("reviewer-1", 1, 6), 8);
         stored.merge(&d, 8, 6);
         assert!(stored.agent("reviewer-1").unwrap().stop.is_none());
+    }
+
+    #[test]
+    fn workers_counts_merged_in_any_order_keep_the_stop_that_came_last() {
+        // VM 1: four calls go through at 10..13 ms; VM 2: refusals at 20 and 21 ms.
+        let mut vm1 = ReportRecord::new("s");
+        for at in 10..14 {
+            vm1.record_call(&call_at("looper-1", 1, at), 8);
+        }
+        let mut vm2 = ReportRecord::new("s");
+        vm2.record_refusal("looper-1", None, "LOOP_DETECTED", 20, 8);
+        vm2.record_refusal("looper-1", None, "LOOP_DETECTED", 21, 8);
+        let want = Some(Stop {
+            code: "LOOP_DETECTED".into(),
+            at: 20,
+            calls: 4,
+            refused_since: 2,
+        });
+        for order in [[&vm1, &vm2], [&vm2, &vm1]] {
+            let mut stored = ReportRecord::new("s");
+            for d in order {
+                stored.merge(d, 8, 1);
+            }
+            assert_eq!(stored.agent("looper-1").unwrap().stop, want);
+        }
+        // A call after the refusals, from either worker, means it did not stop there.
+        let mut vm3 = ReportRecord::new("s");
+        vm3.record_call(&call_at("looper-1", 1, 30), 8);
+        let mut stored = ReportRecord::new("s");
+        for d in [&vm2, &vm3, &vm1] {
+            stored.merge(d, 8, 1);
+        }
+        assert_eq!(stored.agent("looper-1").unwrap().stop, None);
     }
 
     #[test]

@@ -1,40 +1,58 @@
 //! Server-sent events put back together from body chunks as they pass: an event, or a
 //! line, may be split across chunks at any byte. Only what an event needs is kept
-//! (its name and data); a data field past `max_event_bytes` is dropped, and the event
-//! is then marked so, never buffered without bound.
+//! (its name, and its data when the caller wants it); a data field past
+//! `max_event_bytes` is dropped, and the event is then marked so, never buffered
+//! without bound. Lines whole inside a chunk are read where they are (only a line cut
+//! by the chunk's end is copied), and most events' data is never copied at all: a
+//! stream of 1 MB in small events costs a scan for line ends, not copies.
 
-/// One complete event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
+/// One complete event, borrowed from the reader until the callback returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
     /// `event:` (empty when the event has none: OpenAI's chat chunks).
-    pub name: String,
-    /// `data:` lines joined with `\n`.
-    pub data: Vec<u8>,
+    pub name: &'a [u8],
+    /// `data:` lines joined with `\n`; empty when the reader was told to skip the data
+    /// of events with this name.
+    pub data: &'a [u8],
     /// The data was longer than the reader keeps: `data` is incomplete.
     pub truncated: bool,
 }
 
 #[derive(Debug)]
 pub struct SseReader {
+    /// The start of a line the previous chunk cut.
     line: Vec<u8>,
-    name: String,
+    name: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
     truncated: bool,
     after_cr: bool,
     max_event_bytes: usize,
+    /// Events whose name this accepts have their data kept; the others only their name.
+    keeps_data: fn(&[u8]) -> bool,
+}
+
+fn any_event(_: &[u8]) -> bool {
+    true
 }
 
 impl SseReader {
     pub fn new(max_event_bytes: usize) -> SseReader {
+        SseReader::keeping(max_event_bytes, any_event)
+    }
+
+    /// A reader that keeps the data only of events whose name `keeps_data` accepts
+    /// (an event without a name is checked with the empty name).
+    pub fn keeping(max_event_bytes: usize, keeps_data: fn(&[u8]) -> bool) -> SseReader {
         SseReader {
             line: Vec::new(),
-            name: String::new(),
+            name: Vec::new(),
             data: Vec::new(),
             has_data: false,
             truncated: false,
             after_cr: false,
             max_event_bytes,
+            keeps_data,
         }
     }
 
@@ -48,13 +66,17 @@ impl SseReader {
             }
             self.after_cr = false;
         }
-        while let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             let (head, tail) = rest.split_at(end);
-            self.push_line_part(head);
-            let line = std::mem::take(&mut self.line);
-            self.line_done(&line, on_event);
-            self.line = line;
-            self.line.clear();
+            if self.line.is_empty() {
+                self.line_done(head, on_event);
+            } else {
+                self.push_line_part(head);
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line, on_event);
+                self.line = line;
+                self.line.clear();
+            }
             rest = match tail {
                 [b'\r', b'\n', t @ ..] => t,
                 [b'\r'] => {
@@ -87,11 +109,13 @@ impl SseReader {
         if line.is_empty() {
             if self.has_data || !self.name.is_empty() {
                 on_event(SseEvent {
-                    name: std::mem::take(&mut self.name),
-                    data: std::mem::take(&mut self.data),
+                    name: &self.name,
+                    data: &self.data,
                     truncated: self.truncated,
                 });
             }
+            self.name.clear();
+            self.data.clear();
             self.has_data = false;
             self.truncated = false;
             return;
@@ -99,7 +123,7 @@ impl SseReader {
         if line.first() == Some(&b':') {
             return;
         }
-        let (field, value) = match line.iter().position(|b| *b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(at) => {
                 let value = &line[at + 1..];
                 (&line[..at], value.strip_prefix(b" ").unwrap_or(value))
@@ -107,12 +131,23 @@ impl SseReader {
             None => (line, &b""[..]),
         };
         match field {
-            b"event" => self.name = String::from_utf8_lossy(value).into_owned(),
+            b"event" => {
+                self.name.clear();
+                self.name.extend_from_slice(value);
+            }
             b"data" => {
                 if self.has_data {
-                    self.data.push(b'\n');
+                    if (self.keeps_data)(&self.name) {
+                        self.data.push(b'\n');
+                    }
+                } else if self.data.capacity() > 4 * self.max_event_bytes.min(65_536) {
+                    // One long event must not keep its buffer for the rest of the stream.
+                    self.data = Vec::new();
                 }
                 self.has_data = true;
+                if !(self.keeps_data)(&self.name) {
+                    return;
+                }
                 let room = self.max_event_bytes.saturating_sub(self.data.len());
                 if value.len() > room {
                     self.data.extend_from_slice(&value[..room]);
@@ -130,13 +165,29 @@ impl SseReader {
 mod tests {
     use super::*;
 
-    fn events(stream: &[u8], cuts: &[usize]) -> Vec<SseEvent> {
+    /// An event, owned, for comparisons.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Owned {
+        name: String,
+        data: Vec<u8>,
+        truncated: bool,
+    }
+
+    fn own(e: SseEvent) -> Owned {
+        Owned {
+            name: String::from_utf8_lossy(e.name).into_owned(),
+            data: e.data.to_vec(),
+            truncated: e.truncated,
+        }
+    }
+
+    fn events(stream: &[u8], cuts: &[usize]) -> Vec<Owned> {
         let mut reader = SseReader::new(1024);
         let mut out = Vec::new();
         let mut at = 0;
         for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
             let cut = cut.clamp(at, stream.len());
-            reader.feed(&stream[at..cut], &mut |e| out.push(e));
+            reader.feed(&stream[at..cut], &mut |e| out.push(own(e)));
             at = cut;
         }
         out
@@ -149,17 +200,17 @@ mod tests {
         assert_eq!(
             whole,
             vec![
-                SseEvent {
+                Owned {
                     name: "message_start".into(),
                     data: b"{\"a\":1}".to_vec(),
                     truncated: false
                 },
-                SseEvent {
+                Owned {
                     name: "message_delta".into(),
                     data: b"{\"b\":\n2}".to_vec(),
                     truncated: false
                 },
-                SseEvent {
+                Owned {
                     name: String::new(),
                     data: b"[DONE]".to_vec(),
                     truncated: false
@@ -178,11 +229,11 @@ mod tests {
         let mut reader = SseReader::new(8);
         let mut out = Vec::new();
         let big = vec![b'x'; 100_000];
-        reader.feed(b"event: e\ndata: ", &mut |e| out.push(e));
+        reader.feed(b"event: e\ndata: ", &mut |e| out.push(own(e)));
         for chunk in big.chunks(7) {
-            reader.feed(chunk, &mut |e| out.push(e));
+            reader.feed(chunk, &mut |e| out.push(own(e)));
         }
-        reader.feed(b"\n\ndata: ok\n\n", &mut |e| out.push(e));
+        reader.feed(b"\n\ndata: ok\n\n", &mut |e| out.push(own(e)));
         assert_eq!(out.len(), 2);
         assert!(out[0].truncated && out[0].data.len() <= 8);
         assert_eq!(
@@ -190,5 +241,26 @@ mod tests {
             (&b"ok"[..], false)
         );
         assert!(reader.line.capacity() < 1024);
+    }
+
+    #[test]
+    fn data_of_events_the_reader_skips_is_never_kept() {
+        fn usage_events(name: &[u8]) -> bool {
+            name == b"message_delta"
+        }
+        let mut reader = SseReader::keeping(1024, usage_events);
+        let mut out = Vec::new();
+        let stream = b"event: content_block_delta\ndata: {\"t\":\"x\"}\n\nevent: message_delta\ndata: {\"u\":1}\n\n";
+        for a in 0..stream.len() {
+            out.clear();
+            reader.feed(&stream[..a], &mut |e| out.push(own(e)));
+            reader.feed(&stream[a..], &mut |e| out.push(own(e)));
+            assert_eq!(out.len(), 2, "cut at {a}");
+            assert_eq!(
+                (out[0].name.as_str(), out[0].data.len()),
+                ("content_block_delta", 0)
+            );
+            assert_eq!(out[1].data, b"{\"u\":1}".to_vec());
+        }
     }
 }

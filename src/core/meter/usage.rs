@@ -69,12 +69,52 @@ pub struct AnswerMeter {
     sse: SseReader,
     json: Vec<u8>,
     json_overflow: bool,
+    events: EventUsage,
+}
+
+/// What a stream's events said about its usage so far.
+#[derive(Debug, Default)]
+struct EventUsage {
     /// Anthropic: usage fields as they stand (each delta overwrites what it carries).
     fields: AnthropicFields,
     /// The final usage was seen (message_delta, the usage chunk, response.completed).
     done: Option<Usage>,
     /// An error event came: whatever usage there is, the outcome is not known.
     failed: bool,
+    /// The stream's last word came (`message_stop`, the usage chunk, the Responses
+    /// API's final event): nothing billed can follow.
+    complete: bool,
+}
+
+/// The events whose data can carry usage, per API; the reader keeps no other data.
+fn messages_usage_event(name: &[u8]) -> bool {
+    matches!(name, b"message_start" | b"message_delta")
+}
+
+fn responses_usage_event(name: &[u8]) -> bool {
+    matches!(name, b"response.completed" | b"response.incomplete")
+}
+
+fn any_event(_: &[u8]) -> bool {
+    true
+}
+
+/// Where `needle` starts in `hay`: candidates by its first byte (memchr), then compared.
+/// The events searched are small; this keeps memchr's substring search out of the module.
+fn positions<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    let first = needle.first().copied().unwrap_or(0);
+    memchr::memchr_iter(first, hay).filter(move |&at| hay[at..].starts_with(needle))
+}
+
+/// `"usage":` followed by an object (Chat chunks carry `"usage":null` until the last).
+fn has_usage_object(data: &[u8]) -> bool {
+    let needle = b"\"usage\"";
+    positions(data, needle).any(|at| {
+        data[at + needle.len()..]
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+            == Some(&b'{')
+    })
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -156,18 +196,86 @@ fn openai_usage(usage: &Value) -> Option<Usage> {
     })
 }
 
+impl EventUsage {
+    fn event(&mut self, api: Api, event: &SseEvent) {
+        if event.truncated {
+            return;
+        }
+        let name = event.name;
+        if name == b"error" || (name == b"response.failed" && self.done.is_none()) {
+            self.failed = true;
+            return;
+        }
+        if name == b"message_stop" {
+            self.complete = true;
+        }
+        match api {
+            Api::Messages => {
+                if !messages_usage_event(name) || positions(event.data, b"usage").next().is_none() {
+                    return;
+                }
+                let Ok(doc) = serde_json::from_slice::<Value>(event.data) else {
+                    return;
+                };
+                let usage = if name == b"message_start" {
+                    doc.get("message").and_then(|m| m.get("usage"))
+                } else {
+                    doc.get("usage")
+                };
+                if let Some(usage) = usage {
+                    self.fields.update(usage);
+                    if name == b"message_delta" {
+                        self.done = Some(self.fields.usage());
+                    }
+                }
+            }
+            Api::Chat => {
+                if !has_usage_object(event.data) {
+                    return;
+                }
+                if let Ok(doc) = serde_json::from_slice::<Value>(event.data) {
+                    if let Some(usage) = doc.get("usage").and_then(openai_usage) {
+                        self.done = Some(usage);
+                        self.complete = true;
+                    }
+                }
+            }
+            Api::Responses => {
+                if !responses_usage_event(name) {
+                    return;
+                }
+                if let Ok(doc) = serde_json::from_slice::<Value>(event.data) {
+                    if let Some(usage) = doc
+                        .get("response")
+                        .and_then(|r| r.get("usage"))
+                        .and_then(openai_usage)
+                    {
+                        self.done = Some(usage);
+                        self.complete = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl AnswerMeter {
     /// `streaming`: the answer is an SSE stream (`text/event-stream`).
     pub fn new(api: Api, streaming: bool) -> AnswerMeter {
         AnswerMeter {
             api,
             streaming,
-            sse: SseReader::new(MAX_EVENT_BYTES),
+            sse: SseReader::keeping(
+                MAX_EVENT_BYTES,
+                match api {
+                    Api::Messages => messages_usage_event,
+                    Api::Responses => responses_usage_event,
+                    Api::Chat => any_event,
+                },
+            ),
             json: Vec::new(),
             json_overflow: false,
-            fields: AnthropicFields::default(),
-            done: None,
-            failed: false,
+            events: EventUsage::default(),
         }
     }
 
@@ -186,69 +294,17 @@ impl AnswerMeter {
             }
             return;
         }
-        let mut events = Vec::new();
-        self.sse.feed(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.event(&event);
-        }
+        let (api, events) = (self.api, &mut self.events);
+        self.sse.feed(chunk, &mut |e| events.event(api, &e));
     }
 
-    fn event(&mut self, event: &SseEvent) {
-        if event.truncated {
-            return;
+    /// The stream was cut before its end: its usage only if its last word came,
+    /// else unmetered (more may have been billed than the usage seen so far).
+    pub fn finish_cut(&mut self) -> Metered {
+        if self.streaming && !self.events.complete {
+            return Metered::Unmetered;
         }
-        let name = event.name.as_str();
-        if name == "error" || (name == "response.failed" && self.done.is_none()) {
-            self.failed = true;
-            return;
-        }
-        // Cheap filter: only events that can carry usage are parsed.
-        let carries = |needle: &[u8]| event.data.windows(needle.len()).any(|w| w == needle);
-        match self.api {
-            Api::Messages => {
-                if !matches!(name, "message_start" | "message_delta") || !carries(b"usage") {
-                    return;
-                }
-                let Ok(doc) = serde_json::from_slice::<Value>(&event.data) else {
-                    return;
-                };
-                let usage = if name == "message_start" {
-                    doc.get("message").and_then(|m| m.get("usage"))
-                } else {
-                    doc.get("usage")
-                };
-                if let Some(usage) = usage {
-                    self.fields.update(usage);
-                    if name == "message_delta" {
-                        self.done = Some(self.fields.usage());
-                    }
-                }
-            }
-            Api::Chat => {
-                if !carries(b"\"usage\"") {
-                    return;
-                }
-                if let Ok(doc) = serde_json::from_slice::<Value>(&event.data) {
-                    if let Some(usage) = doc.get("usage").and_then(openai_usage) {
-                        self.done = Some(usage);
-                    }
-                }
-            }
-            Api::Responses => {
-                if !matches!(name, "response.completed" | "response.incomplete") {
-                    return;
-                }
-                if let Ok(doc) = serde_json::from_slice::<Value>(&event.data) {
-                    if let Some(usage) = doc
-                        .get("response")
-                        .and_then(|r| r.get("usage"))
-                        .and_then(openai_usage)
-                    {
-                        self.done = Some(usage);
-                    }
-                }
-            }
-        }
+        self.finish()
     }
 
     /// The answer ended (its last chunk was fed).
@@ -270,7 +326,7 @@ impl AnswerMeter {
             };
             return usage.map_or(Metered::Unmetered, Metered::Usage);
         }
-        match (self.done, self.failed) {
+        match (self.events.done, self.events.failed) {
             (Some(usage), false) => Metered::Usage(usage),
             _ => Metered::Unmetered,
         }
@@ -318,6 +374,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_cut_after_its_last_word_keeps_its_usage_and_before_it_does_not() {
+        let mut m = AnswerMeter::new(Api::Messages, true);
+        m.feed(ANTHROPIC_STREAM.as_bytes());
+        assert!(matches!(m.finish_cut(), Metered::Usage(_)));
+        let before_stop =
+            &ANTHROPIC_STREAM[..ANTHROPIC_STREAM.find("event: message_stop").unwrap()];
+        let mut m = AnswerMeter::new(Api::Messages, true);
+        m.feed(before_stop.as_bytes());
+        assert_eq!(m.finish_cut(), Metered::Unmetered);
+    }
+
+    #[test]
     fn cache_writes_without_the_ttl_split_are_five_minute_writes() {
         let body = r#"{"usage":{"input_tokens":5,"cache_creation_input_tokens":50,"cache_read_input_tokens":0,"output_tokens":3}}"#;
         assert_eq!(
@@ -341,7 +409,8 @@ mod tests {
             ..Usage::default()
         });
         assert_eq!(run(Api::Chat, false, chat, 3), expect);
-        let stream = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}]}}\n\ndata: {{\"choices\":[],{}\n\ndata: [DONE]\n\n", &chat[1..]);
+        // Chunks say `"usage": null` until the last one carries the object.
+        let stream = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],\"usage\": null}}\n\ndata: {{\"choices\":[],{}\n\ndata: [DONE]\n\n", &chat[1..]);
         assert_eq!(run(Api::Chat, true, &stream, 5), expect);
         let responses = "event: response.created\ndata: {\"response\":{}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":100,\"input_tokens_details\":{\"cached_tokens\":64},\"output_tokens\":20}}}\n\n";
         assert_eq!(run(Api::Responses, true, responses, 11), expect);

@@ -10,7 +10,7 @@ use crate::host::metrics::{self, label};
 use crate::host::outbox;
 use crate::host::reply::send_refusal;
 use crate::host::shared::HostStore;
-use crate::host::stream::{Step, Stream};
+use crate::host::stream::{breaker, Step, Stream};
 use crate::host::{log, now_millis, vm};
 use proxy_wasm::types::LogLevel;
 
@@ -45,10 +45,15 @@ pub fn metric_ids(stream: &Stream, caller: &Caller, call: &Call) -> metrics::Cal
 /// Checks and reserves; on success the stream may go upstream.
 pub fn admit(stream: &Stream, caller: &Caller, call: &Call) -> Step {
     let cfg = &stream.config;
+    if let Err(refusal) = breaker::count_spend(stream, caller, call) {
+        refuse(stream, caller, call, &refusal, &BudgetView::default());
+        return Step::Pause;
+    }
     let admitted =
         vm::with(|vm| ledger::admit(cfg, &HostStore, &mut vm.ledger, caller, call, now_millis()));
     match admitted {
         Ok(admission) => {
+            breaker::lower_spend(stream, admission.ticket.price);
             outbox::queue_alerts(cfg, admission.alerts);
             let ids = metric_ids(stream, caller, call);
             let mut s = stream.state.borrow_mut();
@@ -58,6 +63,7 @@ pub fn admit(stream: &Stream, caller: &Caller, call: &Call) -> Step {
             Step::Continue
         }
         Err(rejection) => {
+            breaker::settle_spend(stream, 0);
             let ledger::Rejection { refused, alerts } = *rejection;
             outbox::queue_alerts(cfg, alerts);
             refuse(stream, caller, call, &refused.refusal, &refused.view);
@@ -90,9 +96,7 @@ pub fn refuse_with(
         .get(call.policy)
         .map_or("other", |p| p.metric_role(&caller.agent));
     metrics::refusal(&label(tenant), &label(role), refusal.code.as_str());
-    vm::with(|vm| {
-        ledger::record_refusal(&mut vm.ledger, cfg, caller, refusal, now_millis() / 1000)
-    });
+    vm::with(|vm| ledger::record_refusal(&mut vm.ledger, cfg, caller, refusal, now_millis()));
     answer_refusal_with(stream, refusal, view, extra);
 }
 
@@ -134,6 +138,7 @@ pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
         (s.ticket.take(), s.metric_ids.take())
     };
     let Some(ticket) = ticket else { return 0 };
+    breaker::settle_spend(stream, outcome.cost);
     let cfg = &stream.config;
     let settled = vm::with(|vm| {
         ledger::settle(

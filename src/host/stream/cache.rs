@@ -143,7 +143,7 @@ pub fn serve_hit(stream: &Stream, caller: &Caller, call: &Call, entry: &Entry) -
         refuse(stream, caller, call, &refusal, &view);
         return Step::Pause;
     }
-    vm::with(|vm| ledger::record_hit(&mut vm.ledger, cfg, caller, call, entry.cost));
+    vm::with(|vm| ledger::record_hit(&mut vm.ledger, cfg, caller, call, entry.cost, now_ms));
     metrics::call(&metric_ids(stream, caller, call), 0, true, entry.cost);
     stream.state.borrow_mut().answered = true;
     set_state(stream, "pag0_cost", "0");
@@ -167,6 +167,10 @@ pub fn serve_hit(stream: &Stream, caller: &Caller, call: &Call, entry: &Entry) -
     }
     if let Some(alert) = &alert {
         headers.push(("x-pag0-budget-alert", alert.as_bytes()));
+    }
+    let warning = crate::host::stream::breaker::warning_header(stream);
+    if let Some(warning) = &warning {
+        headers.push(("x-pag0-loop-warning", warning.as_bytes()));
     }
     send_local(u32::from(entry.status), &headers, &entry.body);
     Step::Pause

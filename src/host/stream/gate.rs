@@ -11,7 +11,7 @@ use crate::core::headers::BudgetView;
 use crate::host::abi;
 use crate::host::stream::budget::{admit, refuse};
 use crate::host::stream::state::AfterApproval;
-use crate::host::stream::{approval, cache, meter, waiters, Dispatch, Step, Stream};
+use crate::host::stream::{approval, breaker, cache, meter, waiters, Dispatch, Step, Stream};
 use crate::host::vm;
 
 /// Runs the gate for a complete request (its body, if it was read, in the state).
@@ -47,6 +47,10 @@ pub fn run(d: &dyn Dispatch, stream: &Stream) -> Step {
         }
     };
     if let Err(refusal) = firewall::check_lists(&stream.config, &caller, &call) {
+        refuse(stream, &caller, &call, &refusal, &BudgetView::default());
+        return Step::Pause;
+    }
+    if let Err(refusal) = breaker::check(stream, &caller, &call) {
         refuse(stream, &caller, &call, &refusal, &BudgetView::default());
         return Step::Pause;
     }

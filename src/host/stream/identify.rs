@@ -16,7 +16,9 @@ use crate::host::reply::Shape;
 use crate::host::shared::HostStore;
 use crate::host::stream::budget::{answer_refusal, refuse, set_state};
 use crate::host::stream::state::{CacheRequest, PayFlow, PayStage};
-use crate::host::stream::{admin as admin_stage, gate, meter, waiters, Dispatch, Step, Stream};
+use crate::host::stream::{
+    admin as admin_stage, breaker, gate, meter, waiters, Dispatch, Step, Stream,
+};
 use crate::host::{abi, log, now_millis, props, vm};
 
 /// Request headers with this prefix are pag0's own and never reach the upstream.
@@ -102,6 +104,7 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
     // A CORS preflight never reaches a paid handler: checked, never charged.
     if method == "OPTIONS" {
         call.price = 0;
+        call.meter = None;
     }
     set_state(stream, "pag0_agent", &caller.agent);
     set_state(stream, "pag0_session", &caller.session);
@@ -182,7 +185,11 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
             return Step::Pause;
         }
     }
-    let needs_body = (cache.as_ref().is_some_and(|c| c.1) || meter_api.is_some()) && !end_of_stream;
+    // The repeat breaker tells requests apart by their bodies.
+    let needs_body = (cache.as_ref().is_some_and(|c| c.1)
+        || meter_api.is_some()
+        || breaker::applies(stream, &caller, &call))
+        && !end_of_stream;
     {
         let mut s = stream.state.borrow_mut();
         s.cache = cache.map(|(c, _)| c);

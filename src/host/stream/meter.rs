@@ -243,15 +243,26 @@ fn finish(stream: &Stream) -> u64 {
 }
 
 /// The call's end when the stream ends first (the client went away, the upstream cut
-/// the answer before its end): charged the reservation, unmetered.
+/// the answer before its end): its usage if the stream's last word already passed (a
+/// client that stops reading at `message_stop` or the usage chunk may close before
+/// Envoy sees the end of the stream), else the reservation, unmetered.
 pub fn outcome_if_cut(stream: &Stream) -> Option<Outcome> {
     let cost = charged_if_unmetered(stream);
-    let s = stream.state.borrow();
-    let flow = s.meter.as_ref()?;
+    let mut s = stream.state.borrow_mut();
+    let flow = s.meter.as_mut()?;
+    let model = flow.request.model.clone();
+    if let Some(Metered::Usage(usage)) = flow.answer.as_mut().map(AnswerMeter::finish_cut) {
+        return Some(Outcome {
+            cost: usage.cost(&flow.request.rates),
+            tokens: Some(usage.tokens()),
+            model: Some(model),
+            ..Outcome::default()
+        });
+    }
     Some(Outcome {
         cost,
         unmetered: true,
-        model: Some(flow.request.model.clone()),
+        model: Some(model),
         ..Outcome::default()
     })
 }

@@ -18,6 +18,7 @@
 
 mod admin;
 mod approval;
+mod breaker;
 mod budget;
 mod cache;
 mod gate;

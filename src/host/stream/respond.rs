@@ -14,7 +14,7 @@ use crate::core::x402;
 use crate::host::stream::budget::{answer_refusal_with, set_state, settle};
 use crate::host::stream::identify::OWN_HEADER_PREFIX;
 use crate::host::stream::state::PayStage;
-use crate::host::stream::{cache, meter, pay, relay, waiters, Dispatch, Step, Stream};
+use crate::host::stream::{breaker, cache, meter, pay, relay, waiters, Dispatch, Step, Stream};
 use crate::host::{abi, props, vm};
 
 /// The answer's headers, read once.
@@ -205,6 +205,9 @@ fn answer_headers_with(
     }
     if let Some(alert) = alert {
         set("x-pag0-budget-alert", &alert);
+    }
+    if let Some(warning) = breaker::warning_header(stream) {
+        set("x-pag0-loop-warning", &warning);
     }
     if stream.state.borrow().fill.is_some() {
         let cache_control = answer.text("cache-control");

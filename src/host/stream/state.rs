@@ -148,6 +148,10 @@ pub struct StreamState {
     pub replaced: bool,
     /// The call is token-metered, in this API (its body is read before the gate).
     pub meter_api: Option<Api>,
+    /// The repeat breaker's count and limit, when the call came close to it.
+    pub loop_warning: Option<(u32, u32)>,
+    /// What the spend-rate breaker counted for this call, to give back at settle.
+    pub spend_counted: Vec<crate::core::spend_rate::Counted>,
     pub meter: Option<Box<MeterFlow>>,
 }
 
