@@ -1158,8 +1158,9 @@ def scenario_claude_code(client: Client, checks: Checks) -> None:
     banner(7, label, f"""
         {CLAUDE_CODE_AGENT} runs the Claude Code CLI: Haiku 4.5 names the conversation (one
         JSON answer), Sonnet 4.5 works in streamed turns with tools and a cached system
-        prompt. The reference identity reads x-pag0-session, not X-Claude-Code-Session-Id,
-        so ANTHROPIC_CUSTOM_HEADERS adds the pag0 headers. The Messages API is
+        prompt. The reference identity reads X-Claude-Code-Session-Id after x-pag0-session;
+        here ANTHROPIC_CUSTOM_HEADERS adds the pag0 headers, which come first, to name the
+        session and the agent (executor-1, whose allow list has Anthropic). The Messages API is
         token-metered: a JSON answer's x-pag0-cost is its token cost, a stream's is what
         was reserved, and the ledger gets the token cost when the stream ends.""", None)
     out(paint(f"   session {session}", "dim"))

@@ -12,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::envoy::reference_yaml;
 use support::{free_port, repo_root, Client, Envoy, Upstream};
 
 const KEY: &str = "demo-key";
@@ -34,19 +33,8 @@ fn have_node() -> bool {
 
 /// The reference configuration with `identity.sessionHeader` set to Claude Code's header.
 fn claude_code_envoy(upstream: u16) -> Envoy {
-    Envoy::start(|port, admin| {
-        let yaml = reference_yaml(port, admin, upstream);
-        let with_identity = yaml.replacen(
-            r#""filterState": true,"#,
-            r#""filterState": true, "identity": {"sessionHeader": "x-claude-code-session-id"},"#,
-            1,
-        );
-        assert_ne!(
-            with_identity, yaml,
-            "reference.yaml changed: no filterState line"
-        );
-        with_identity
-    })
+    // The reference identity reads Claude Code's session header (after x-pag0-session).
+    Envoy::reference(upstream)
 }
 
 /// A session id shaped like Claude Code's (a UUID), unique to this run.

@@ -860,7 +860,7 @@ fn the_minimal_config_compiles_with_defaults() {
     assert!(!cfg.requires_api_key());
     assert_eq!(cfg.tenants[0].id, "default");
     assert_eq!(cfg.sessions.max_sessions, 4096);
-    assert_eq!(cfg.identity.session_header, "x-pag0-session");
+    assert_eq!(cfg.identity.session_headers, ["x-pag0-session"]);
     assert_eq!(cfg.identity.agent_headers, vec!["x-pag0-agent".to_string()]);
     assert_eq!(cfg.identity.parent_agent_header, None);
     assert!(!cfg.track_windows);

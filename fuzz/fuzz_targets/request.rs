@@ -1091,7 +1091,7 @@ fn build(cfg: &Config, req: &Request, now_s: u64) -> Built {
         }
     };
     push(&id.api_key_header, &api_key, KEYS);
-    push(&id.session_header, &session_h, SESSIONS);
+    push(&id.session_headers[0], &session_h, SESSIONS);
     push(&id.agent_headers[0], &agent, AGENTS);
     if let Some(second) = id.agent_headers.get(1) {
         push(second, &agent2, AGENTS);

@@ -22,7 +22,8 @@ pub const DEFAULT_TENANT: &str = "default";
 
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub session_header: String,
+    /// Header names that may carry the session id, first present wins.
+    pub session_headers: Vec<String>,
     /// Header names that may carry the agent id, first present wins.
     pub agent_headers: Vec<String>,
     pub parent_agent_header: Option<String>,
@@ -131,27 +132,33 @@ pub fn compile_json(bytes: &[u8]) -> Result<Config, String> {
     compile(raw)
 }
 
-pub fn compile(raw: RawConfig) -> Result<Config, String> {
-    let mut agent_headers = Vec::new();
-    match raw.identity.agent_header.map(|h| h.into_vec()) {
-        None => agent_headers.push(DEFAULT_AGENT_HEADER.to_string()),
-        Some(list) if list.is_empty() || list.len() > 4 => {
-            return Err(
-                "identity.agentHeader: give one header name, or a list of 1 to 4".to_string(),
-            )
-        }
-        Some(list) => {
-            for (i, h) in list.into_iter().enumerate() {
-                agent_headers.push(header_name(
-                    Some(h),
-                    DEFAULT_AGENT_HEADER,
-                    &format!("identity.agentHeader[{i}]"),
-                )?);
-            }
-        }
+/// `identity.sessionHeader` / `agentHeader`: one name, or a list of 1 to 4.
+fn header_list(
+    raw: Option<crate::core::config::OneOrMany>,
+    default: &str,
+    field: &str,
+) -> Result<Vec<String>, String> {
+    match raw.map(|h| h.into_vec()) {
+        None => Ok(vec![default.to_string()]),
+        Some(list) if list.is_empty() || list.len() > 4 => Err(format!(
+            "{field}: give one header name, or a list of 1 to 4"
+        )),
+        Some(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| header_name(Some(h), default, &format!("{field}[{i}]")))
+            .collect(),
     }
+}
+
+pub fn compile(raw: RawConfig) -> Result<Config, String> {
+    let agent_headers = header_list(
+        raw.identity.agent_header,
+        DEFAULT_AGENT_HEADER,
+        "identity.agentHeader",
+    )?;
     let identity = Identity {
-        session_header: header_name(raw.identity.session_header, DEFAULT_SESSION_HEADER, "identity.sessionHeader")?,
+        session_headers: header_list(raw.identity.session_header, DEFAULT_SESSION_HEADER, "identity.sessionHeader")?,
         agent_headers,
         parent_agent_header: match raw.identity.parent_agent_header {
             None => None,
@@ -170,7 +177,11 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         },
     };
 
-    let mut names = vec![("identity.sessionHeader", &identity.session_header)];
+    let mut names: Vec<(&str, &String)> = identity
+        .session_headers
+        .iter()
+        .map(|h| ("identity.sessionHeader", h))
+        .collect();
     for h in &identity.agent_headers {
         names.push(("identity.agentHeader", h));
     }

@@ -157,7 +157,8 @@ pub struct RawAlerts {
 #[derive(Debug, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawIdentity {
-    pub session_header: Option<String>,
+    /// One header name, or several: the first one present names the session.
+    pub session_header: Option<OneOrMany>,
     /// One header name, or several: the first one present names the agent.
     pub agent_header: Option<OneOrMany>,
     /// Header naming the agent that started this one (kept in reports).

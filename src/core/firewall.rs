@@ -44,19 +44,30 @@ pub fn identify(
     } else {
         0
     };
-    let session = match header(&id.session_header) {
-        HeaderValue::One(v) => checked_id(v, &id.session_header)?,
-        HeaderValue::Missing => match route_session.or(id.default_session.as_deref()) {
+    let mut session = None;
+    for name in &id.session_headers {
+        match header(name) {
+            HeaderValue::One(v) => {
+                session = Some(checked_id(v, name)?);
+                break;
+            }
+            HeaderValue::Missing => {}
+            HeaderValue::Many => return Err(duplicate(name)),
+        }
+    }
+    let session = match session {
+        Some(s) => s,
+        None => match route_session.or(id.default_session.as_deref()) {
             Some(default) => default.to_string(),
             None => {
+                let names = id.session_headers.join(" or ");
                 return Err(Refusal::new(
                     ErrorCode::InvalidRequest,
-                    format!("missing session header {}", id.session_header),
+                    format!("missing session header {names}"),
                 )
-                .with_fields(vec![("header", id.session_header.clone())]))
+                .with_fields(vec![("header", names)]));
             }
         },
-        HeaderValue::Many => return Err(duplicate(&id.session_header)),
     };
     let mut agent = None;
     for name in &id.agent_headers {
