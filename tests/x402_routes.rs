@@ -384,3 +384,57 @@ fn stock_clients_without_pag0_headers_get_a_default_session() {
     assert_eq!(report(envoy.port, "weather-bot")["totalCost"], "1000");
     assert_eq!(report(envoy.port, "mine")["totalCost"], "1000");
 }
+
+/// `x402.repeatBreaker`: the same resource is paid at most `payments` times in the
+/// window by a session, whichever agent asks; the next is refused before paying, and
+/// another resource is still paid.
+#[test]
+fn the_same_resource_is_not_paid_more_than_the_breaker_allows() {
+    let up = Upstream::start();
+    let policy = format!(
+        r#"{{"pay": {{"sessionBudget": "100000", "x402": {{"mode": "pay", "networks": ["eip155:84532"], "payees": ["{PAY_TO}"], "repeatBreaker": {{"payments": 2, "windowSeconds": 60}}}}}}}}"#
+    );
+    let config = EnvoyConfig::new(
+        &plugin(&policy, ""),
+        vec![route("paid.api", "/", &[("x402", "true")])],
+    );
+    let envoy = Envoy::with_config(&config, up.port);
+    let s = unique("x402-repeat");
+    let get = |agent: &str, path: &str| {
+        Client::new(envoy.port).get(
+            "paid.api",
+            path,
+            &[("x-pag0-session", s.as_str()), ("x-pag0-agent", agent)],
+        )
+    };
+    let paid = |up: &Upstream| {
+        up.seen()
+            .iter()
+            .filter(|r| r.headers.iter().any(|(k, _)| k == "payment-signature"))
+            .count()
+    };
+    assert_eq!(get("buyer-1", "/x402/weather?city=Paris").status, 200);
+    assert_eq!(get("buyer-2", "/x402/weather?city=Paris").status, 200);
+    let third = get("buyer-1", "/x402/weather?city=Paris");
+    assert_eq!(
+        (third.status, third.error_code().as_deref(), third.cost()),
+        (429, Some("LOOP_DETECTED"), 0),
+        "{}",
+        String::from_utf8_lossy(&third.body)
+    );
+    assert_eq!(third.json()["error"]["details"]["breaker"], "x402Repeat");
+    assert_eq!(paid(&up), 2, "the third payment was never made");
+    // Another resource (another query) is paid.
+    assert_eq!(get("buyer-1", "/x402/weather?city=Rome").status, 200);
+    assert_eq!(paid(&up), 3);
+    let b = Client::new(envoy.port)
+        .get("h", &format!("/_pag0/v1/sessions/{s}/budget"), &ADMIN)
+        .json();
+    assert_eq!(
+        (
+            b["session"]["spent"].as_str(),
+            b["session"]["reserved"].as_str()
+        ),
+        (Some("30000"), Some("0"))
+    );
+}

@@ -7,6 +7,7 @@
 use serde_json::Value;
 
 use crate::core::errors::{ErrorCode, Refusal};
+use crate::core::ledger::codec::{put_u32, put_u64, Reader};
 use crate::core::store::{self, SharedStore, Step};
 
 /// Buckets of the table (keys `pag0.brk.{n}`); with [`ENTRIES_PER_BUCKET`] this bounds
@@ -115,26 +116,18 @@ struct Entry {
     window_start: u32,
 }
 
+/// The bucket's entries: whole entries only (a torn or foreign value reads as fewer).
 fn decode(bytes: &[u8]) -> Vec<Entry> {
     bytes
         .chunks_exact(ENTRY_BYTES)
-        .map(|c| {
-            let u64_at = |i: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&c[i..i + 8]);
-                u64::from_le_bytes(b)
-            };
-            let u32_at = |i: usize| {
-                let mut b = [0u8; 4];
-                b.copy_from_slice(&c[i..i + 4]);
-                u32::from_le_bytes(b)
-            };
-            Entry {
-                owner: u64_at(0),
-                fingerprint: u64_at(8),
-                count: u32_at(16),
-                window_start: u32_at(20),
-            }
+        .filter_map(|c| {
+            let mut r = Reader::new(c);
+            Some(Entry {
+                owner: r.u64().ok()?,
+                fingerprint: r.u64().ok()?,
+                count: r.u32().ok()?,
+                window_start: r.u32().ok()?,
+            })
         })
         .collect()
 }
@@ -142,10 +135,10 @@ fn decode(bytes: &[u8]) -> Vec<Entry> {
 fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * ENTRY_BYTES);
     for e in entries {
-        out.extend_from_slice(&e.owner.to_le_bytes());
-        out.extend_from_slice(&e.fingerprint.to_le_bytes());
-        out.extend_from_slice(&e.count.to_le_bytes());
-        out.extend_from_slice(&e.window_start.to_le_bytes());
+        put_u64(&mut out, e.owner);
+        put_u64(&mut out, e.fingerprint);
+        put_u32(&mut out, e.count);
+        put_u32(&mut out, e.window_start);
     }
     out
 }
@@ -221,6 +214,25 @@ pub fn record<S: SharedStore + ?Sized>(
         Ok(Step::Write(encode(&entries), count))
     })?;
     Ok(verdict(rule, count))
+}
+
+/// The refusal of a payment the x402 repeat breaker stops (`count`: this payment's
+/// number within the window).
+pub fn payment_refusal(rule: &RepeatRule, count: u32) -> Refusal {
+    let paid = rule.calls.saturating_sub(1);
+    Refusal::new(
+        ErrorCode::LoopDetected,
+        format!(
+            "this resource was paid {paid} times within {} s (x402.repeatBreaker allows {paid}): not paid again",
+            rule.window_seconds
+        ),
+    )
+    .with_fields(vec![
+        ("breaker", "x402Repeat".to_string()),
+        ("count", count.to_string()),
+        ("limit", paid.to_string()),
+        ("windowSeconds", rule.window_seconds.to_string()),
+    ])
 }
 
 /// The alert webhook's body for a trip.

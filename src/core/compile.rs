@@ -782,7 +782,35 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
         approval,
         repeat: repeat_rule(raw.repeat_breaker.as_ref(), &f("repeatBreaker"))?,
         spend_rate: rate_rule(raw.spend_rate.as_ref(), &f("spendRate"))?,
+        x402_repeat: x402_repeat_rule(raw.x402.repeat_breaker.as_ref(), &f("x402.repeatBreaker"))?,
     })
+}
+
+/// `x402.repeatBreaker: {payments, windowSeconds}`: `payments` of one resource within the
+/// window are paid; the next is refused before paying.
+fn x402_repeat_rule(
+    raw: Option<&crate::core::config::RawX402Repeat>,
+    field: &str,
+) -> Result<Option<crate::core::breaker::RepeatRule>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    let as_repeat = crate::core::config::RawRepeatBreaker {
+        calls: match &raw.payments {
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(p) if (1..=1_000_000).contains(&p) => Some(Value::from(p + 1)),
+                _ => {
+                    return Err(format!(
+                        "{field}.payments: {n} must be a whole number from 1 to 1000000"
+                    ))
+                }
+            },
+            None | Some(Value::Null) => return Err(format!("{field}.payments: required")),
+            Some(other) => return Err(format!("{field}.payments: {other} must be a number")),
+        },
+        window_seconds: raw.window_seconds.clone(),
+        warn_at: None,
+        kill_session: None,
+    };
+    repeat_rule(Some(&as_repeat), field)
 }
 
 /// `spendRate: {limit, windowSeconds}`.

@@ -327,6 +327,15 @@ pub struct RawX402 {
     pub payees: Vec<String>,
     /// `relay` (default): agents pay themselves; `pay`: pag0 pays through the signer.
     pub mode: Option<String>,
+    /// Pay mode: the same resource paid this many times in a window is not paid again.
+    pub repeat_breaker: Option<RawX402Repeat>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawX402Repeat {
+    pub payments: Option<Value>,
+    pub window_seconds: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,6 +35,9 @@ pub struct Policy {
     pub repeat: Option<crate::core::breaker::RepeatRule>,
     /// The session's spend-rate limit.
     pub spend_rate: Option<crate::core::spend_rate::RateRule>,
+    /// Pay mode: the most payments for one resource within a window (as a repeat rule
+    /// whose `calls` is that number plus one).
+    pub x402_repeat: Option<crate::core::breaker::RepeatRule>,
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +328,7 @@ mod tests {
             approval: None,
             repeat: None,
             spend_rate: None,
+            x402_repeat: None,
             agents: vec![
                 AgentRule {
                     pattern: IdPattern::new("reviewer-*").unwrap(),

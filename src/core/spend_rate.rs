@@ -7,6 +7,7 @@
 
 use crate::core::amount::Amount;
 use crate::core::errors::{ErrorCode, Refusal};
+use crate::core::ledger::codec::{put_u32, put_u64, Reader};
 use crate::core::store::{self, SharedStore, Step};
 
 /// Buckets of the table (keys `pag0.rate.{n}`).
@@ -43,29 +44,18 @@ struct Entry {
     slices: [(u32, u64); SLICES],
 }
 
+/// The bucket's entries: whole entries only (a torn or foreign value reads as fewer).
 fn decode(bytes: &[u8]) -> Vec<Entry> {
     bytes
         .chunks_exact(ENTRY_BYTES)
-        .map(|c| {
-            let u64_at = |i: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&c[i..i + 8]);
-                u64::from_le_bytes(b)
-            };
-            let u32_at = |i: usize| {
-                let mut b = [0u8; 4];
-                b.copy_from_slice(&c[i..i + 4]);
-                u32::from_le_bytes(b)
-            };
+        .filter_map(|c| {
+            let mut r = Reader::new(c);
+            let owner = r.u64().ok()?;
             let mut slices = [(0u32, 0u64); SLICES];
-            for (n, slice) in slices.iter_mut().enumerate() {
-                let at = 8 + n * 12;
-                *slice = (u32_at(at), u64_at(at + 4));
+            for slice in slices.iter_mut() {
+                *slice = (r.u32().ok()?, r.u64().ok()?);
             }
-            Entry {
-                owner: u64_at(0),
-                slices,
-            }
+            Some(Entry { owner, slices })
         })
         .collect()
 }
@@ -73,10 +63,10 @@ fn decode(bytes: &[u8]) -> Vec<Entry> {
 fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * ENTRY_BYTES);
     for e in entries {
-        out.extend_from_slice(&e.owner.to_le_bytes());
+        put_u64(&mut out, e.owner);
         for (start, amount) in e.slices {
-            out.extend_from_slice(&start.to_le_bytes());
-            out.extend_from_slice(&amount.to_le_bytes());
+            put_u32(&mut out, start);
+            put_u64(&mut out, amount);
         }
     }
     out

@@ -51,24 +51,12 @@ pub fn take_all() -> Vec<Outgoing> {
 
 /// Queues alerts for the webhook, if one is configured.
 pub fn queue_alerts(cfg: &crate::core::compile::Config, raised: Vec<crate::core::alerts::Alert>) {
-    let Some(sink) = &cfg.alerts else {
-        return;
-    };
     for alert in raised {
-        queue(Outgoing {
-            kind: Kind::Alert,
-            cluster: sink.cluster.clone(),
-            method: "POST",
-            path: sink.path.clone(),
-            authority: sink.authority.clone(),
-            content_type: "application/json",
-            body: alert.to_json(),
-            timeout_ms: sink.timeout_ms,
-        });
+        queue_alert_json(cfg, alert.to_json());
     }
 }
 
-/// Queues an alert body of pag0's own (a breaker's trip) for the alert webhook.
+/// Queues an alert body for the webhook, if one is configured.
 pub fn queue_alert_json(cfg: &crate::core::compile::Config, body: String) {
     let Some(sink) = &cfg.alerts else {
         return;

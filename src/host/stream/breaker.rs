@@ -168,3 +168,30 @@ pub fn lower_spend(stream: &Stream, reserved: u64) {
         .collect();
     stream.state.borrow_mut().spend_counted = lowered;
 }
+
+/// Pay mode, before paying: the same resource (method, host and path with its query)
+/// paid `x402.repeatBreaker.payments` times in the window, by any agent of the session,
+/// is not paid again. Counted in the repeat breaker's buckets.
+pub fn check_payment(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusal> {
+    let cfg = &stream.config;
+    let Some(rule) = cfg.policies.get(call.policy).and_then(|p| p.x402_repeat) else {
+        return Ok(());
+    };
+    let tenant = cfg
+        .tenants
+        .get(caller.tenant)
+        .map_or("default", |t| t.id.as_str());
+    let verdict = {
+        let s = stream.state.borrow();
+        let host = call.endpoint.split('/').next().unwrap_or("");
+        let resource = format!("{host}{}", String::from_utf8_lossy(&s.path));
+        let fingerprint = breaker::fingerprint(s.method.as_bytes(), &resource, b"");
+        // The session as a whole: an agent id cannot hold a NUL byte.
+        let owner = breaker::owner(tenant, &caller.session, "\u{0}x402");
+        breaker::record(&HostStore, &rule, owner, fingerprint, now_millis() / 1000)?
+    };
+    match verdict {
+        Verdict::Trip { count, .. } => Err(breaker::payment_refusal(&rule, count)),
+        _ => Ok(()),
+    }
+}

@@ -24,7 +24,7 @@ use crate::host::stream::budget::{
 };
 use crate::host::stream::identify::{INTERNAL_HEADER, OWN_HEADER_PREFIX};
 use crate::host::stream::state::{AfterApproval, PayStage, Pending};
-use crate::host::stream::{approval, respond, Dispatch, Step, Stream};
+use crate::host::stream::{approval, breaker, respond, Dispatch, Step, Stream};
 use crate::host::vm;
 use proxy_wasm::types::MapType;
 use std::rc::Rc;
@@ -146,6 +146,10 @@ fn pay_offer(
     }
     call.price = price;
     stream.state.borrow_mut().call = Some(Rc::new(call.clone()));
+    if let Err(refusal) = breaker::check_payment(stream, &caller, &call) {
+        refuse(stream, &caller, &call, &refusal, &Default::default());
+        return Step::Pause;
+    }
     if admit(stream, &caller, &call) != Step::Continue {
         return Step::Pause;
     }
