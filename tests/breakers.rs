@@ -355,3 +355,37 @@ fn the_reference_looper_is_stopped_at_its_fifth_identical_call() {
     assert_eq!(trips[0]["session"], s.as_str());
     assert_eq!(trips[0]["count"], 5);
 }
+
+/// A spend-rate trip goes to the alert webhook once per window, not once per refusal.
+#[test]
+fn a_spend_rate_trip_is_one_alert_per_window() {
+    let up = Upstream::start();
+    let plugin = format!(
+        r#"{{"tenants": [{{"id": "demo", "apiKeySha256": "{KEY_SHA256}"}}],
+            "alerts": {{"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000}},
+            "policies": {{"p": {{"sessionBudget": "1000000",
+                "spendRate": {{"limit": "3000", "windowSeconds": 60}}}}}}}}"#
+    );
+    let cfg = EnvoyConfig::new(
+        &plugin,
+        vec![route(HOST, "/", &[("price", "1000"), ("tool", "llm")])],
+    );
+    let envoy = Envoy::with_config(&cfg, up.port);
+    let s = unique("rate-alert");
+    let codes: Vec<u16> = (0..6)
+        .map(|i| call(envoy.port, &s, "main", &format!(r#"{{"q":{i}}}"#)).status)
+        .collect();
+    assert_eq!(codes, vec![200, 200, 200, 429, 429, 429]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let trips: Vec<serde_json::Value> = up
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/_demo/alerts")
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+        .filter(|a| a["type"] == "breaker_tripped")
+        .collect();
+    assert_eq!(trips.len(), 1, "{trips:?}");
+    assert_eq!(trips[0]["breaker"], "spendRate");
+    assert_eq!(trips[0]["scope"], "session");
+    assert_eq!(trips[0]["spent"], "3000");
+}

@@ -15,7 +15,7 @@ pub const BUCKETS: u64 = 1024;
 /// Owners kept per bucket; the one idle longest goes first.
 pub const OWNERS_PER_BUCKET: usize = 16;
 const SLICES: usize = 6;
-const ENTRY_BYTES: usize = 8 + SLICES * 12;
+const ENTRY_BYTES: usize = 8 + SLICES * 12 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateRule {
@@ -42,6 +42,17 @@ pub struct Counted {
 struct Entry {
     owner: u64,
     slices: [(u32, u64); SLICES],
+    /// When the last trip alert for this owner went (one per window).
+    alerted_at: u32,
+}
+
+/// A call the breaker refuses, and whether it is the first refusal of its window (the
+/// one that raises the webhook alert).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tripped {
+    pub refusal: Refusal,
+    pub alert: bool,
+    pub spent: Amount,
 }
 
 /// The bucket's entries: whole entries only (a torn or foreign value reads as fewer).
@@ -55,7 +66,12 @@ fn decode(bytes: &[u8]) -> Vec<Entry> {
             for slice in slices.iter_mut() {
                 *slice = (r.u32().ok()?, r.u64().ok()?);
             }
-            Some(Entry { owner, slices })
+            let alerted_at = r.u32().ok()?;
+            Some(Entry {
+                owner,
+                slices,
+                alerted_at,
+            })
         })
         .collect()
 }
@@ -68,6 +84,7 @@ fn encode(entries: &[Entry]) -> Vec<u8> {
             put_u32(&mut out, start);
             put_u64(&mut out, amount);
         }
+        put_u32(&mut out, e.alerted_at);
     }
     out
 }
@@ -113,11 +130,11 @@ pub fn count<S: SharedStore + ?Sized>(
     price: Amount,
     now_s: u64,
     scope: &'static str,
-) -> Result<Counted, Refusal> {
+) -> Result<Counted, Tripped> {
     let now = u32::try_from(now_s).unwrap_or(u32::MAX);
     let window = rule.window_seconds.max(1);
     let slice_start = now - now % rule.slice_seconds();
-    store::update(store, &bucket_key(owner), |bytes| {
+    let counted = store::update(store, &bucket_key(owner), |bytes| {
         let mut entries = decode(bytes);
         entries.retain(|e| e.slices.iter().any(|s| live(s.0, s.1, now, window)));
         let at = match entries.iter().position(|e| e.owner == owner) {
@@ -136,6 +153,7 @@ pub fn count<S: SharedStore + ?Sized>(
                 entries.push(Entry {
                     owner,
                     slices: [(0, 0); SLICES],
+                    alerted_at: 0,
                 });
                 entries.len() - 1
             }
@@ -152,12 +170,28 @@ pub fn count<S: SharedStore + ?Sized>(
             .map(|s| s.1)
             .fold(0, u64::saturating_add);
         if spent.saturating_add(price) > rule.limit {
-            return Err(refusal(
+            let refused = refusal(
                 rule,
                 spent,
                 price,
                 retry_after(entry, rule, price, now),
                 scope,
+            );
+            if entry.alerted_at != 0 && now.saturating_sub(entry.alerted_at) < window {
+                return Ok(Step::Keep(Err(Tripped {
+                    refusal: refused,
+                    alert: false,
+                    spent,
+                })));
+            }
+            entry.alerted_at = now.max(1);
+            return Ok(Step::Write(
+                encode(&entries),
+                Err(Tripped {
+                    refusal: refused,
+                    alert: true,
+                    spent,
+                }),
             ));
         }
         // This slice's own slot, else a free one; else (six live slices, which slices of
@@ -173,13 +207,46 @@ pub fn count<S: SharedStore + ?Sized>(
         *s = (s.0.max(slice_start), s.1.saturating_add(price));
         Ok(Step::Write(
             encode(&entries),
-            Counted {
+            Ok(Counted {
                 owner,
                 slice_start,
                 amount: price,
-            },
+            }),
         ))
+    });
+    match counted {
+        Ok(result) => result,
+        Err(refusal) => Err(Tripped {
+            refusal,
+            alert: false,
+            spent: 0,
+        }),
+    }
+}
+
+/// The alert webhook's body for the first refusal of a window.
+pub fn trip_alert(
+    tenant: &str,
+    session: &str,
+    agent: Option<&str>,
+    rule: &RateRule,
+    spent: Amount,
+    now_s: u64,
+) -> String {
+    serde_json::json!({
+        "type": "breaker_tripped",
+        "breaker": "spendRate",
+        "code": "SPEND_RATE_EXCEEDED",
+        "scope": if agent.is_some() { "agent" } else { "session" },
+        "tenant": tenant,
+        "session": session,
+        "agent": agent,
+        "spent": spent.to_string(),
+        "limit": rule.limit.to_string(),
+        "windowSeconds": rule.window_seconds,
+        "timestamp": now_s,
     })
+    .to_string()
 }
 
 /// Seconds until enough of the window has slid out for `price` to fit.
@@ -265,9 +332,16 @@ mod tests {
         assert!(count(&store, &RULE, who, 400, 1000, "session").is_ok());
         assert!(count(&store, &RULE, who, 400, 1015, "session").is_ok());
         let refused = count(&store, &RULE, who, 400, 1030, "session").unwrap_err();
-        assert_eq!(refused.code, ErrorCode::SpendRateExceeded);
+        assert_eq!(refused.refusal.code, ErrorCode::SpendRateExceeded);
         // The first 400 (slice starting at 1000) leaves the window at 1060.
-        assert_eq!(refused.retry_after, Some(30));
+        assert_eq!(refused.refusal.retry_after, Some(30));
+        // One alert per window: the first refusal raises it, the next does not.
+        assert!(refused.alert);
+        assert!(
+            !count(&store, &RULE, who, 400, 1031, "session")
+                .unwrap_err()
+                .alert
+        );
         assert!(count(&store, &RULE, who, 400, 1060, "session").is_ok());
     }
 
@@ -300,6 +374,7 @@ mod tests {
             entries.push(Entry {
                 owner: i,
                 slices: [(5, 1); SLICES],
+                alerted_at: 0,
             });
         }
         let key = bucket_key(7);

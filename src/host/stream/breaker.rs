@@ -127,11 +127,24 @@ pub fn count_spend(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), 
         let owner = spend_rate::owner(tenant, &caller.session, agent);
         match spend_rate::count(&HostStore, &rule, owner, call.price, now_s, scope) {
             Ok(c) => counted.push(c),
-            Err(refusal) => {
+            Err(tripped) => {
                 for c in &counted {
                     let _ = spend_rate::give_back(&HostStore, c, 0);
                 }
-                return Err(refusal);
+                if tripped.alert {
+                    outbox::queue_alert_json(
+                        cfg,
+                        spend_rate::trip_alert(
+                            tenant,
+                            &caller.session,
+                            agent,
+                            &rule,
+                            tripped.spent,
+                            now_s,
+                        ),
+                    );
+                }
+                return Err(tripped.refusal);
             }
         }
     }
