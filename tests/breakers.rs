@@ -86,6 +86,9 @@ fn the_fifth_identical_call_is_refused_whichever_worker_takes_it() {
     assert_eq!(looper["stoppedBy"]["code"], "LOOP_DETECTED", "{looper}");
     assert_eq!(looper["stoppedBy"]["calls"], 4, "{looper}");
     assert_eq!(looper["stoppedBy"]["refusedSince"], 3, "{looper}");
+    // Nothing went through since: the session says what stopped it.
+    assert_eq!(report["stoppedBy"]["code"], "LOOP_DETECTED", "{report}");
+    assert_eq!(report["stoppedBy"]["agentId"], "looper-1");
     // Another request of the same agent, and the same request of another agent, go on.
     let other = r#"{"model":"m","messages":[{"role":"user","content":"read the log"}]}"#;
     assert_eq!(call(envoy.port, &s, "looper-1", other).status, 200);

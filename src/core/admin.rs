@@ -567,9 +567,11 @@ pub fn report_json(
                 .map(|a| json!({"at": p.at, "agentId": a.id, "cost": p.cost.to_string()}))
         })
         .collect();
+    let stopped_by = session_stop(report, &budget["killSwitch"]);
     json!({
         "sessionId": record.session_id,
         "tenant": tenant,
+        "stoppedBy": stopped_by,
         "totalCost": record.spent.to_string(),
         "reserved": record.reserved().to_string(),
         "totalRequests": report.requests,
@@ -591,6 +593,31 @@ pub fn report_json(
         "spendOverTime": timeline,
         "budget": budget,
     })
+}
+
+/// What stopped the session, if it is stopped: its kill switch (manual or threshold),
+/// else the latest agent stop when nothing has gone through since it (every agent still
+/// working would have cleared its own).
+fn session_stop(report: &crate::core::ledger::report::ReportRecord, kill_switch: &Value) -> Value {
+    if let Some(reason) = kill_switch.as_str() {
+        return json!({"code": "KILL_SWITCH_ACTIVE", "reason": reason});
+    }
+    let last_ok = report
+        .agents
+        .iter()
+        .map(|a| a.last_ok_ms)
+        .max()
+        .unwrap_or(0);
+    report
+        .agents
+        .iter()
+        .filter_map(|a| a.stop.as_ref().map(|s| (a, s)))
+        .filter(|(_, s)| s.at >= last_ok)
+        .max_by_key(|(_, s)| s.at)
+        .map_or(
+            Value::Null,
+            |(a, s)| json!({"code": s.code, "agentId": a.id, "at": s.at / 1000}),
+        )
 }
 
 #[cfg(test)]
@@ -774,6 +801,8 @@ mod tests {
             "AGENT_BUDGET_EXCEEDED"
         );
         assert_eq!(report["byAgent"][0]["stoppedBy"]["calls"], 20);
+        // The executor went on after ralph's refusal: the session is not stopped.
+        assert_eq!(report["stoppedBy"], Value::Null);
         assert_eq!(report["byTool"][0]["requests"], 21);
         let missing = handle(
             &cfg,
