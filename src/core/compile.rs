@@ -138,12 +138,14 @@ fn header_list(
     default: &str,
     field: &str,
 ) -> Result<Vec<String>, String> {
-    match raw.map(|h| h.into_vec()) {
+    use crate::core::config::OneOrMany;
+    match raw {
         None => Ok(vec![default.to_string()]),
-        Some(list) if list.is_empty() || list.len() > 4 => Err(format!(
+        Some(OneOrMany::One(h)) => Ok(vec![header_name(Some(h), default, field)?]),
+        Some(OneOrMany::Many(list)) if list.is_empty() || list.len() > 4 => Err(format!(
             "{field}: give one header name, or a list of 1 to 4"
         )),
-        Some(list) => list
+        Some(OneOrMany::Many(list)) => list
             .into_iter()
             .enumerate()
             .map(|(i, h)| header_name(Some(h), default, &format!("{field}[{i}]")))
