@@ -181,8 +181,16 @@ fn a_trip_can_kill_the_session() {
     let r = call(envoy.port, &s, "main", r#"{"q":1}"#);
     assert_eq!(r.error_code().as_deref(), Some("LOOP_DETECTED"));
     // Any call of the session, by any agent, is now refused by the kill switch.
-    let after = call(envoy.port, &s, "other", r#"{"q":"new"}"#);
-    assert_eq!(after.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
+    // The session's kill switch is on (priced calls meet the spend rate first).
+    let budget = Client::new(envoy.port)
+        .get(
+            HOST,
+            &format!("/_pag0/v1/sessions/{s}/budget"),
+            &[("x-pag0-api-key", KEY)],
+        )
+        .json();
+    assert_eq!(budget["killed"], true, "{budget}");
+    assert_eq!(budget["killSwitch"], "manual", "{budget}");
 }
 
 #[test]
@@ -391,4 +399,27 @@ fn a_spend_rate_trip_is_one_alert_per_window() {
     assert_eq!(trips[0]["breaker"], "spendRate");
     assert_eq!(trips[0]["scope"], "session");
     assert_eq!(trips[0]["spent"], "3000");
+}
+
+#[test]
+fn a_spend_rate_trip_can_kill_the_session() {
+    let up = Upstream::start();
+    let policy = r#"{"sessionBudget": "1000000",
+        "spendRate": {"limit": "2000", "windowSeconds": 60, "killSession": true}}"#;
+    let envoy = envoy(&up, policy, false);
+    let s = unique("rate-kill");
+    let codes: Vec<u16> = (0..3)
+        .map(|i| call(envoy.port, &s, "main", &format!(r#"{{"q":{i}}}"#)).status)
+        .collect();
+    assert_eq!(codes, vec![200, 200, 429]);
+    // The session's kill switch is on (priced calls meet the spend rate first).
+    let budget = Client::new(envoy.port)
+        .get(
+            HOST,
+            &format!("/_pag0/v1/sessions/{s}/budget"),
+            &[("x-pag0-api-key", KEY)],
+        )
+        .json();
+    assert_eq!(budget["killed"], true, "{budget}");
+    assert_eq!(budget["killSwitch"], "manual", "{budget}");
 }

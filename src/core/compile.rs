@@ -838,6 +838,7 @@ fn rate_rule(
     Ok(Some(crate::core::spend_rate::RateRule {
         limit,
         window_seconds,
+        kill_session: raw.kill_session.unwrap_or(false),
     }))
 }
 

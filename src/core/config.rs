@@ -245,6 +245,7 @@ pub struct RawPolicy {
 pub struct RawSpendRate {
     pub limit: Option<Value>,
     pub window_seconds: Option<Value>,
+    pub kill_session: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -22,6 +22,8 @@ pub struct RateRule {
     /// The most that may be spent within any window.
     pub limit: Amount,
     pub window_seconds: u32,
+    /// A trip also turns the session's kill switch on.
+    pub kill_session: bool,
 }
 
 impl RateRule {
@@ -323,6 +325,7 @@ mod tests {
     const RULE: RateRule = RateRule {
         limit: 1000,
         window_seconds: 60,
+        kill_session: false,
     };
 
     #[test]

@@ -68,26 +68,20 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
                 );
             }
             if rule.kill_session {
-                let killed = sessions::set_killed(
-                    &HostStore,
-                    tenant,
-                    &caller.session,
-                    &cfg.sessions,
-                    now_s,
-                    true,
-                );
-                if let Err(e) = killed {
-                    log(
-                        LogLevel::Warn,
-                        &format!(
-                            "pag0: repeat breaker: could not kill the session: {}",
-                            e.message
-                        ),
-                    );
-                }
+                kill(cfg, tenant, &caller.session, now_s);
             }
             Err(breaker::refusal(&rule, count))
         }
+    }
+}
+
+/// A breaker configured with `killSession` turns the session's kill switch on.
+fn kill(cfg: &crate::core::compile::Config, tenant: &str, session: &str, now_s: u64) {
+    if let Err(e) = sessions::set_killed(&HostStore, tenant, session, &cfg.sessions, now_s, true) {
+        log(
+            LogLevel::Warn,
+            &format!("pag0: breaker: could not kill the session: {}", e.message),
+        );
     }
 }
 
@@ -130,6 +124,9 @@ pub fn count_spend(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), 
             Err(tripped) => {
                 for c in &counted {
                     let _ = spend_rate::give_back(&HostStore, c, 0);
+                }
+                if tripped.alert && rule.kill_session {
+                    kill(cfg, tenant, &caller.session, now_s);
                 }
                 if tripped.alert {
                     outbox::queue_alert_json(
