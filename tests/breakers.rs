@@ -35,6 +35,16 @@ fn call(port: u16, session: &str, agent: &str, body: &str) -> support::Response 
     Client::new(port).post(HOST, "/v1/chat", &agent_headers(KEY, session, agent), body)
 }
 
+/// The `breaker_tripped` alerts the webhook (the upstream's /_demo/alerts) received.
+fn breaker_alerts(up: &Upstream) -> Vec<serde_json::Value> {
+    up.seen()
+        .into_iter()
+        .filter(|r| r.path == "/_demo/alerts")
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+        .filter(|a| a["type"] == "breaker_tripped")
+        .collect()
+}
+
 const LOOPER: &str = r#"{"sessionBudget": "1000000",
     "agents": {"looper-*": {"agentBudget": "1000000",
                             "repeatBreaker": {"calls": 5, "windowSeconds": 60, "warnAt": 3}}}}"#;
@@ -349,13 +359,7 @@ fn the_reference_looper_is_stopped_at_its_fifth_identical_call() {
     assert_eq!(seen[4].2.as_deref(), Some("LOOP_DETECTED"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let trips = loop {
-        let trips: Vec<serde_json::Value> = up
-            .seen()
-            .into_iter()
-            .filter(|r| r.path == "/_demo/alerts")
-            .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
-            .filter(|a| a["type"] == "breaker_tripped")
-            .collect();
+        let trips = breaker_alerts(&up);
         if !trips.is_empty() || std::time::Instant::now() > deadline {
             break trips;
         }
@@ -388,13 +392,7 @@ fn a_spend_rate_trip_is_one_alert_per_window() {
         .collect();
     assert_eq!(codes, vec![200, 200, 200, 429, 429, 429]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let trips: Vec<serde_json::Value> = up
-        .seen()
-        .into_iter()
-        .filter(|r| r.path == "/_demo/alerts")
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
-        .filter(|a| a["type"] == "breaker_tripped")
-        .collect();
+    let trips = breaker_alerts(&up);
     assert_eq!(trips.len(), 1, "{trips:?}");
     assert_eq!(trips[0]["breaker"], "spendRate");
     assert_eq!(trips[0]["scope"], "session");

@@ -6,59 +6,13 @@
 
 mod support;
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use support::demo_api::DemoApi;
 use support::x402::Peers;
-use support::{free_port, repo_root, Client, Envoy};
-
-/// demo/upstream.py (standard library only) on a free loopback port; stopped on drop.
-struct DemoApi {
-    port: u16,
-    child: Child,
-}
-
-impl DemoApi {
-    fn start() -> DemoApi {
-        let port = free_port();
-        let child = Command::new("python3")
-            .arg(repo_root().join("demo/upstream.py"))
-            .args(["--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut api = DemoApi { port, child };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = api.child.try_wait() {
-                panic!("demo/upstream.py exited with {status}");
-            }
-            assert!(Instant::now() < deadline, "demo/upstream.py did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        api
-    }
-
-    /// Every LLM request it answered, oldest first.
-    fn llm_log(&self) -> Vec<serde_json::Value> {
-        let r = Client::new(self.port).get("demo", "/_demo/llm/log", &[]);
-        assert_eq!(r.status, 200);
-        r.json().as_array().unwrap().clone()
-    }
-}
-
-impl Drop for DemoApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{repo_root, Envoy};
 
 #[test]
 fn the_demo_scenarios_play_out_as_the_product_says() {
-    let up = DemoApi::start();
+    let up = DemoApi::start("python3");
     // x402.local: the official SDK's paid API, paid through the reference signer.
     let peers = Peers::start();
     let envoy = Envoy::reference_with_x402(up.port, peers.v2, peers.signer);
@@ -93,7 +47,7 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     assert!(text.contains("== 7. Claude Code session"), "{text}");
     assert!(text.contains("cost their tokens"), "{text}");
     let claude: Vec<_> = up
-        .llm_log()
+        .log()
         .into_iter()
         .filter(|r| r["endpoint"] == "api.anthropic.com/v1/messages")
         .collect();

@@ -17,13 +17,13 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::demo_api::DemoApi;
 use support::envoy::{route, EnvoyConfig, RouteSpec};
-use support::{ensure, free_port, repo_root, unique, Client, Envoy};
+use support::{ensure, repo_root, unique, Client, Envoy};
 
 const KEY: &str = "demo-key";
 const ADMIN: [(&str, &str); 1] = [("authorization", "Bearer demo-admin")];
@@ -40,58 +40,9 @@ const SERVER_TOOL_TOKENS: u64 = 100_000;
 
 // --- demo/upstream.py, the stand-in for the providers ------------------------------------
 
-/// demo/upstream.py on a free loopback port; stopped on drop.
-struct DemoApi {
-    port: u16,
-    child: Child,
-}
-
-impl DemoApi {
-    fn start() -> DemoApi {
-        let python = ensure("ensure-llm-venv.sh");
-        let port = free_port();
-        let child = Command::new(python)
-            .arg(repo_root().join("demo/upstream.py"))
-            .args(["--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut api = DemoApi { port, child };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = api.child.try_wait() {
-                panic!("demo/upstream.py exited with {status}");
-            }
-            assert!(Instant::now() < deadline, "demo/upstream.py did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        api
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let r = Client::new(self.port).get("demo", path, &[]);
-        assert_eq!(r.status, 200, "{path}");
-        r.json()
-    }
-
-    /// Forgets the LLM records and the prompt caches.
-    fn reset(&self) {
-        let r = Client::new(self.port).post("demo", "/_demo/llm/reset", &[], "");
-        assert_eq!(r.status, 200);
-    }
-
-    /// Every LLM request the upstream saw, oldest first (GET /_demo/llm/log).
-    fn log(&self) -> Vec<Value> {
-        self.get("/_demo/llm/log").as_array().unwrap().clone()
-    }
-}
-
-impl Drop for DemoApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// demo/upstream.py run by the SDKs' venv python.
+fn demo_api() -> DemoApi {
+    DemoApi::start(&ensure("ensure-llm-venv.sh"))
 }
 
 /// The upstream's record of the request whose body holds `tag`.
@@ -638,7 +589,7 @@ fn long_text(nonce: &str, n: usize) -> String {
 /// driver reports for every kind of call is the usage the upstream answered.
 #[test]
 fn the_sdk_drivers_read_the_usage_the_upstream_answered() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let python = ensure("ensure-llm-venv.sh");
     let out = Command::new(python)
         .arg(repo_root().join("demo/llm_selftest.py"))
@@ -750,7 +701,7 @@ fn reference_meter() -> Meter {
 /// its reservation; the ledger is the sum of the token costs to the unit.
 #[test]
 fn anthropic_sdk_calls_through_the_reference_config_cost_their_tokens() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let envoy = Envoy::reference(api.port);
     let meter = reference_meter();
     let s = unique("llm-anthropic");
@@ -910,7 +861,7 @@ fn anthropic_sdk_calls_through_the_reference_config_cost_their_tokens() {
 /// A request with no max_tokens gets defaultMaxTokens (4096 by default) written into it.
 #[test]
 fn an_anthropic_request_without_max_tokens_gets_the_default_limit() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let envoy = Envoy::reference(api.port);
     let meter = reference_meter();
     let s = unique("llm-default");
@@ -942,7 +893,7 @@ fn an_anthropic_request_without_max_tokens_gets_the_default_limit() {
 /// unmetered; a normal call beside them costs its tokens.
 #[test]
 fn anthropic_calls_without_usage_are_charged_their_reservation() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let envoy = Envoy::reference(api.port);
     let meter = reference_meter();
     let s = unique("llm-unmetered");
@@ -1052,7 +1003,7 @@ fn openai_envoy(api: &DemoApi, meter: &Meter, policy: Value) -> Envoy {
 /// usage chunk a client did not ask for, and the SDK sees it.
 #[test]
 fn openai_sdk_chat_and_responses_cost_their_tokens() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = openai_meter(DEFAULT_MAX_TOKENS);
     let envoy = openai_envoy(&api, &meter, json!({"sessionBudget": "5000000"}));
     let s = unique("llm-openai");
@@ -1212,7 +1163,7 @@ fn openai_sdk_chat_and_responses_cost_their_tokens() {
 /// Responses API, a Chat stream cut before its usage chunk) cost their reservation.
 #[test]
 fn openai_streams_without_usage_are_charged_their_reservation() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = openai_meter(DEFAULT_MAX_TOKENS);
     let envoy = openai_envoy(&api, &meter, json!({"sessionBudget": "5000000"}));
     let s = unique("llm-openai-unmetered");
@@ -1291,7 +1242,7 @@ fn openai_streams_without_usage_are_charged_their_reservation() {
 fn a_hundred_parallel_streams_never_overspend_the_session() {
     const CALLS: usize = 100;
     const MAX: u64 = 8000;
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = Meter {
         table: Table::of(&["claude-haiku-4-5*"]),
         default_max_tokens: DEFAULT_MAX_TOKENS,
@@ -1432,7 +1383,7 @@ fn swap_number(text: &str, key: &str, to: u64) -> String {
 /// the rest of the body reaches the upstream byte for byte.
 #[test]
 fn lowering_max_tokens_lowers_the_thinking_budget_and_nothing_else() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = Meter {
         table: Table::of(&["claude-sonnet-4-5*"]),
         default_max_tokens: DEFAULT_MAX_TOKENS,
@@ -1521,7 +1472,7 @@ fn lowering_max_tokens_lowers_the_thinking_budget_and_nothing_else() {
 #[test]
 fn openai_requests_without_a_limit_get_default_max_tokens() {
     const DEFAULT: u64 = 2048;
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = openai_meter(DEFAULT);
     let envoy = openai_envoy(&api, &meter, json!({"sessionBudget": "5000000"}));
     let s = unique("llm-openai-default");
@@ -1594,7 +1545,7 @@ fn openai_requests_without_a_limit_get_default_max_tokens() {
 /// upstream, and costs nothing.
 #[test]
 fn bad_llm_requests_are_clear_errors_that_cost_nothing() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = Meter {
         table: Table::of(&["claude-haiku-4-5*", "gpt-4o-mini"]),
         default_max_tokens: DEFAULT_MAX_TOKENS,
@@ -1804,7 +1755,7 @@ fn bad_llm_requests_are_clear_errors_that_cost_nothing() {
 /// raises it with pag0's code.
 #[test]
 fn openai_budget_refusals_come_in_openai_error_shape() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = openai_meter(DEFAULT_MAX_TOKENS);
     let policy = json!({"sessionBudget": "5000000",
                         "agents": {"tiny-*": {"agentBudget": "100"}}});
@@ -1893,7 +1844,7 @@ fn claude_code_body(session: &str, id: &str, nonce: &str) -> Value {
 /// not, and the report shows each agent with its parent.
 #[test]
 fn claude_code_sessions_are_metered_per_subagent_with_their_parent() {
-    let api = DemoApi::start();
+    let api = demo_api();
     let meter = Meter {
         table: Table::of(&["claude-opus-5-5*"]),
         default_max_tokens: DEFAULT_MAX_TOKENS,

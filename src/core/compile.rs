@@ -116,6 +116,13 @@ impl Config {
         }
     }
 
+    /// A tenant's id by its index (the default tenant's for an index out of range).
+    pub fn tenant_id(&self, tenant: usize) -> &str {
+        self.tenants
+            .get(tenant)
+            .map_or(DEFAULT_TENANT, |t| t.id.as_str())
+    }
+
     /// First endpoint rule whose pattern matches.
     pub fn endpoint_rule(&self, endpoint: &str) -> Option<&EndpointRule> {
         self.endpoints.iter().find(|r| r.glob.matches(endpoint))

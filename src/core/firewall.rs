@@ -395,10 +395,7 @@ pub fn approval_for<'a>(cfg: &'a Config, call: &Call) -> Option<&'a crate::core:
 
 /// What the approval service is asked.
 pub fn approval_request(cfg: &Config, caller: &Caller, call: &Call) -> String {
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     serde_json::json!({
         "tenant": tenant,
         "session": caller.session,

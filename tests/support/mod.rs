@@ -10,6 +10,7 @@
 )]
 
 pub mod client;
+pub mod demo_api;
 pub mod envoy;
 pub mod h2;
 pub mod redis;

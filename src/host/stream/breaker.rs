@@ -34,10 +34,7 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
     else {
         return Ok(());
     };
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let now_s = now_millis() / 1000;
     let verdict = {
         let s = stream.state.borrow();
@@ -106,10 +103,7 @@ pub fn count_spend(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), 
     if call.price == 0 || (policy.spend_rate.is_none() && agent_rule.is_none()) {
         return Ok(());
     }
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let now_s = now_millis() / 1000;
     let mut counted = Vec::new();
     let scopes = [
@@ -187,10 +181,7 @@ pub fn check_payment(stream: &Stream, caller: &Caller, call: &Call) -> Result<()
     let Some(rule) = cfg.policies.get(call.policy).and_then(|p| p.x402_repeat) else {
         return Ok(());
     };
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let verdict = {
         let s = stream.state.borrow();
         let host = call.endpoint.split('/').next().unwrap_or("");

@@ -25,10 +25,7 @@ pub fn set_state(stream: &Stream, name: &str, value: &str) {
 /// The counters a call counts in (tenant, the agent's role, tool, endpoint).
 pub fn metric_ids(stream: &Stream, caller: &Caller, call: &Call) -> metrics::CallIds {
     let cfg = &stream.config;
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let role = cfg
         .policies
         .get(call.policy)
@@ -87,10 +84,7 @@ pub fn refuse_with(
     extra: &[(&str, &str)],
 ) {
     let cfg = &stream.config;
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let role = cfg
         .policies
         .get(call.policy)

@@ -29,11 +29,7 @@ fn key_of(stream: &Stream, caller: &Caller, call: &Call) -> Option<String> {
     let cfg = stream.config.cache.as_ref()?;
     let s = stream.state.borrow();
     let req = s.cache.as_ref()?;
-    let tenant = stream
-        .config
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = stream.config.tenant_id(caller.tenant);
     let private = firewall::private_cache(&stream.config, caller, call);
     let namespace = cfg.namespace(&caller.session, &caller.agent, private);
     let credentials: Vec<&[u8]> = req.credentials.iter().map(Vec::as_slice).collect();

@@ -120,10 +120,7 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
         };
     }
     // x402 relay: the agent's own payment only ever adds a check.
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let offered = |p: &x402::Payment| {
         let of = offers::OfferOf {
             tenant,

@@ -160,10 +160,7 @@ fn pay_offer(
         );
         return Step::Pause;
     }
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     let body = x402::signer_request(&offer, chosen, tenant, &caller.session, &caller.agent);
     if let Some(pay) = stream.state.borrow_mut().pay.as_mut() {
         pay.stage = PayStage::Approving;

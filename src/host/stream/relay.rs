@@ -72,10 +72,7 @@ fn check_offer(stream: &Stream, offer: &PaymentRequired) -> Step {
         }
     };
     let cfg = &stream.config;
-    let tenant = cfg
-        .tenants
-        .get(caller.tenant)
-        .map_or("default", |t| t.id.as_str());
+    let tenant = cfg.tenant_id(caller.tenant);
     offers::remember(
         &HostStore,
         tenant,
