@@ -345,7 +345,15 @@ fn handle_inner<S: SharedStore + ?Sized>(
                 ));
             }
             let kill = matches!(route, AdminRoute::Kill(_));
-            let changed = sessions::set_killed(store, &tenant, id, &cfg.sessions, now, kill)?;
+            let changed = sessions::set_killed(
+                store,
+                &tenant,
+                id,
+                &cfg.sessions,
+                now,
+                kill,
+                cfg.ledger_redis.is_some(),
+            )?;
             let Some((record, was_killed)) = changed else {
                 return Err(not_found(id));
             };

@@ -58,6 +58,9 @@ pub struct Config {
     pub default_policy: usize,
     pub endpoints: Vec<EndpointRule>,
     pub ledger: LedgerTimings,
+    /// `ledger.store: redis`: the Webdis front of the Redis that is the ledger of
+    /// record for priced calls (None: Envoy's shared data).
+    pub ledger_redis: Option<Service>,
     /// Chaos testing: the header that crashes the VM (never set in production).
     pub crash_header: Option<String>,
     /// Leave `wasm.pag0_*` filter state for access logs.
@@ -448,7 +451,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
     let track_windows = policies
         .iter()
         .any(|p| p.daily_budget.is_some() || p.monthly_budget.is_some());
-    let ledger = compile_ledger(&raw.ledger)?;
+    let (ledger, ledger_redis) = compile_ledger(&raw.ledger)?;
     let crash_header = match raw.fault_injection {
         None => None,
         Some(f) => Some(header_name(
@@ -467,6 +470,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
         default_policy,
         endpoints,
         ledger,
+        ledger_redis,
         crash_header,
         filter_state: raw.filter_state.unwrap_or(false),
         track_windows,
@@ -570,15 +574,45 @@ fn compile_llm(raw: crate::core::config::RawLlm) -> Result<LlmSettings, String> 
     })
 }
 
-fn compile_ledger(raw: &crate::core::config::RawLedger) -> Result<LedgerTimings, String> {
-    match raw.store.as_deref() {
-        None | Some("shared-data") => {}
+fn compile_ledger(
+    raw: &crate::core::config::RawLedger,
+) -> Result<(LedgerTimings, Option<Service>), String> {
+    let redis = match raw.store.as_deref() {
+        None | Some("shared-data") => {
+            if raw.cluster.is_some() || raw.timeout_ms.is_some() || raw.authority.is_some() {
+                return Err(
+                    "ledger.cluster, ledger.authority and ledger.timeoutMs apply only to ledger.store: \"redis\""
+                        .to_string(),
+                );
+            }
+            None
+        }
+        Some("redis") => {
+            let Some(cluster) = raw.cluster.clone().filter(|c| !c.is_empty()) else {
+                return Err(
+                    "ledger.cluster: ledger.store \"redis\" needs the Envoy cluster of its Webdis front"
+                        .to_string(),
+                );
+            };
+            let timeout_ms = raw.timeout_ms.unwrap_or(250);
+            if !(10..=10_000).contains(&timeout_ms) {
+                return Err(format!(
+                    "ledger.timeoutMs: {timeout_ms} must be between 10 and 10000"
+                ));
+            }
+            Some(Service {
+                authority: raw.authority.clone().unwrap_or_else(|| cluster.clone()),
+                cluster,
+                path: String::new(),
+                timeout_ms,
+            })
+        }
         Some(other) => {
             return Err(format!(
                 "ledger.store: {other:?} must be \"shared-data\" or \"redis\""
             ))
         }
-    }
+    };
     let defaults = LedgerTimings::default();
     let lease = raw
         .owner_lease_seconds
@@ -602,11 +636,14 @@ fn compile_ledger(raw: &crate::core::config::RawLedger) -> Result<LedgerTimings,
             "ledger.flushIntervalMs: {flush} must be between 10 and 10000"
         ));
     }
-    Ok(LedgerTimings {
-        owner_lease_ms: lease * 1000,
-        reservation_timeout_ms: timeout * 1000,
-        flush_interval_ms: flush,
-    })
+    Ok((
+        LedgerTimings {
+            owner_lease_ms: lease * 1000,
+            reservation_timeout_ms: timeout * 1000,
+            flush_interval_ms: flush,
+        },
+        redis,
+    ))
 }
 
 /// pag0's own paths must start with `/_` so that they can never shadow an API path.

@@ -84,6 +84,13 @@ pub struct RawRates {
 pub struct RawLedger {
     /// `shared-data` (default) or `redis`.
     pub store: Option<String>,
+    /// `redis`: the Envoy cluster of the Webdis front of the ledger's Redis.
+    pub cluster: Option<String>,
+    /// `redis`: the `:authority` sent to it (default: the cluster name).
+    pub authority: Option<String>,
+    /// `redis`: how long a ledger call may take before a priced call is refused
+    /// with `LEDGER_UNAVAILABLE`.
+    pub timeout_ms: Option<u64>,
     /// A VM silent this long is dead: its reservations are charged and released.
     pub owner_lease_seconds: Option<u64>,
     /// A reservation open this long is settled as an unknown outcome (charged).

@@ -7,12 +7,14 @@
 //! - [`vm`]: what one VM keeps between streams (its part of the ledger, memos).
 //! - [`shared`] (the only caller of shared data), [`props`], [`callout`], [`reply`],
 //!   [`metrics`], [`outbox`].
+//! - [`remote_ledger`]: the Redis ledger's settlements and kill switch poll.
 
 mod abi;
 mod callout;
 mod metrics;
 mod outbox;
 mod props;
+mod remote_ledger;
 mod reply;
 mod root;
 mod shared;

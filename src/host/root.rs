@@ -15,7 +15,7 @@ use crate::host::outbox::{self, Kind};
 use crate::host::shared::HostStore;
 use crate::host::stream::waiters::{self, RootDispatch};
 use crate::host::stream::Pag0Http;
-use crate::host::{callout, log, metrics, now_millis, vm};
+use crate::host::{callout, log, metrics, now_millis, remote_ledger, vm};
 
 /// The tick: short, so that waiting streams and the report API's flush requests are
 /// answered quickly; the ledger decides on each tick whether anything is due.
@@ -57,6 +57,11 @@ impl Context for Pag0Root {
             };
             metrics::add(name, 1);
             return;
+        }
+        if let Some(config) = &self.config {
+            if remote_ledger::on_answer(config, token, body_size) {
+                return;
+            }
         }
         waiters::route_answer(self, self.context_id, token, body_size);
     }
@@ -118,6 +123,7 @@ impl RootContext for Pag0Root {
                 u64::from(ticked.recovered),
             );
         }
+        remote_ledger::on_tick(&RootDispatch(self), &config);
         for call in outbox::take_all() {
             let body = Some((call.content_type, call.body.as_bytes()));
             match callout::send(

@@ -18,6 +18,7 @@ pub mod budget;
 pub mod codec;
 pub mod local;
 pub mod owners;
+pub mod remote;
 pub mod report;
 pub mod sessions;
 pub mod windows;
@@ -62,6 +63,8 @@ pub struct Ticket {
     pub tool: Option<String>,
     pub endpoint_label: String,
     pub opened_ms: u64,
+    /// `ledger.store: redis`: the reservation's id in Redis (settled there, not here).
+    pub reservation: Option<String>,
 }
 
 /// The firewall let the call through.
@@ -148,6 +151,8 @@ pub struct Settled {
     /// The records as written (for the VM's view of them).
     pub session: Option<BudgetRecord>,
     pub windows: Option<WindowsRecord>,
+    /// `ledger.store: redis`: the settlement to send to Redis.
+    pub remote: Option<remote::Settlement>,
 }
 
 fn policy_of(cfg: &Config, index: usize) -> Result<&Policy, Refusal> {
@@ -195,6 +200,71 @@ enum Reserve {
 /// and month, one CAS); if the windows refuse, the session part is given back. No
 /// scope can go past its limit, whatever the interleaving of workers. A free call is
 /// only checked (lists, kill switch) and reserves nothing.
+/// A call checked against its policy (lists, per-request cap), not yet reserved: its
+/// ticket (with the price the cap leaves) and the least it may cost.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub ticket: Ticket,
+    pub min_price: Amount,
+}
+
+/// Why [`prepare`] refused: with the budgets to show (`true`), or before the call's
+/// budgets mean anything.
+pub type NotPrepared = (Refusal, bool);
+
+/// The policy's checks that need no ledger: the agent is allowed, the endpoint and
+/// price pass the lists and the per-request cap (a metered call over the cap is
+/// lowered to it when its least price fits).
+pub fn prepare(
+    cfg: &Config,
+    caller: &Caller,
+    call: &Call,
+    now_ms: u64,
+) -> Result<Prepared, NotPrepared> {
+    let policy = policy_of(cfg, call.policy).map_err(|r| (r, false))?;
+    tenant_id(cfg, caller.tenant).map_err(|r| (r, false))?;
+    if policy.refuses_agent(&caller.agent) {
+        return Err((unmatched_agent(&caller.agent), false));
+    }
+    let agent_rule = policy.agent_rule(&caller.agent);
+    let budget = policy.agent_budget(&caller.agent);
+    let min_price = call.min_price.unwrap_or(call.price).min(call.price);
+    let (price, least) = match per_request_cap(policy, agent_rule) {
+        Some((cap, _)) if call.price > cap && min_price <= cap => (cap, cap),
+        // Refused either way: the refusal names the least the call could cost.
+        Some((cap, _)) if call.price > cap => (call.price, min_price),
+        _ => (call.price, call.price),
+    };
+    check_priced(policy, call)
+        .and_then(|()| check_rules(policy, agent_rule, &call.endpoint, least))
+        .map_err(|r| (r, true))?;
+    Ok(Prepared {
+        ticket: Ticket {
+            id: 0,
+            owner: 0,
+            tenant: caller.tenant,
+            session: caller.session.clone(),
+            slot: None,
+            agent: caller.agent.clone(),
+            parent: caller.parent.clone(),
+            budget_agent: budget.map(|(key, _)| key.to_string()),
+            price,
+            windows: cfg.track_windows && price > 0,
+            policy: call.policy,
+            tool: call.tool.clone(),
+            endpoint_label: call.endpoint_label.clone(),
+            opened_ms: now_ms,
+            reservation: None,
+        },
+        min_price,
+    })
+}
+
+/// Checks the call against policy and reserves its price in every scope: the session
+/// record (session and agent budget, one CAS) first, then the tenant's windows (day
+/// and month, one CAS); if the windows refuse, the session part is given back. No
+/// scope can go past its limit, whatever the interleaving of workers. A free call is
+/// only checked (lists, kill switch) and reserves nothing.
 pub fn admit<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -205,46 +275,23 @@ pub fn admit<S: SharedStore + ?Sized>(
 ) -> Result<Admission, Box<Rejection>> {
     let now = now_ms / 1000;
     let no_alerts = |r: Refused| reject(r, Vec::new());
+    let Prepared {
+        mut ticket,
+        min_price,
+    } = match prepare(cfg, caller, call, now_ms) {
+        Ok(prepared) => prepared,
+        Err((refusal, false)) => return Err(no_alerts(Refused::plain(refusal))),
+        Err((refusal, true)) => {
+            let view = current_view(cfg, store, caller, call, now)
+                .map(|(v, _)| v)
+                .unwrap_or_default();
+            return Err(no_alerts(Refused { refusal, view }));
+        }
+    };
     let policy = policy_of(cfg, call.policy).map_err(|r| no_alerts(Refused::plain(r)))?;
     let tenant = tenant_id(cfg, caller.tenant).map_err(|r| no_alerts(Refused::plain(r)))?;
-    if policy.refuses_agent(&caller.agent) {
-        return Err(no_alerts(Refused::plain(unmatched_agent(&caller.agent))));
-    }
-    let agent_rule = policy.agent_rule(&caller.agent);
     let budget = policy.agent_budget(&caller.agent);
-    // A metered call over the per-request cap is lowered to it, when its least price
-    // fits; the cap refuses only what cannot.
-    let min_price = call.min_price.unwrap_or(call.price).min(call.price);
-    let (price, least) = match per_request_cap(policy, agent_rule) {
-        Some((cap, _)) if call.price > cap && min_price <= cap => (cap, cap),
-        // Refused either way: the refusal names the least the call could cost.
-        Some((cap, _)) if call.price > cap => (call.price, min_price),
-        _ => (call.price, call.price),
-    };
-    let checked = check_priced(policy, call)
-        .and_then(|()| check_rules(policy, agent_rule, &call.endpoint, least));
-    if let Err(refusal) = checked {
-        let view = current_view(cfg, store, caller, call, now)
-            .map(|(v, _)| v)
-            .unwrap_or_default();
-        return Err(no_alerts(Refused { refusal, view }));
-    }
-    let mut ticket = Ticket {
-        id: 0,
-        owner: 0,
-        tenant: caller.tenant,
-        session: caller.session.clone(),
-        slot: None,
-        agent: caller.agent.clone(),
-        parent: caller.parent.clone(),
-        budget_agent: budget.map(|(key, _)| key.to_string()),
-        price,
-        windows: cfg.track_windows && price > 0,
-        policy: call.policy,
-        tool: call.tool.clone(),
-        endpoint_label: call.endpoint_label.clone(),
-        opened_ms: now_ms,
-    };
+    let price = ticket.price;
     if price == 0 {
         let (view, killed) = seen_view(cfg, store, local, caller, call, now_ms)
             .map_err(|r| no_alerts(Refused::plain(r)))?;
@@ -588,6 +635,31 @@ pub fn settle<S: SharedStore + ?Sized>(
             max_agents,
         );
     }
+    if let Some(id) = &ticket.reservation {
+        let caller = Caller {
+            tenant: ticket.tenant,
+            session: ticket.session.clone(),
+            agent: ticket.agent.clone(),
+            parent: None,
+        };
+        let plan = remote::plan(
+            cfg,
+            policy_of(cfg, ticket.policy)?,
+            &caller,
+            ticket.opened_ms / 1000,
+        );
+        return Ok(Settled {
+            remote: Some(remote::settlement(
+                cfg,
+                ticket,
+                id,
+                outcome.cost,
+                outcome.unconfirmed,
+                plan,
+            )),
+            ..Settled::default()
+        });
+    }
     if ticket.price == 0 && outcome.cost == 0 {
         return Ok(Settled::default());
     }
@@ -688,6 +760,7 @@ pub fn settle_now<S: SharedStore + ?Sized>(
         alerts,
         session: session_record,
         windows: windows_record,
+        remote: None,
     })
 }
 

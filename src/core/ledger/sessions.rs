@@ -302,8 +302,9 @@ pub fn set_killed<S: SharedStore + ?Sized>(
     limits: &SessionLimits,
     now: u64,
     killed: bool,
+    create: bool,
 ) -> Result<Option<(BudgetRecord, bool)>, Refusal> {
-    let changed = modify(store, tenant, session_id, limits, now, false, &|r| {
+    let changed = modify(store, tenant, session_id, limits, now, create, &|r| {
         let was = r.killed;
         r.killed = killed;
         Ok(was)
@@ -425,7 +426,7 @@ mod tests {
     fn killing_an_unknown_session_creates_nothing() {
         let store = MemoryStore::new();
         let l = limits(4);
-        assert!(set_killed(&store, "t", "nobody", &l, 0, true)
+        assert!(set_killed(&store, "t", "nobody", &l, 0, true, false)
             .unwrap()
             .is_none());
         assert_eq!(store.key_count(), 0);

@@ -5,13 +5,17 @@
 
 use crate::core::admin::{self, Access, AdminResponse, AdminRoute};
 use crate::core::errors::Refusal;
+use crate::core::ledger::remote;
+use crate::host::callout;
 use crate::host::outbox;
 use crate::host::reply::send_local;
 use crate::host::shared::HostStore;
-use crate::host::stream::{waiters, Step, Stream};
+use crate::host::stream::state::Pending;
+use crate::host::stream::{waiters, Dispatch, Step, Stream};
 use crate::host::{now_millis, vm};
 
 pub fn serve(
+    d: &dyn Dispatch,
     stream: &Stream,
     route: Result<AdminRoute, Refusal>,
     headers: &crate::host::abi::HeaderMap,
@@ -37,6 +41,148 @@ pub fn serve(
         Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
     };
     let tenant = query_param(path, "tenant");
+    if let (Some(service), AdminRoute::Kill(id) | AdminRoute::Resume(id)) =
+        (&cfg.ledger_redis, &route)
+    {
+        // The Redis ledger: the switch is thrown there first, for every Envoy.
+        if access == Access::Admin {
+            if let Ok(index) = admin::tenant_of(cfg, access, tenant.as_deref()) {
+                let on = matches!(route, AdminRoute::Kill(_));
+                let body = remote::kill_body(cfg.tenant_id(index), id, on, "manual");
+                let sent = callout::send(
+                    d,
+                    &service.cluster,
+                    "PUT",
+                    &remote::eval_path(&service.path),
+                    &service.authority,
+                    Some(("application/json", body.as_bytes())),
+                    service.timeout_ms,
+                );
+                let wait = KillWait {
+                    route: route.clone(),
+                    access,
+                    tenant: tenant.clone(),
+                    path: path.to_vec(),
+                    body,
+                    loaded: false,
+                };
+                return match sent {
+                    Ok(token) => {
+                        d.wait_for(stream, token, Pending::AdminKill(Box::new(wait)));
+                        Step::Pause
+                    }
+                    Err(_) => send(
+                        stream,
+                        AdminResponse::refusal(&remote::unavailable(
+                            "cannot call the ledger's cluster",
+                        )),
+                    ),
+                };
+            }
+        }
+    }
+    after_remote(stream, route, access, tenant, path)
+}
+
+/// A kill or resume through the Redis ledger, waiting for Redis.
+#[derive(Debug)]
+pub struct KillWait {
+    route: AdminRoute,
+    access: Access,
+    tenant: Option<String>,
+    path: Vec<u8>,
+    body: String,
+    /// The script was loaded after a NOSCRIPT (once).
+    loaded: bool,
+}
+
+/// Redis answered a kill or resume: in force for every Envoy; now this one.
+pub fn on_kill_answer(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    mut wait: KillWait,
+    body_size: usize,
+) -> Step {
+    let Some(service) = stream.config.ledger_redis.clone() else {
+        return Step::Pause;
+    };
+    let status = callout::status();
+    let body = callout::body(body_size);
+    if wait.loaded && remote::loaded(&body) {
+        // The script is loaded: the kill itself, again.
+        wait.loaded = false;
+        let request = wait.body.clone();
+        return resend(
+            d,
+            stream,
+            &service,
+            wait,
+            remote::eval_path(&service.path),
+            request,
+            "application/json",
+        );
+    }
+    match remote::script_answer(status, &body) {
+        Ok(_) => after_remote(stream, wait.route, wait.access, wait.tenant, &wait.path),
+        Err(remote::Fault::NoScript) if !wait.loaded => {
+            wait.loaded = true;
+            resend(
+                d,
+                stream,
+                &service,
+                wait,
+                remote::load_path(&service.path),
+                remote::SCRIPT.to_string(),
+                "text/plain",
+            )
+        }
+        Err(remote::Fault::NoScript) => send(
+            stream,
+            AdminResponse::refusal(&remote::unavailable("Redis did not load the ledger script")),
+        ),
+        Err(remote::Fault::Unavailable(why)) => {
+            send(stream, AdminResponse::refusal(&remote::unavailable(&why)))
+        }
+    }
+}
+
+fn resend(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    service: &crate::core::compile::Service,
+    wait: KillWait,
+    path: String,
+    body: String,
+    content_type: &str,
+) -> Step {
+    match callout::send(
+        d,
+        &service.cluster,
+        "PUT",
+        &path,
+        &service.authority,
+        Some((content_type, body.as_bytes())),
+        service.timeout_ms,
+    ) {
+        Ok(token) => {
+            d.wait_for(stream, token, Pending::AdminKill(Box::new(wait)));
+            Step::Pause
+        }
+        Err(_) => send(
+            stream,
+            AdminResponse::refusal(&remote::unavailable("cannot call the ledger's cluster")),
+        ),
+    }
+}
+
+fn after_remote(
+    stream: &Stream,
+    route: AdminRoute,
+    access: Access,
+    tenant: Option<String>,
+    path: &[u8],
+) -> Step {
+    let cfg = &stream.config;
     let now = now_millis();
     // Kill and resume change the switch first, then make every VM forget the records
     // it saw (free calls and cache hits take the switch from them): once the API

@@ -74,7 +74,18 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
 
 /// A breaker configured with `killSession` turns the session's kill switch on.
 fn kill(cfg: &crate::core::compile::Config, tenant: &str, session: &str, now_s: u64) {
-    if let Err(e) = sessions::set_killed(&HostStore, tenant, session, &cfg.sessions, now_s, true) {
+    if cfg.ledger_redis.is_some() {
+        crate::host::remote_ledger::queue_kill(tenant, session, "breaker");
+    }
+    if let Err(e) = sessions::set_killed(
+        &HostStore,
+        tenant,
+        session,
+        &cfg.sessions,
+        now_s,
+        true,
+        false,
+    ) {
         log(
             LogLevel::Warn,
             &format!("pag0: breaker: could not kill the session: {}", e.message),

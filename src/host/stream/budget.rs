@@ -2,15 +2,22 @@
 //! stream sends after it knows its caller goes through [`refuse`], so that it is
 //! counted in the session's report, in the metrics and, for budgets, raises its alert.
 
+use crate::core::alerts::Alert;
 use crate::core::call::{Call, Caller};
+use crate::core::compile::Service;
 use crate::core::errors::Refusal;
 use crate::core::headers::BudgetView;
+use crate::core::ledger::remote;
+use crate::core::ledger::Ticket;
 use crate::core::ledger::{self, Outcome};
+use crate::host::callout;
 use crate::host::metrics::{self, label};
 use crate::host::outbox;
+use crate::host::remote_ledger;
 use crate::host::reply::send_refusal;
 use crate::host::shared::HostStore;
-use crate::host::stream::{breaker, Step, Stream};
+use crate::host::stream::state::{AfterReserve, Pending, ReserveWait};
+use crate::host::stream::{breaker, Dispatch, Step, Stream};
 use crate::host::{log, now_millis, vm};
 use proxy_wasm::types::LogLevel;
 
@@ -39,33 +46,274 @@ pub fn metric_ids(stream: &Stream, caller: &Caller, call: &Call) -> metrics::Cal
     )
 }
 
-/// Checks and reserves; on success the stream may go upstream.
-pub fn admit(stream: &Stream, caller: &Caller, call: &Call) -> Step {
+/// How an admission went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Reserved (or free): the stream goes on.
+    Yes,
+    /// Refused: the stream was answered.
+    No,
+    /// Sent to the Redis ledger: [`on_reserved`] goes on with what was to follow.
+    Waiting,
+}
+
+/// Checks and reserves; on success the stream may go upstream. With the Redis ledger a
+/// priced call waits for Redis's reservation.
+pub fn admit(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    caller: &Caller,
+    call: &Call,
+    then: AfterReserve,
+) -> Admit {
     let cfg = &stream.config;
     if let Err(refusal) = breaker::count_spend(stream, caller, call) {
         refuse(stream, caller, call, &refusal, &BudgetView::default());
-        return Step::Pause;
+        return Admit::No;
+    }
+    if let Some(service) = &cfg.ledger_redis {
+        if call.price > 0 {
+            return reserve_remote(d, stream, service, caller, call, then);
+        }
     }
     let admitted =
         vm::with(|vm| ledger::admit(cfg, &HostStore, &mut vm.ledger, caller, call, now_millis()));
     match admitted {
         Ok(admission) => {
-            breaker::lower_spend(stream, admission.ticket.price);
+            admitted_with(stream, caller, call, admission.ticket, admission.view);
             outbox::queue_alerts(cfg, admission.alerts);
-            let ids = metric_ids(stream, caller, call);
-            let mut s = stream.state.borrow_mut();
-            s.metric_ids = Some(ids);
-            s.ticket = Some(admission.ticket);
-            s.view = admission.view;
-            Step::Continue
+            Admit::Yes
         }
         Err(rejection) => {
             breaker::settle_spend(stream, 0);
             let ledger::Rejection { refused, alerts } = *rejection;
             outbox::queue_alerts(cfg, alerts);
             refuse(stream, caller, call, &refused.refusal, &refused.view);
+            Admit::No
+        }
+    }
+}
+
+fn admitted_with(stream: &Stream, caller: &Caller, call: &Call, ticket: Ticket, view: BudgetView) {
+    breaker::lower_spend(stream, ticket.price);
+    let ids = metric_ids(stream, caller, call);
+    let mut s = stream.state.borrow_mut();
+    s.metric_ids = Some(ids);
+    s.ticket = Some(ticket);
+    s.view = view;
+}
+
+/// Asks Redis to check and reserve the call in every scope at once.
+fn reserve_remote(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    service: &Service,
+    caller: &Caller,
+    call: &Call,
+    then: AfterReserve,
+) -> Admit {
+    let cfg = &stream.config;
+    let now = now_millis();
+    let prepared = match ledger::prepare(cfg, caller, call, now) {
+        Ok(prepared) => prepared,
+        Err((refusal, _)) => {
+            breaker::settle_spend(stream, 0);
+            refuse(stream, caller, call, &refusal, &BudgetView::default());
+            return Admit::No;
+        }
+    };
+    let Some(policy) = cfg.policies.get(call.policy) else {
+        return Admit::No;
+    };
+    let ticket = prepared.ticket;
+    if ticket.price > remote::MAX_EXACT {
+        breaker::settle_spend(stream, 0);
+        let refusal = Refusal::new(
+            crate::core::errors::ErrorCode::InvalidRequest,
+            "the price is above what the Redis ledger keeps exactly (2^53 units)",
+        );
+        refuse(stream, caller, call, &refusal, &BudgetView::default());
+        return Admit::No;
+    }
+    let plan = remote::plan(cfg, policy, caller, now / 1000);
+    let id = remote_ledger::next_id();
+    let request = remote::reserve_body(
+        &plan,
+        &id,
+        ticket.price,
+        prepared.min_price,
+        cfg.ledger.reservation_timeout_ms,
+    );
+    let wait = Box::new(ReserveWait {
+        id,
+        ticket,
+        plan,
+        request,
+        then,
+    });
+    send_reserve(d, stream, service, wait, false)
+}
+
+fn send_reserve(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    service: &Service,
+    wait: Box<ReserveWait>,
+    load_first: bool,
+) -> Admit {
+    let sent = if load_first {
+        callout::send(
+            d,
+            &service.cluster,
+            "PUT",
+            &remote::load_path(&service.path),
+            &service.authority,
+            Some(("text/plain", remote::SCRIPT.as_bytes())),
+            service.timeout_ms,
+        )
+    } else {
+        callout::send(
+            d,
+            &service.cluster,
+            "PUT",
+            &remote::eval_path(&service.path),
+            &service.authority,
+            Some(("application/json", wait.request.as_bytes())),
+            service.timeout_ms,
+        )
+    };
+    match sent {
+        Ok(token) => {
+            let pending = if load_first {
+                Pending::ReserveLoad(wait)
+            } else {
+                Pending::Reserve(wait)
+            };
+            d.wait_for(stream, token, pending);
+            Admit::Waiting
+        }
+        Err(status) => {
+            unavailable(
+                stream,
+                &wait,
+                &format!("cannot call cluster {}: {status:?}", service.cluster),
+            );
+            Admit::No
+        }
+    }
+}
+
+/// Refuses with `LEDGER_UNAVAILABLE`; the reservation, if Redis made it after all, is
+/// given back.
+fn unavailable(stream: &Stream, wait: &ReserveWait, why: &str) {
+    let cfg = &stream.config;
+    let t = &wait.ticket;
+    remote_ledger::release(cfg, &wait.id, t.tenant, &t.session, &t.agent);
+    metrics::add("pag0.ledger.redis_unavailable", 1);
+    breaker::settle_spend(stream, 0);
+    let (caller, call) = {
+        let s = stream.state.borrow();
+        (s.caller.clone(), s.call.clone())
+    };
+    let refusal = remote::unavailable(why);
+    match (caller, call) {
+        (Some(caller), Some(call)) => {
+            refuse(stream, &caller, &call, &refusal, &BudgetView::default())
+        }
+        _ => answer_refusal(stream, &refusal, &BudgetView::default()),
+    }
+}
+
+/// Redis answered a reservation (or loading its script), or did not in time.
+pub fn on_reserved(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    wait: Box<ReserveWait>,
+    loading: bool,
+    body_size: usize,
+) -> Step {
+    let cfg = stream.config.clone();
+    let Some(service) = cfg.ledger_redis.clone() else {
+        return Step::Pause;
+    };
+    let status = callout::status();
+    let body = callout::body(body_size);
+    if loading {
+        if !remote::loaded(&body) {
+            unavailable(stream, &wait, "Redis did not load the ledger script");
+            return Step::Pause;
+        }
+        return match send_reserve(d, stream, &service, wait, false) {
+            Admit::Waiting => Step::Pause,
+            _ => Step::Pause,
+        };
+    }
+    let answer = match remote::script_answer(status, &body) {
+        Ok(answer) => answer,
+        Err(remote::Fault::NoScript) => {
+            remote_ledger::script_missing();
+            return match send_reserve(d, stream, &service, wait, true) {
+                Admit::Waiting => Step::Pause,
+                _ => Step::Pause,
+            };
+        }
+        Err(remote::Fault::Unavailable(why)) => {
+            unavailable(stream, &wait, &why);
+            return Step::Pause;
+        }
+    };
+    let (caller, call) = {
+        let s = stream.state.borrow();
+        match (s.caller.clone(), s.call.clone()) {
+            (Some(caller), Some(call)) => (caller, call),
+            _ => return Step::Pause,
+        }
+    };
+    let ReserveWait {
+        id,
+        mut ticket,
+        plan,
+        then,
+        ..
+    } = *wait;
+    match remote::read_reserve(&plan, &caller.agent, ticket.price, &answer) {
+        Ok(reserved) => {
+            ticket.price = reserved.amount;
+            ticket.reservation = Some(id);
+            admitted_with(stream, &caller, &call, ticket, reserved.view);
+            match then {
+                AfterReserve::Gate => super::gate::after_admit(d, stream),
+                AfterReserve::Sign(body) => super::pay::after_admit(d, stream, body),
+            }
+        }
+        Err(denied) => {
+            breaker::settle_spend(stream, 0);
+            let tenant = cfg.tenant_id(caller.tenant).to_string();
+            let now = now_millis() / 1000;
+            let alerts = denied
+                .alerts
+                .into_iter()
+                .map(|alert| Alert {
+                    tenant: tenant.clone(),
+                    session: caller.session.clone(),
+                    at: now,
+                    alert,
+                })
+                .collect();
+            outbox::queue_alerts(&cfg, alerts);
+            super::cache::abandon_fill(stream);
+            refuse(stream, &caller, &call, &denied.refusal, &denied.view);
             Step::Pause
         }
+    }
+}
+
+/// A stream that ends while Redis has its reservation request: given back.
+pub fn forget_reservation(stream: &Stream) {
+    let pending = stream.state.borrow_mut().pending.take();
+    if let Some((_, Pending::Reserve(wait) | Pending::ReserveLoad(wait))) = pending {
+        let t = &wait.ticket;
+        remote_ledger::release(&stream.config, &wait.id, t.tenant, &t.session, &t.agent);
     }
 }
 
@@ -145,7 +393,10 @@ pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
         )
     });
     match settled {
-        Ok(settled) => {
+        Ok(mut settled) => {
+            if let Some(remote) = settled.remote.take() {
+                remote_ledger::queue(remote);
+            }
             if let Some(view) = settled.view {
                 stream.state.borrow_mut().view = view;
             }

@@ -9,8 +9,8 @@ use proxy_wasm::types::BufferType;
 use crate::core::firewall;
 use crate::core::headers::BudgetView;
 use crate::host::abi;
-use crate::host::stream::budget::{admit, refuse};
-use crate::host::stream::state::AfterApproval;
+use crate::host::stream::budget::{admit, refuse, Admit};
+use crate::host::stream::state::{AfterApproval, AfterReserve};
 use crate::host::stream::{approval, breaker, cache, meter, waiters, Dispatch, Step, Stream};
 use crate::host::vm;
 
@@ -72,11 +72,18 @@ pub fn go_upstream(d: &dyn Dispatch, stream: &Stream) -> Step {
             _ => return Step::Continue,
         }
     };
-    let step = admit(stream, &caller, &call);
-    if step != Step::Continue {
-        cache::abandon_fill(stream);
-        return step;
+    match admit(d, stream, &caller, &call, AfterReserve::Gate) {
+        Admit::Yes => after_admit(d, stream),
+        Admit::Waiting => Step::Pause,
+        Admit::No => {
+            cache::abandon_fill(stream);
+            Step::Pause
+        }
     }
+}
+
+/// Reserved: metering's limits, then approval when the price calls for it.
+pub fn after_admit(d: &dyn Dispatch, stream: &Stream) -> Step {
     if meter::apply(stream) != Step::Continue {
         return Step::Pause;
     }

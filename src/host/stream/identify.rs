@@ -66,7 +66,7 @@ pub fn on_request_headers(d: &dyn Dispatch, stream: &Stream, end_of_stream: bool
     let path = one(":path").to_vec();
     let method = String::from_utf8_lossy(one(":method")).into_owned();
     if let Some(route) = admin::route(&cfg, &method, &String::from_utf8_lossy(&path)) {
-        return admin_stage::serve(stream, route, &headers, &path);
+        return admin_stage::serve(d, stream, route, &headers, &path);
     }
     let route = props::route(&cfg);
     let mut key_memo = |key: &[u8]| vm::tenant_for_key(&cfg, key);

@@ -132,6 +132,9 @@ pub fn answer_callout(
         Pending::Approval(then) => approval::on_answer(d, stream, then, body_size),
         Pending::Signer => pay::on_signed(d, stream, body_size),
         Pending::PaidRetry => pay::on_paid_answer(stream, body_size),
+        Pending::Reserve(wait) => budget::on_reserved(d, stream, wait, false, body_size),
+        Pending::ReserveLoad(wait) => budget::on_reserved(d, stream, wait, true, body_size),
+        Pending::AdminKill(wait) => admin::on_kill_answer(d, stream, *wait, body_size),
     }
 }
 

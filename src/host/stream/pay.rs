@@ -20,10 +20,10 @@ use crate::host::callout;
 use crate::host::reply::send_local;
 use crate::host::stream::budget::{
     admit, answer_refusal_with, refuse, release_and_refuse, release_and_refuse_with, set_state,
-    settle,
+    settle, Admit,
 };
 use crate::host::stream::identify::{INTERNAL_HEADER, OWN_HEADER_PREFIX};
-use crate::host::stream::state::{AfterApproval, PayStage, Pending};
+use crate::host::stream::state::{AfterApproval, AfterReserve, PayStage, Pending};
 use crate::host::stream::{approval, breaker, respond, Dispatch, Step, Stream};
 use crate::host::vm;
 use proxy_wasm::types::MapType;
@@ -150,24 +150,29 @@ fn pay_offer(
         refuse(stream, &caller, &call, &refusal, &Default::default());
         return Step::Pause;
     }
-    if admit(stream, &caller, &call) != Step::Continue {
-        return Step::Pause;
+    let tenant = cfg.tenant_id(caller.tenant);
+    let body = x402::signer_request(&offer, chosen, tenant, &caller.session, &caller.agent);
+    if let Some(pay) = stream.state.borrow_mut().pay.as_mut() {
+        pay.version = offer.version;
+        pay.network = chosen.network.clone();
+        pay.amount = price;
     }
-    if cfg.signer.is_none() {
+    match admit(d, stream, &caller, &call, AfterReserve::Sign(body.clone())) {
+        Admit::Yes => after_admit(d, stream, body),
+        Admit::No | Admit::Waiting => Step::Pause,
+    }
+}
+
+/// The payment's price is reserved: approval, then the signer.
+pub fn after_admit(d: &dyn Dispatch, stream: &Stream, body: String) -> Step {
+    if stream.config.signer.is_none() {
         release_and_refuse(
             stream,
             &Refusal::new(ErrorCode::SignerUnavailable, "no signer is configured"),
         );
         return Step::Pause;
     }
-    let tenant = cfg.tenant_id(caller.tenant);
-    let body = x402::signer_request(&offer, chosen, tenant, &caller.session, &caller.agent);
-    if let Some(pay) = stream.state.borrow_mut().pay.as_mut() {
-        pay.stage = PayStage::Approving;
-        pay.version = offer.version;
-        pay.network = chosen.network.clone();
-        pay.amount = price;
-    }
+    set_stage(stream, PayStage::Approving);
     approval::maybe_ask(d, stream, AfterApproval::Sign(body))
 }
 

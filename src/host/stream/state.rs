@@ -32,6 +32,32 @@ pub enum Pending {
     Signer,
     /// The paid retry's answer (pay mode).
     PaidRetry,
+    /// The Redis ledger's answer to a reservation (`ledger.store: redis`).
+    Reserve(Box<ReserveWait>),
+    /// Redis had no ledger script: its loading, then the reservation again.
+    ReserveLoad(Box<ReserveWait>),
+    /// The Redis ledger's answer to a kill or resume through the admin API.
+    AdminKill(Box<crate::host::stream::admin::KillWait>),
+}
+
+/// A reservation sent to the Redis ledger, and what the stream does once it is made.
+#[derive(Debug)]
+pub struct ReserveWait {
+    pub id: String,
+    pub ticket: Ticket,
+    pub plan: crate::core::ledger::remote::Plan,
+    /// The script's request, sent again after a NOSCRIPT.
+    pub request: String,
+    pub then: AfterReserve,
+}
+
+/// What a call does once its price is reserved.
+#[derive(Debug)]
+pub enum AfterReserve {
+    /// The gate goes on (metering, approval, upstream).
+    Gate,
+    /// Pay mode: approval, then the signer with this request body.
+    Sign(String),
 }
 
 /// What an approved call does next.

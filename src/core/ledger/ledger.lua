@@ -1,0 +1,268 @@
+-- pag0's ledger in Redis: every operation is one call of this script (EVALSHA), so it
+-- runs as one atomic step across all the scopes it touches. ARGV[1] is a JSON request;
+-- the answer is a JSON string whose numbers are decimal strings (Lua's numbers are
+-- doubles: amounts stay exact below 2^53, and are never printed in exponent form).
+--
+-- Keys (built by pag0, never taken from a client unescaped):
+--   scope hashes (session, day, month): <f>spent, <f>reserved, <f>unconf, <f>expired,
+--     <f>alerts (flags), where <f> is "" for the scope or "a:<agent>:" for an agent
+--     budget inside the session hash; the session hash also has `killed` (the reason).
+--   pag0:r:<id>   one reservation: st (held|settled|expired|released), amount, sc (its
+--                 scopes as JSON), kept a day after it ends so a retry finds it.
+--   pag0:exp      reservations by deadline (ms, Redis's clock).
+--   pag0:kills    kill switch changes by sequence number, for every Envoy to poll.
+local req = cjson.decode(ARGV[1])
+local RETAIN_MS = 86400000
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function hnum(key, field)
+  return tonumber(redis.call('HGET', key, field) or '0') or 0
+end
+
+local function incr(key, field, by)
+  if by ~= 0 then
+    redis.call('HINCRBY', key, field, fmt(by))
+  end
+end
+
+-- Alert flags: 1 threshold crossed, 2 budget exhausted, 4 kill switch. Raises `kind`
+-- once per scope (per window for days and months): returns true the first time.
+local function raise(key, f, kind)
+  local flags = hnum(key, f .. 'alerts')
+  if flags % (kind * 2) >= kind then
+    return false
+  end
+  redis.call('HSET', key, f .. 'alerts', fmt(flags + kind))
+  return true
+end
+
+local function state(sc)
+  return { fmt(hnum(sc.k, sc.f .. 'spent')), fmt(hnum(sc.k, sc.f .. 'reserved')) }
+end
+
+-- The alerts a scope's committed spend crossed: [scope index, kind, spent, limit].
+local function spend_alerts(scopes, out, tag)
+  for i, sc in ipairs(scopes) do
+    local spent = hnum(sc.k, sc.f .. 'spent')
+    if sc.al and spent >= sc.al and raise(sc.k, sc.f, 1) then
+      table.insert(out, { tag, fmt(i - 1), '1', fmt(spent), fmt(sc.l or 0) })
+    end
+    if sc.kl and spent >= sc.kl and raise(sc.k, sc.f, 4) then
+      table.insert(out, { tag, fmt(i - 1), '4', fmt(spent), fmt(sc.l or 0) })
+    end
+    if sc.l and spent >= sc.l and raise(sc.k, sc.f, 2) then
+      table.insert(out, { tag, fmt(i - 1), '2', fmt(spent), fmt(sc.l) })
+    end
+  end
+end
+
+-- Moves a held reservation's amount from reserved to spent (plus `extra`, which a
+-- settlement uses for a cost other than the amount), counting it as unconfirmed or
+-- expired when it is one.
+local function charge(r, cost, counter)
+  for _, sc in ipairs(r.sc) do
+    incr(sc.k, sc.f .. 'reserved', -r.amount)
+    incr(sc.k, sc.f .. 'spent', cost)
+    if counter then
+      incr(sc.k, sc.f .. counter, cost)
+    end
+  end
+end
+
+local function load(id)
+  local fields = redis.call('HMGET', 'pag0:r:' .. id, 'st', 'amount', 'sc')
+  if not fields[1] then
+    return nil
+  end
+  return { st = fields[1], amount = tonumber(fields[2]) or 0, sc = cjson.decode(fields[3] or '[]') }
+end
+
+local function finish(id, st)
+  redis.call('HSET', 'pag0:r:' .. id, 'st', st)
+  redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
+  redis.call('ZREM', 'pag0:exp', id)
+end
+
+-- Reservations past their deadline expire charged: their Envoy died mid-call (or lost
+-- Redis for longer than the deadline), and the upstream may have been paid.
+local function sweep(now)
+  local due = redis.call('ZRANGEBYSCORE', 'pag0:exp', '-inf', fmt(now), 'LIMIT', 0, 64)
+  for _, id in ipairs(due) do
+    local r = load(id)
+    if r and r.st == 'held' then
+      charge(r, r.amount, 'expired')
+      finish(id, 'expired')
+    else
+      redis.call('ZREM', 'pag0:exp', id)
+    end
+  end
+  return #due
+end
+
+local function touch(scopes)
+  for _, sc in ipairs(scopes) do
+    if sc.x then
+      redis.call('EXPIRE', sc.k, fmt(sc.x))
+    end
+  end
+end
+
+local function reserve()
+  local now = now_ms()
+  sweep(now)
+  local id = req.id
+  local old = load(id)
+  if old then
+    -- A retry, or a reservation its Envoy already gave up on (released first).
+    return cjson.encode({ ok = (old.st == 'held'), code = 'DUPLICATE', amount = fmt(old.amount) })
+  end
+  local scopes = req.scopes
+  local view = {}
+  for i, sc in ipairs(scopes) do
+    view[i] = state(sc)
+  end
+  local killed = redis.call('HGET', req.session, 'killed')
+  if killed then
+    return cjson.encode({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = killed, v = view })
+  end
+  if req.killAt then
+    local s = scopes[req.si + 1]
+    local used = hnum(s.k, 'spent') + hnum(s.k, 'reserved')
+    if used >= req.killAt then
+      local alerts = {}
+      if raise(s.k, '', 4) then
+        table.insert(alerts, { '', fmt(req.si), '4', fmt(hnum(s.k, 'spent')), fmt(s.l or 0) })
+      end
+      return cjson.encode({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
+    end
+  end
+  -- As much of the price as every scope leaves, down to the least the call may cost.
+  local amount = req.price
+  for _, sc in ipairs(scopes) do
+    if sc.l then
+      local room = sc.l - hnum(sc.k, sc.f .. 'spent') - hnum(sc.k, sc.f .. 'reserved')
+      amount = math.min(amount, math.max(room, req.min))
+    end
+  end
+  for i, sc in ipairs(scopes) do
+    if sc.l then
+      local used = hnum(sc.k, sc.f .. 'spent') + hnum(sc.k, sc.f .. 'reserved')
+      if used + amount > sc.l then
+        local alerts = {}
+        if raise(sc.k, sc.f, 2) then
+          table.insert(alerts, { '', fmt(i - 1), '2', fmt(hnum(sc.k, sc.f .. 'spent')), fmt(sc.l) })
+        end
+        return cjson.encode({ ok = false, code = sc.c, i = fmt(i - 1), requested = fmt(amount), v = view, alerts = alerts })
+      end
+    end
+  end
+  for i, sc in ipairs(scopes) do
+    incr(sc.k, sc.f .. 'reserved', amount)
+    view[i] = state(sc)
+  end
+  touch(scopes)
+  local key = 'pag0:r:' .. id
+  local held = {}
+  for i, sc in ipairs(scopes) do
+    held[i] = { k = sc.k, f = sc.f, l = sc.l, al = sc.al, kl = sc.kl }
+  end
+  redis.call('HSET', key, 'st', 'held', 'amount', fmt(amount), 'sc', cjson.encode(held))
+  redis.call('PEXPIRE', key, fmt(req.ttl + RETAIN_MS))
+  redis.call('ZADD', 'pag0:exp', fmt(now + req.ttl), id)
+  return cjson.encode({ ok = true, amount = fmt(amount), v = view })
+end
+
+-- Commits or releases reservations (cost 0 releases). Each item is applied once: a
+-- retried settlement finds the reservation settled and changes nothing; one for a
+-- reservation not yet seen leaves a tombstone, so the reserve arriving late is refused.
+local function settle()
+  local now = now_ms()
+  sweep(now)
+  local results = {}
+  local alerts = {}
+  for n, item in ipairs(req.items) do
+    local id = item.id
+    local r = load(id)
+    local status
+    if not r then
+      redis.call('HSET', 'pag0:r:' .. id, 'st', 'released', 'amount', '0')
+      redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
+      status = 'unknown'
+    elseif r.st == 'held' then
+      charge(r, item.cost, item.u and 'unconf' or nil)
+      if item.cost > 0 then
+        spend_alerts(r.sc, alerts, fmt(n - 1))
+      end
+      finish(id, 'settled')
+      status = 'settled'
+    elseif r.st == 'expired' then
+      -- Charged in full when it expired; the call did end after all: charge what it
+      -- really cost instead.
+      for _, sc in ipairs(r.sc) do
+        incr(sc.k, sc.f .. 'spent', item.cost - r.amount)
+        incr(sc.k, sc.f .. 'expired', -r.amount)
+        if item.u then
+          incr(sc.k, sc.f .. 'unconf', item.cost)
+        end
+      end
+      finish(id, 'settled')
+      status = 'late'
+    else
+      status = 'duplicate'
+    end
+    results[n] = status
+  end
+  return cjson.encode({ r = results, alerts = alerts })
+end
+
+local function kill()
+  local session = req.session
+  if req.on then
+    redis.call('HSET', session, 'killed', req.reason or 'manual')
+  else
+    redis.call('HDEL', session, 'killed')
+  end
+  if req.x then
+    redis.call('EXPIRE', session, fmt(req.x))
+  end
+  local seq = redis.call('INCR', 'pag0:killseq')
+  redis.call('ZADD', 'pag0:kills', fmt(seq),
+    cjson.encode({ n = fmt(seq), t = req.tenant, s = req.sid, on = req.on, reason = req.reason }))
+  redis.call('ZREMRANGEBYRANK', 'pag0:kills', 0, -10001)
+  return cjson.encode({ seq = fmt(seq) })
+end
+
+local function kills()
+  local since = req.since or 0
+  local seq = tonumber(redis.call('GET', 'pag0:killseq') or '0')
+  local changes = redis.call('ZRANGEBYSCORE', 'pag0:kills', '(' .. fmt(since), '+inf', 'LIMIT', 0, 256)
+  return cjson.encode({ seq = fmt(seq), k = changes })
+end
+
+local function view()
+  sweep(now_ms())
+  local out = {}
+  for i, sc in ipairs(req.scopes) do
+    out[i] = {
+      fmt(hnum(sc.k, sc.f .. 'spent')), fmt(hnum(sc.k, sc.f .. 'reserved')),
+      fmt(hnum(sc.k, sc.f .. 'unconf')), fmt(hnum(sc.k, sc.f .. 'expired')),
+    }
+  end
+  local killed = req.session and redis.call('HGET', req.session, 'killed')
+  return cjson.encode({ v = out, killed = killed or false })
+end
+
+local ops = { reserve = reserve, settle = settle, kill = kill, kills = kills, view = view }
+local op = ops[req.op]
+if not op then
+  return redis.error_reply('pag0: unknown ledger operation')
+end
+return op()

@@ -1,0 +1,564 @@
+//! The ledger in Redis (`ledger.store: redis`): what pag0 asks of ledger.lua and how
+//! it reads the answers. Pure: the host sends these bodies to Webdis
+//! (`PUT /EVALSHA/<sha>/0`, the body being the script's one argument) and hands the
+//! answers back here.
+//!
+//! Every scope of a priced call (agent, session, day, month, with the per-request cap
+//! already applied to the price and the kill switch) is checked and reserved by one
+//! script call; commits and releases name the reservation's id, so a retry after a
+//! timeout never applies twice. Free calls and cache hits never reach Redis.
+
+use serde_json::{json, Value};
+
+use crate::core::alerts::{AlertKind, ScopeAlert};
+use crate::core::amount::Amount;
+use crate::core::call::Caller;
+use crate::core::compile::Config;
+use crate::core::errors::{BudgetDetails, ErrorCode, Refusal, Scope};
+use crate::core::headers::{BudgetView, ScopeState};
+use crate::core::ledger::Ticket;
+use crate::core::policy::Policy;
+use crate::core::window::{day_index, month_index};
+
+/// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
+pub const SCRIPT: &str = include_str!("ledger.lua");
+/// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
+pub const SCRIPT_SHA1: &str = "dd30625d6a26ba55cf3b909dc526d098c60bcb4b";
+
+/// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
+pub const MAX_EXACT: Amount = 1 << 53;
+
+/// How long Redis keeps a scope that nothing touches: a session a month, a day's
+/// window 35 days, a month's 400 days.
+const SESSION_EXPIRE_SECS: u64 = 30 * 86_400;
+const DAY_EXPIRE_SECS: u64 = 35 * 86_400;
+const MONTH_EXPIRE_SECS: u64 = 400 * 86_400;
+
+/// The Webdis path of one script call (the body is the request).
+pub fn eval_path(prefix: &str) -> String {
+    format!("{prefix}/EVALSHA/{SCRIPT_SHA1}/0")
+}
+
+/// The Webdis path that loads the script (the body is the script).
+pub fn load_path(prefix: &str) -> String {
+    format!("{prefix}/SCRIPT/LOAD")
+}
+
+/// A key part that cannot run into the next one: its length, then itself.
+fn part(s: &str) -> String {
+    format!("{}:{s}", s.len())
+}
+
+pub fn session_key(tenant: &str, session: &str) -> String {
+    format!("pag0:s:{}:{}", part(tenant), session)
+}
+
+fn day_key(tenant: &str, now_secs: u64) -> String {
+    format!("pag0:d:{}:{}", part(tenant), day_index(now_secs))
+}
+
+fn month_key(tenant: &str, now_secs: u64) -> String {
+    format!("pag0:m:{}:{}", part(tenant), month_index(now_secs))
+}
+
+/// The amount at which `reaches(used, limit, ppm)` starts to hold.
+fn threshold(limit: Amount, ppm: u64) -> Amount {
+    let product = u128::from(limit) * u128::from(ppm);
+    let at = product.div_ceil(1_000_000);
+    Amount::try_from(at).unwrap_or(Amount::MAX)
+}
+
+/// One scope a reservation counts in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeSpec {
+    pub scope: Scope,
+    pub key: String,
+    /// "" for the scope's own figures, "a:<agent>:" for an agent budget in a session.
+    pub field: String,
+    pub limit: Option<Amount>,
+    pub alert_at: Option<Amount>,
+    pub kill_at: Option<Amount>,
+    pub expire_secs: u64,
+}
+
+impl ScopeSpec {
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "k": self.key,
+            "f": self.field,
+            "c": self.scope.exceeded_code().as_str(),
+            "x": self.expire_secs,
+        });
+        if let Some(map) = v.as_object_mut() {
+            for (name, value) in [
+                ("l", self.limit),
+                ("al", self.alert_at),
+                ("kl", self.kill_at),
+            ] {
+                if let Some(value) = value {
+                    map.insert(name.into(), json!(value));
+                }
+            }
+        }
+        v
+    }
+}
+
+/// The scopes of a call, most specific first (agent, session, day, month): the order
+/// in which a refusal names the narrowest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub session_key: String,
+    pub scopes: Vec<ScopeSpec>,
+    /// Index of the session's own scope in `scopes`.
+    pub session_index: usize,
+    /// The session's use at which the kill switch threshold stops priced calls.
+    pub kill_at: Option<Amount>,
+    pub alert_ppm: Option<u64>,
+}
+
+/// Everything a priced call of `caller` counts against.
+pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Plan {
+    let tenant = cfg.tenant_id(caller.tenant);
+    let session_key = session_key(tenant, &caller.session);
+    let alert = |limit: Option<Amount>| limit.zip(policy.alert_ppm).map(|(l, p)| threshold(l, p));
+    let mut scopes = Vec::with_capacity(4);
+    if let Some((key, limit)) = policy.agent_budget(&caller.agent) {
+        scopes.push(ScopeSpec {
+            scope: Scope::Agent,
+            key: session_key.clone(),
+            field: format!("a:{key}:"),
+            limit: Some(limit),
+            alert_at: alert(Some(limit)),
+            kill_at: None,
+            expire_secs: SESSION_EXPIRE_SECS,
+        });
+    }
+    let kill_at = policy
+        .session_budget
+        .zip(policy.kill_ppm)
+        .map(|(l, p)| threshold(l, p));
+    let session_index = scopes.len();
+    scopes.push(ScopeSpec {
+        scope: Scope::Session,
+        key: session_key.clone(),
+        field: String::new(),
+        limit: policy.session_budget,
+        alert_at: alert(policy.session_budget),
+        kill_at,
+        expire_secs: SESSION_EXPIRE_SECS,
+    });
+    if cfg.track_windows {
+        scopes.push(ScopeSpec {
+            scope: Scope::Daily,
+            key: day_key(tenant, now_secs),
+            field: String::new(),
+            limit: policy.daily_budget,
+            alert_at: alert(policy.daily_budget),
+            kill_at: None,
+            expire_secs: DAY_EXPIRE_SECS,
+        });
+        scopes.push(ScopeSpec {
+            scope: Scope::Monthly,
+            key: month_key(tenant, now_secs),
+            field: String::new(),
+            limit: policy.monthly_budget,
+            alert_at: alert(policy.monthly_budget),
+            kill_at: None,
+            expire_secs: MONTH_EXPIRE_SECS,
+        });
+    }
+    Plan {
+        session_key,
+        scopes,
+        session_index,
+        kill_at,
+        alert_ppm: policy.alert_ppm,
+    }
+}
+
+/// The reserve request: `price`, or as much of it as every scope leaves down to
+/// `min_price`, held under `id` for `ttl_ms` (then charged if nobody settled it).
+pub fn reserve_body(
+    plan: &Plan,
+    id: &str,
+    price: Amount,
+    min_price: Amount,
+    ttl_ms: u64,
+) -> String {
+    let mut v = json!({
+        "op": "reserve",
+        "id": id,
+        "price": price,
+        "min": min_price.min(price),
+        "ttl": ttl_ms,
+        "session": plan.session_key,
+        "si": plan.session_index,
+        "scopes": plan.scopes.iter().map(ScopeSpec::to_json).collect::<Vec<_>>(),
+    });
+    if let (Some(at), Some(map)) = (plan.kill_at, v.as_object_mut()) {
+        map.insert("killAt".into(), json!(at));
+    }
+    v.to_string()
+}
+
+/// What is wrong with an answer from Webdis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Redis does not know the script (restarted, or flushed): load it, then retry.
+    NoScript,
+    /// Anything else: Redis or Webdis down, refused, or an answer pag0 cannot read.
+    Unavailable(String),
+}
+
+/// The script's answer inside Webdis's `{"EVALSHA": ...}`.
+pub fn script_answer(status: Option<u32>, body: &[u8]) -> Result<Value, Fault> {
+    let outer: Value = serde_json::from_slice(body).map_err(|_| {
+        Fault::Unavailable(format!(
+            "the ledger's Webdis answered {} with no JSON",
+            status.map_or("nothing".to_string(), |s| s.to_string())
+        ))
+    })?;
+    match outer.get("EVALSHA") {
+        Some(Value::String(inner)) => serde_json::from_str(inner)
+            .map_err(|_| Fault::Unavailable("the ledger script's answer is not JSON".into())),
+        Some(Value::Array(parts)) => {
+            let message = parts
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if message.contains("NOSCRIPT") {
+                Err(Fault::NoScript)
+            } else {
+                Err(Fault::Unavailable(format!("Redis: {message}")))
+            }
+        }
+        _ => Err(Fault::Unavailable(format!(
+            "the ledger's Webdis answered {}: {}",
+            status.map_or("nothing".to_string(), |s| s.to_string()),
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))),
+    }
+}
+
+/// Whether Webdis loaded the script (`{"SCRIPT": "<sha>"}`).
+pub fn loaded(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("SCRIPT").and_then(Value::as_str).map(str::to_string))
+        .is_some_and(|sha| sha == SCRIPT_SHA1)
+}
+
+fn num(v: &Value) -> Amount {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn list(v: Option<&Value>) -> &[Value] {
+    match v {
+        Some(Value::Array(items)) => items,
+        _ => &[],
+    }
+}
+
+/// The view of the scopes that have limits, from the script's `[spent, reserved]`s.
+fn view(plan: &Plan, figures: &[Value]) -> BudgetView {
+    let scopes = plan
+        .scopes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| {
+            let limit = spec.limit?;
+            let pair = list(figures.get(i));
+            Some(ScopeState {
+                scope: spec.scope,
+                limit,
+                spent: pair.first().map_or(0, num),
+                reserved: pair.get(1).map_or(0, num),
+            })
+        })
+        .collect();
+    BudgetView {
+        scopes,
+        alert_ppm: plan.alert_ppm,
+    }
+}
+
+/// Alerts the script raised: `[tag, scope index, kind, spent, limit]` each.
+fn alerts(plan: &Plan, agent: &str, raised: &[Value]) -> Vec<(usize, ScopeAlert)> {
+    raised
+        .iter()
+        .filter_map(|a| {
+            let a = list(Some(a));
+            let tag = a.first().map_or(0, num) as usize;
+            let spec = plan
+                .scopes
+                .get(a.get(1).map_or(usize::MAX, |v| num(v) as usize))?;
+            let kind = match a.get(2).map_or(0, num) {
+                1 => AlertKind::ThresholdCrossed,
+                2 => AlertKind::BudgetExhausted,
+                4 => AlertKind::KillSwitch,
+                _ => return None,
+            };
+            Some((
+                tag,
+                ScopeAlert {
+                    kind,
+                    scope: spec.scope,
+                    agent: (spec.scope == Scope::Agent).then(|| agent.to_string()),
+                    spent: a.get(3).map_or(0, num),
+                    limit: a.get(4).map_or(0, num),
+                    reason: None,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// A reservation Redis made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    pub amount: Amount,
+    pub view: BudgetView,
+}
+
+/// A reservation Redis refused, with the budgets as they stood and the alerts raised.
+#[derive(Debug, Clone)]
+pub struct Denied {
+    pub refusal: Refusal,
+    pub view: BudgetView,
+    pub alerts: Vec<ScopeAlert>,
+}
+
+/// Reads the reserve script's answer.
+pub fn read_reserve(
+    plan: &Plan,
+    agent: &str,
+    price: Amount,
+    answer: &Value,
+) -> Result<Reserved, Box<Denied>> {
+    let figures = list(answer.get("v"));
+    let view = view(plan, figures);
+    if answer.get("ok") == Some(&Value::Bool(true)) {
+        return Ok(Reserved {
+            amount: answer.get("amount").map_or(price, num),
+            view,
+        });
+    }
+    let raised = alerts(plan, agent, list(answer.get("alerts")))
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    let code = answer.get("code").and_then(Value::as_str).unwrap_or("");
+    let refusal = match code {
+        "KILL_SWITCH_ACTIVE" => {
+            let reason = answer
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("manual");
+            let session = view.scopes.iter().find(|s| s.scope == Scope::Session);
+            let mut fields = vec![("reason", reason.to_string())];
+            if reason == "threshold" {
+                if let Some(s) = session {
+                    fields.extend([
+                        ("scope", "session".to_string()),
+                        ("limit", s.limit.to_string()),
+                        ("spent", s.spent.to_string()),
+                        ("reserved", s.reserved.to_string()),
+                        ("requested", price.to_string()),
+                    ]);
+                }
+            }
+            let message = if reason == "threshold" {
+                "the session is at or past its kill switch threshold".to_string()
+            } else {
+                "the session's kill switch is on".to_string()
+            };
+            Refusal::new(ErrorCode::KillSwitchActive, message).with_fields(fields)
+        }
+        _ => {
+            let index = answer.get("i").map_or(usize::MAX, |v| num(v) as usize);
+            match plan.scopes.get(index) {
+                Some(spec) => {
+                    let pair = list(figures.get(index));
+                    Refusal::budget(BudgetDetails {
+                        scope: spec.scope,
+                        limit: spec.limit.unwrap_or(0),
+                        spent: pair.first().map_or(0, num),
+                        reserved: pair.get(1).map_or(0, num),
+                        requested: answer.get("requested").map_or(price, num),
+                    })
+                }
+                None => unavailable(&format!("the ledger refused with {code:?}")),
+            }
+        }
+    };
+    Err(Box::new(Denied {
+        refusal,
+        view,
+        alerts: raised,
+    }))
+}
+
+/// `LEDGER_UNAVAILABLE`: the ledger cannot be asked; the call is refused, nothing paid.
+pub fn unavailable(why: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::LedgerUnavailable,
+        format!("the ledger cannot be reached: {why}; nothing was charged"),
+    )
+    .with_retry_after(1)
+}
+
+/// One reservation to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub id: String,
+    pub cost: Amount,
+    pub unconfirmed: bool,
+    /// For the alerts its spend raises.
+    pub tenant: String,
+    pub session: String,
+    pub agent: String,
+    pub plan: Plan,
+}
+
+/// Commits (cost > 0) or releases (cost 0) reservations in one script call.
+pub fn settle_body(items: &[Settlement]) -> String {
+    json!({
+        "op": "settle",
+        "items": items.iter().map(|s| json!({
+            "id": s.id,
+            "cost": s.cost.min(MAX_EXACT),
+            "u": s.unconfirmed,
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// What ended: each item's status (`settled`, `late`, `duplicate`, `unknown`) and the
+/// alerts their spend raised (tenant, session, alert).
+pub fn read_settle(
+    items: &[Settlement],
+    answer: &Value,
+) -> (Vec<String>, Vec<(usize, ScopeAlert)>) {
+    let statuses = list(answer.get("r"))
+        .iter()
+        .map(|v| v.as_str().unwrap_or("").to_string())
+        .collect();
+    let mut raised = Vec::new();
+    for a in list(answer.get("alerts")) {
+        let parts = list(Some(a));
+        let Some(index) = parts.first().map(|v| num(v) as usize) else {
+            continue;
+        };
+        if let Some(item) = items.get(index) {
+            for (_, alert) in alerts(&item.plan, &item.agent, std::slice::from_ref(a)) {
+                raised.push((index, alert));
+            }
+        }
+    }
+    (statuses, raised)
+}
+
+/// Turns a session's kill switch on or off in Redis, and logs the change for every
+/// Envoy's poll.
+pub fn kill_body(tenant: &str, session: &str, on: bool, reason: &str) -> String {
+    json!({
+        "op": "kill",
+        "session": session_key(tenant, session),
+        "tenant": tenant,
+        "sid": session,
+        "on": on,
+        "reason": reason,
+        "x": SESSION_EXPIRE_SECS,
+    })
+    .to_string()
+}
+
+/// Kill switch changes after sequence number `since`.
+pub fn kills_body(since: u64) -> String {
+    json!({"op": "kills", "since": since}).to_string()
+}
+
+/// One kill switch change another Envoy made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KillChange {
+    pub seq: u64,
+    pub tenant: String,
+    pub session: String,
+    pub on: bool,
+}
+
+/// The changes, and the newest sequence number.
+pub fn read_kills(answer: &Value) -> (u64, Vec<KillChange>) {
+    let seq = answer.get("seq").map_or(0, num);
+    let changes = list(answer.get("k"))
+        .iter()
+        .filter_map(|m| {
+            let v: Value = serde_json::from_str(m.as_str()?).ok()?;
+            Some(KillChange {
+                seq: v.get("n").map_or(0, num),
+                tenant: v.get("t")?.as_str()?.to_string(),
+                session: v.get("s")?.as_str()?.to_string(),
+                on: v.get("on").and_then(Value::as_bool).unwrap_or(false),
+            })
+        })
+        .collect();
+    (seq, changes)
+}
+
+/// Figures of a session's scopes for the report: spent, reserved, unconfirmed, expired.
+pub fn view_body(plan: &Plan) -> String {
+    json!({
+        "op": "view",
+        "session": plan.session_key,
+        "scopes": plan.scopes.iter().map(ScopeSpec::to_json).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// Per scope of the plan: (spent, reserved, unconfirmed, expired); and the kill reason.
+pub fn read_view(answer: &Value) -> (Vec<[Amount; 4]>, Option<String>) {
+    let figures = list(answer.get("v"))
+        .iter()
+        .map(|f| {
+            let f = list(Some(f));
+            [0, 1, 2, 3].map(|i| f.get(i).map_or(0, num))
+        })
+        .collect();
+    let killed = answer
+        .get("killed")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    (figures, killed)
+}
+
+/// A reservation id unique across Envoys and restarts: the VM's random nonce and its
+/// counter.
+pub fn reservation_id(nonce: u64, counter: u64) -> String {
+    format!("{nonce:016x}-{counter:x}")
+}
+
+/// The settlement of an admitted ticket.
+pub fn settlement(
+    cfg: &Config,
+    ticket: &Ticket,
+    id: &str,
+    cost: Amount,
+    unconfirmed: bool,
+    plan: Plan,
+) -> Settlement {
+    Settlement {
+        id: id.to_string(),
+        cost,
+        unconfirmed,
+        tenant: cfg.tenant_id(ticket.tenant).to_string(),
+        session: ticket.session.clone(),
+        agent: ticket.agent.clone(),
+        plan,
+    }
+}

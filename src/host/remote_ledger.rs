@@ -1,0 +1,319 @@
+//! The VM's side of the Redis ledger (`ledger.store: redis`) that outlives a stream:
+//! reservation ids, the settlements waiting to be sent (a stream may end before its
+//! settlement is answered, so the root context sends them on its tick and resends
+//! them until Redis says they are applied: they are idempotent by id), and the poll
+//! that brings kill switch changes made on other Envoys into this one.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use proxy_wasm::types::LogLevel;
+
+use crate::core::alerts::Alert;
+use crate::core::compile::Config;
+use crate::core::ledger::remote::{self, Fault, Settlement};
+use crate::core::ledger::sessions;
+use crate::host::shared::HostStore;
+use crate::host::stream::Dispatch;
+use crate::host::{callout, log, metrics, now_millis, outbox};
+
+/// Settlements sent in one script call.
+const BATCH: usize = 128;
+/// Batches out at once.
+const MAX_IN_FLIGHT: usize = 4;
+/// How often each VM asks for kill switch changes.
+const KILL_POLL_MS: u64 = 200;
+/// Settlements held while Redis cannot be reached; beyond, the oldest wait for their
+/// reservation's expiry (charged) and are counted as dropped.
+const MAX_QUEUED: usize = 100_000;
+
+enum Flight {
+    Settle(Vec<Settlement>),
+    Kill(String),
+    Kills,
+    Load,
+}
+
+#[derive(Default)]
+struct State {
+    nonce: u64,
+    counter: u64,
+    queue: VecDeque<Settlement>,
+    /// Kill switch changes to write (a breaker's `killSession`), as request bodies.
+    kills: Vec<String>,
+    in_flight: HashMap<u32, Flight>,
+    kill_seq: Option<u64>,
+    last_poll_ms: u64,
+    /// Redis said NOSCRIPT: the next tick loads the script first.
+    needs_load: bool,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+fn with<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    STATE.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// A new reservation id: unique across Envoys, VMs and restarts.
+pub fn next_id() -> String {
+    with(|s| {
+        if s.nonce == 0 {
+            let mut raw = [0u8; 8];
+            if getrandom::getrandom(&mut raw).is_err() {
+                // No randomness: the clock, which still differs between VMs started
+                // apart.
+                raw = (now_millis() ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+            }
+            s.nonce = u64::from_le_bytes(raw) | 1;
+        }
+        s.counter += 1;
+        remote::reservation_id(s.nonce, s.counter)
+    })
+}
+
+/// Queues a settlement (commit or release) for the next tick.
+pub fn queue(settlement: Settlement) {
+    with(|s| {
+        if s.queue.len() >= MAX_QUEUED {
+            s.queue.pop_front();
+            metrics::add("pag0.ledger.redis_settlements_dropped", 1);
+        }
+        s.queue.push_back(settlement);
+    });
+}
+
+/// Queues a kill switch thrown by this VM (a breaker) for Redis, so that every Envoy
+/// refuses the session.
+pub fn queue_kill(tenant: &str, session: &str, reason: &str) {
+    let body = remote::kill_body(tenant, session, true, reason);
+    with(|s| s.kills.push(body));
+}
+
+/// Gives back a reservation whose outcome pag0 never learned (the reserve timed out,
+/// or its stream ended while waiting): Redis ignores it if nothing was reserved, and
+/// refuses the reservation if it arrives later.
+pub fn release(cfg: &Config, id: &str, tenant: usize, session: &str, agent: &str) {
+    queue(Settlement {
+        id: id.to_string(),
+        cost: 0,
+        unconfirmed: false,
+        tenant: cfg.tenant_id(tenant).to_string(),
+        session: session.to_string(),
+        agent: agent.to_string(),
+        plan: remote::Plan {
+            session_key: String::new(),
+            scopes: Vec::new(),
+            session_index: 0,
+            kill_at: None,
+            alert_ppm: None,
+        },
+    });
+}
+
+/// The root context's tick: sends queued settlements and polls kill switch changes.
+pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
+    let Some(service) = &cfg.ledger_redis else {
+        return;
+    };
+    let now = now_millis();
+    let needs_load =
+        with(|s| s.needs_load && !s.in_flight.values().any(|f| matches!(f, Flight::Load)));
+    if needs_load {
+        let sent = callout::send(
+            d,
+            &service.cluster,
+            "PUT",
+            &remote::load_path(&service.path),
+            &service.authority,
+            Some(("text/plain", remote::SCRIPT.as_bytes())),
+            service.timeout_ms.max(1000),
+        );
+        if let Ok(token) = sent {
+            with(|s| s.in_flight.insert(token, Flight::Load));
+        }
+        return;
+    }
+    loop {
+        let batch = with(|s| {
+            let settling = s
+                .in_flight
+                .values()
+                .filter(|f| matches!(f, Flight::Settle(_)))
+                .count();
+            if s.queue.is_empty() || settling >= MAX_IN_FLIGHT {
+                return None;
+            }
+            let n = s.queue.len().min(BATCH);
+            Some(s.queue.drain(..n).collect::<Vec<_>>())
+        });
+        let Some(batch) = batch else { break };
+        let body = remote::settle_body(&batch);
+        match send_script(d, service, &body) {
+            Ok(token) => with(|s| {
+                s.in_flight.insert(token, Flight::Settle(batch));
+            }),
+            Err(()) => {
+                requeue(batch);
+                break;
+            }
+        }
+    }
+    for body in with(|s| std::mem::take(&mut s.kills)) {
+        match send_script(d, service, &body) {
+            Ok(token) => with(|s| {
+                s.in_flight.insert(token, Flight::Kill(body));
+            }),
+            Err(()) => with(|s| s.kills.push(body)),
+        }
+    }
+    let poll = with(|s| {
+        let due = now.saturating_sub(s.last_poll_ms) >= KILL_POLL_MS
+            && !s.in_flight.values().any(|f| matches!(f, Flight::Kills));
+        if due {
+            s.last_poll_ms = now;
+        }
+        due.then_some(s.kill_seq)
+    });
+    if let Some(since) = poll {
+        // The first poll only learns where the log stands: kills made before this VM
+        // started are in Redis, where priced calls meet them.
+        let body = remote::kills_body(since.unwrap_or(u64::MAX >> 11));
+        if let Ok(token) = send_script(d, service, &body) {
+            with(|s| s.in_flight.insert(token, Flight::Kills));
+        }
+    }
+}
+
+fn send_script(
+    d: &dyn Dispatch,
+    service: &crate::core::compile::Service,
+    body: &str,
+) -> Result<u32, ()> {
+    callout::send(
+        d,
+        &service.cluster,
+        "PUT",
+        &remote::eval_path(&service.path),
+        &service.authority,
+        Some(("application/json", body.as_bytes())),
+        service.timeout_ms,
+    )
+    .map_err(|_| ())
+}
+
+fn requeue(batch: Vec<Settlement>) {
+    with(|s| {
+        for item in batch.into_iter().rev() {
+            s.queue.push_front(item);
+        }
+    });
+}
+
+/// Marks the script as missing (a NOSCRIPT answer): loaded again on the next tick.
+pub fn script_missing() {
+    with(|s| s.needs_load = true);
+}
+
+/// An answer to a call this module sent; false when the token is not its own.
+pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
+    let Some(flight) = with(|s| s.in_flight.remove(&token)) else {
+        return false;
+    };
+    let status = callout::status();
+    let body = callout::body(body_size);
+    match flight {
+        Flight::Load => {
+            let ok = remote::loaded(&body);
+            with(|s| s.needs_load = !ok);
+            if !ok {
+                log(
+                    LogLevel::Warn,
+                    "pag0: could not load the ledger script into Redis",
+                );
+            }
+        }
+        Flight::Settle(batch) => match remote::script_answer(status, &body) {
+            Ok(answer) => {
+                let (statuses, raised) = remote::read_settle(&batch, &answer);
+                let late = statuses.iter().filter(|s| *s == "late").count();
+                if late > 0 {
+                    metrics::add("pag0.ledger.redis_late_settlements", late as u64);
+                }
+                let now = now_millis() / 1000;
+                let alerts = raised
+                    .into_iter()
+                    .filter_map(|(i, alert)| {
+                        let item = batch.get(i)?;
+                        Some(Alert {
+                            tenant: item.tenant.clone(),
+                            session: item.session.clone(),
+                            at: now,
+                            alert,
+                        })
+                    })
+                    .collect();
+                outbox::queue_alerts(cfg, alerts);
+                metrics::add("pag0.ledger.redis_settlements", batch.len() as u64);
+            }
+            Err(fault) => {
+                if fault == Fault::NoScript {
+                    script_missing();
+                }
+                metrics::add("pag0.ledger.redis_failures", 1);
+                requeue(batch);
+            }
+        },
+        Flight::Kill(request) => {
+            if let Err(fault) = remote::script_answer(status, &body) {
+                if fault == Fault::NoScript {
+                    script_missing();
+                }
+                with(|s| s.kills.push(request));
+            }
+        }
+        Flight::Kills => match remote::script_answer(status, &body) {
+            Ok(answer) => {
+                let (seq, changes) = remote::read_kills(&answer);
+                let known = with(|s| s.kill_seq);
+                let now = now_millis() / 1000;
+                if known.is_some() {
+                    for change in &changes {
+                        apply_kill(cfg, &change.tenant, &change.session, change.on, now);
+                    }
+                }
+                let newest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
+                with(|s| {
+                    s.kill_seq = Some(if known.is_some() {
+                        newest.max(known.unwrap_or(0))
+                    } else {
+                        seq
+                    });
+                });
+            }
+            Err(fault) => {
+                if fault == Fault::NoScript {
+                    script_missing();
+                }
+            }
+        },
+    }
+    true
+}
+
+/// A kill switch change made on another Envoy, in force here for free calls and cache
+/// hits too (priced calls meet it in Redis).
+fn apply_kill(cfg: &Config, tenant: &str, session: &str, on: bool, now: u64) {
+    if let Err(e) = sessions::set_killed(&HostStore, tenant, session, &cfg.sessions, now, on, true)
+    {
+        log(
+            LogLevel::Warn,
+            &format!(
+                "pag0: cannot apply a kill switch change from Redis: {}",
+                e.message
+            ),
+        );
+    }
+}
