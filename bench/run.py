@@ -7,6 +7,10 @@
                                     # target/bench-smoke/, checked for form (never for speed)
     python3 bench/run.py --only stream [--smoke]   # the streamed case alone: printed and
                                     # written to target/bench[-smoke]/stream.json only
+    python3 bench/run.py --only priced_redis [--smoke]   # the priced route with the Redis
+                                    # ledger (4r), its shared-data twin (4) and the do-nothing
+                                    # filter (2), in the same rotated rounds: printed and written
+                                    # to target/bench[-smoke]/priced_redis.json only
 
 Everything listens on 127.0.0.1. Every process this script starts is stopped when it ends,
 on failure and on Ctrl-C too. Settings come from the environment (defaults in brackets):
@@ -16,7 +20,13 @@ on failure and on Ctrl-C too. Settings come from the environment (defaults in br
     BENCH_WARMUP [2]          seconds of unmeasured load per case before the first round
     BENCH_CONNECTIONS [50]    wrk connections        BENCH_THREADS [2]  wrk threads
     BENCH_CONCURRENCY [2]     Envoy workers (--concurrency), for every Envoy started
-    BENCH_PRICED_SESSIONS [1000], BENCH_PRICED_AGENTS [8]   case 4's sessions x agents
+    BENCH_PRICED_SESSIONS [1000], BENCH_PRICED_AGENTS [8]   cases 4 and 4r's sessions x agents
+    BENCH_REDIS [1]           case 4r: the priced route with pag0's ledger in Redis (redis-server,
+                              append-only file fsynced every second, behind Webdis with the
+                              ledger's locked-down ACL; installed by scripts/ensure-redis.sh);
+                              0 skips it
+    BENCH_REDIS_IDLE [3]      seconds with no call on 4r's listener, to count the script calls
+                              its VMs make by themselves (the kill-log poll)
     BENCH_SESSIONS [1000000]  distinct sessions of the memory stream (0 skips it)
     BENCH_SESSIONS_FIRST [100000]  where the stream's first memory reading is taken
     BENCH_CACHE_ENTRIES [4096], BENCH_CACHE_BODY [4096]   cache memory: slots, answer bytes
@@ -79,6 +89,10 @@ CASES = [
      {"path": "/free", "session": "bench-never-paid"}),
     ("priced", "4. pag0, priced route, {sessions} sessions x {agents} agents", "pag0",
      {"path": "/priced", "mode": "many", "session": "bench-many"}),
+    # Case 4 with pag0's ledger in Redis (issue 14): the same route, calls and plugin
+    # configuration, plus `ledger: {store: redis}` (bench/envoy/ledger-listener.yaml.in).
+    ("priced_redis", "4r. pag0, priced route, Redis ledger, {sessions} sessions x {agents} agents",
+     "pag0_redis", {"path": "/priced", "mode": "many", "session": "bench-many"}),
     ("floor_priced", f"4f. {FLOOR}, priced route, {{sessions}} sessions x {{agents}} agents", "floor",
      {"path": "/priced", "mode": "many", "session": "bench-many"}),
     ("hot", "5. pag0, priced route, one session", "pag0", {"path": "/priced", "session": "bench-hot"}),
@@ -87,8 +101,12 @@ CASES = [
     ("cache_hit", "6c. pag0 serving cache hits", "cache", {"path": "/hit", "session": "bench-cache"}),
     ("floor_hit", f"6d. {FLOOR} serving cache hits", "floor", {"path": "/hit", "session": "bench-cache"}),
 ]
+# Cases on the Redis ledger's listener: run only when Redis does (BENCH_REDIS=1).
+REDIS_CASES = {"priced_redis"}
+# The Redis ledger's case, its shared-data twin, and what latency is added over.
+LEDGER_CASE, LEDGER_TWIN, LEDGER_BASE = "priced_redis", "priced", "proxy_noop"
 # Also measured at one connection, for latency without queueing.
-QUIET_CASES = ["direct_noop", "cache_hit"]
+QUIET_CASES = ["direct_noop", "cache_hit", "proxy_noop", "priced", "priced_redis"]
 # (name, numerator, denominator, target ratio; None: a reference, no goal). Goals of issue 12
 # (issue 6 asked 0.95 / 0.90 / 0.80 / 0.85); the floor's own ratios, measured in the same
 # run, show what any priced firewall costs here, and pag0 / floor how far pag0 is above it.
@@ -103,6 +121,8 @@ RATIOS = [
     ("pag0 / floor, free route (3/3f)", "free", "floor_free", None),
     ("pag0 / floor, priced route (4/4f)", "priced", "floor_priced", None),
     ("pag0 / floor, cache hit (6c/6d)", "cache_hit", "floor_hit", None),
+    ("Redis ledger / shared-data ledger, priced route (4r/4)", "priced_redis", "priced", None),
+    ("priced, Redis ledger / proxy+wasm (4r/2)", "priced_redis", "proxy_noop", None),
 ]
 # Instructions added per request over the do-nothing filter (callgrind): (key, case,
 # baseline case, goal of issue 12 or None).
@@ -143,13 +163,13 @@ def settings(smoke: bool) -> dict:
                         priced_sessions=50, priced_agents=4, sessions=3000, sessions_first=1000,
                         cache_entries=64, cache_body=1024, x402_calls=3, callgrind=20,
                         stream_calls=3, stream_bytes=1024 * 1024, stream_write=4096,
-                        out=str(ROOT / "target/bench-smoke"), readme=0)
+                        redis=1, redis_idle=1, out=str(ROOT / "target/bench-smoke"), readme=0)
     else:
         defaults = dict(duration=6, rounds=5, warmup=2, connections=50, threads=2, concurrency=2,
                         priced_sessions=1000, priced_agents=8, sessions=1_000_000,
                         sessions_first=100_000, cache_entries=4096, cache_body=4096,
                         x402_calls=100, callgrind=500, stream_calls=200, stream_bytes=1024 * 1024,
-                        stream_write=4096, out=str(BENCH), readme=1)
+                        stream_write=4096, redis=1, redis_idle=3, out=str(BENCH), readme=1)
     s = {}
     for key, default in defaults.items():
         name = "BENCH_" + key.upper()
@@ -163,6 +183,8 @@ def settings(smoke: bool) -> dict:
         raise BenchError("need BENCH_DURATION >= 1 and BENCH_ROUNDS >= 1")
     if s["stream_bytes"] < 1 or s["stream_write"] < 1:
         raise BenchError("need BENCH_STREAM_BYTES >= 1 and BENCH_STREAM_WRITE >= 1")
+    if s["redis_idle"] < 1:
+        raise BenchError("need BENCH_REDIS_IDLE >= 1")
     if s["sessions"] and not 0 < s["sessions_first"] < s["sessions"]:
         raise BenchError("need 0 < BENCH_SESSIONS_FIRST < BENCH_SESSIONS")
     s["smoke"] = smoke
@@ -374,17 +396,167 @@ def render(template: str, dest: Path, **values) -> Path:
 BENCH_LISTENERS = ["proxy", "proxy_noop", "pag0", "floor", "direct", "direct_noop", "cache", "admin"]
 
 
-def render_bench(work: Path, upstream: int, body: str) -> tuple[Path, dict[str, int]]:
-    """bench/envoy/bench.yaml.in rendered with a free port per listener: (config, ports)."""
-    ports = {name: free_port() for name in BENCH_LISTENERS}
+def render_bench(work: Path, upstream: int, body: str, webdis: int | None = None) -> tuple[Path, dict[str, int]]:
+    """bench/envoy/bench.yaml.in rendered with a free port per listener: (config, ports).
+    With `webdis` (the port of the Redis ledger's Webdis), also case 4r's listener
+    `pag0_redis` and the cluster `pag0_ledger`."""
+    names = BENCH_LISTENERS + (["pag0_redis"] if webdis else [])
+    ports = {name: free_port() for name in names}
+    ledger_listener = ledger_cluster = ""
+    if webdis:
+        fragment = lambda name, **v: string.Template((BENCH / "envoy" / name).read_text()).substitute(  # noqa: E731
+            {k: str(x) for k, x in v.items()}).rstrip("\n")
+        ledger_listener = fragment("ledger-listener.yaml.in", pag0_redis_port=ports["pag0_redis"],
+                                   pag0_wasm=PAG0_WASM, pag0_redis_config=redis_plugin_config())
+        ledger_cluster = fragment("ledger-cluster.yaml.in", webdis=webdis)
     config = render(
         "bench.yaml.in", work / "bench.yaml",
         admin=ports["admin"], upstream=upstream, body=body,
-        **{f"{name}_port": port for name, port in ports.items() if name != "admin"},
+        **{f"{name}_port": port for name, port in ports.items() if name not in ("admin", "pag0_redis")},
         noop_wasm=NOOP_WASM, pag0_wasm=PAG0_WASM, floor_wasm=FLOOR_WASM, noop_config="",
         pag0_config=one_line_json(BENCH / "envoy/pag0.json"),
-        pag0_cache_config=one_line_json(BENCH / "envoy/pag0-cache.json"))
+        pag0_cache_config=one_line_json(BENCH / "envoy/pag0-cache.json"),
+        ledger_listener=ledger_listener, ledger_cluster=ledger_cluster)
     return config, ports
+
+
+# ---------------------------------------------------------------- the Redis ledger (case 4r)
+
+# The Webdis ACL pag0's ledger runs behind (EVALSHA and SCRIPT only), as the tests use it
+# (tests/support/ledger_redis.rs).
+WEBDIS_ACL = ROOT / "scripts/lib/webdis-ledger-acl.json"
+LEDGER_TIMEOUT_MS = 250
+WEBDIS_THREADS = 2
+# The tests run Redis with `appendfsync always` (every write fsynced before it is
+# answered); a production Redis usually runs `everysec`, and so does the bench.
+REDIS_APPENDFSYNC = "everysec"
+TESTS_APPENDFSYNC = "always"
+
+
+def redis_plugin_config() -> str:
+    """bench/envoy/pag0.json (cases 3-5) with `ledger: {store: redis}` at its top level."""
+    cfg = json.loads(one_line_json(BENCH / "envoy/pag0.json"))
+    if "ledger" in cfg:
+        raise BenchError("bench/envoy/pag0.json already has a ledger")
+    cfg["ledger"] = {"store": "redis", "cluster": "pag0_ledger", "timeoutMs": LEDGER_TIMEOUT_MS}
+    compact = json.dumps(cfg, separators=(",", ":"))
+    if "'" in compact:
+        raise BenchError("the Redis ledger's plugin configuration: a single quote would break the YAML")
+    return compact
+
+
+class LedgerRedis:
+    """Redis (append-only file on, fsynced every second) and Webdis in front of it with
+    the ledger's locked-down ACL, on free loopback ports, as tests/support/ledger_redis.rs
+    starts them (but for `appendfsync`). Both are in the process registry."""
+
+    def __init__(self, work: Path):
+        try:
+            run([str(ROOT / "scripts/ensure-redis.sh")])
+        except subprocess.CalledProcessError as e:
+            raise BenchError(f"scripts/ensure-redis.sh failed:\n{e.stderr[-2000:]}")
+        missing = [tool for tool in ("redis-server", "redis-cli", "webdis") if not shutil.which(tool)]
+        if missing:
+            raise BenchError(f"{', '.join(missing)} missing after scripts/ensure-redis.sh")
+        if not WEBDIS_ACL.exists():
+            raise BenchError(f"{WEBDIS_ACL.relative_to(ROOT)} is missing (the Webdis ACL of the Redis ledger)")
+        self.version = run(["redis-server", "--version"])
+        m = re.search(r"v=(\S+)", self.version)
+        self.version = m.group(1) if m else self.version
+        self.dir = work / "redis"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.redis_port, self.webdis_port = free_port(), free_port()
+        self.redis = PROCS.start(
+            "redis-server",
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
+             "--appendfsync", REDIS_APPENDFSYNC, "--daemonize", "no", "--logfile", "redis.log"],
+            cwd=self.dir)
+        self.webdis = None
+        self._wait("redis-server to answer PING", lambda: self.try_cli("PING") == "PONG")
+        config = self.dir / "webdis.json"
+        config.write_text(json.dumps({
+            "redis_host": "127.0.0.1", "redis_port": self.redis_port,
+            "http_host": "127.0.0.1", "http_port": self.webdis_port,
+            "threads": WEBDIS_THREADS, "daemonize": False, "database": 0, "verbosity": 1,
+            "logfile": str(self.dir / "webdis.log"),
+            "acl": json.loads(WEBDIS_ACL.read_text()),
+        }))
+        self.webdis = PROCS.start("webdis", ["webdis", str(config)], log_path=self.dir / "webdis.out")
+        self._wait("webdis to reach redis", self._webdis_reaches_redis)
+        log(f"Redis ledger: redis-server {self.version} on {self.redis_port} (appendonly yes, appendfsync "
+            f"{REDIS_APPENDFSYNC}), Webdis on {self.webdis_port}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.redis, self.webdis) if p is not None]
+
+    def try_cli(self, *args: str) -> str | None:
+        r = subprocess.run(["redis-cli", "-p", str(self.redis_port), *args], capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def _webdis_reaches_redis(self) -> bool:
+        """SCRIPT EXISTS (allowed by the ACL, changes nothing) answers 200 once Webdis is
+        connected to Redis."""
+        try:
+            return request(self.webdis_port, "GET", "/SCRIPT/EXISTS/0", {}, timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def _wait(self, what: str, ready) -> None:
+        deadline = time.time() + 20
+        while not ready():
+            for p in (self.redis, self.webdis):
+                if p is not None and p.poll() is not None:
+                    raise BenchError(f"waiting for {what}: {p.args[0]} exited with {p.returncode}\n"
+                                     f"{self.log_tail()}")
+            if time.time() > deadline:
+                raise BenchError(f"waited 20 s for {what}\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join((self.dir / "redis.log").read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command since Redis started (`INFO commandstats`; commands the ledger's
+        scripts run count too)."""
+        text = self.try_cli("INFO", "commandstats")
+        if text is None:
+            raise BenchError(f"redis-cli INFO commandstats failed\n{self.log_tail()}")
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line.strip())
+            if m:
+                out[m.group(1)] = int(m.group(2))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU time Redis and Webdis have used."""
+        total = 0.0
+        for pid in self.pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                rest = stat[stat.rindex(")") + 2:].split()
+                total += (int(rest[11]) + int(rest[12])) / HZ
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def stop(self) -> None:
+        for p in (self.webdis, self.redis):
+            if p is not None:
+                PROCS.stop(p)
+
+
+def commands_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Commands Redis ran between two `INFO commandstats`, but for the INFO calls themselves."""
+    out = {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
+    return {k: v for k, v in sorted(out.items()) if v > 0}
 
 
 class Envoy:
@@ -491,7 +663,12 @@ def parse_wrk(rc: int, out: bytes, err: bytes) -> dict:
 # ---------------------------------------------------------------- side-by-side cases
 
 STAT_PATTERN = (r"^(http\.[a-z0-9_]+\.downstream_rq_(completed|2xx)"
-                r"|wasmcustom\.pag0\.store\..*|wasmcustom\..*\.cache_hits)$")
+                r"|wasmcustom\.pag0\.store\..*|wasmcustom\.pag0\.ledger\..*|wasmcustom\..*\.cache_hits)$")
+# pag0's counters of the Redis ledger: settlements Redis applied, script calls that
+# failed, priced calls refused LEDGER_UNAVAILABLE.
+REDIS_SETTLED = "wasmcustom.pag0.ledger.redis_settlements"
+REDIS_FAILURES = "wasmcustom.pag0.ledger.redis_failures"
+REDIS_UNAVAILABLE = "wasmcustom.pag0.ledger.redis_unavailable"
 
 
 def snapshot(envoy: Envoy) -> dict[str, int]:
@@ -541,29 +718,95 @@ def sanity(ports: dict) -> None:
     raise BenchError(f"sanity: the cache never served a hit (last: {status} {h})")
 
 
+def active_cases(s: dict, only: set[str] | None = None) -> list[tuple]:
+    """CASES that run: the Redis ledger's only when Redis does; with `only`, those alone."""
+    return [c for c in CASES if (s["redis"] or c[0] not in REDIS_CASES) and (only is None or c[0] in only)]
+
+
+def active_quiet(cases: list[tuple]) -> list[str]:
+    ids = {c[0] for c in cases}
+    return [cid for cid in QUIET_CASES if cid in ids]
+
+
+def sanity_redis(port: int, ledger: LedgerRedis) -> None:
+    """Case 4r's listener charges a priced call through Redis (the first call also loads
+    the ledger's script) and lets a free one through without it."""
+    before = ledger.commandstats()
+    deadline, last = time.time() + 10, None
+    while True:
+        status, h, body, _ = request(port, "GET", "/priced", ident("bench-redis-sanity"))
+        last = (status, h, body[:300])
+        if status == 200 and h.get("x-pag0-cost") == "20000" and len(body) == 1024:
+            break
+        if time.time() > deadline:
+            raise BenchError(f"sanity: pag0_redis /priced answered {last}")
+        time.sleep(0.1)
+    if commands_between(before, ledger.commandstats()).get("evalsha", 0) < 1:
+        raise BenchError("sanity: a priced call on pag0_redis sent no EVALSHA to Redis")
+    status, h, body, _ = request(port, "GET", "/free", ident("bench-redis-sanity"))
+    if status != 200 or h.get("x-pag0-cost") != "0":
+        raise BenchError(f"sanity: pag0_redis /free answered {status} {h} {body[:300]!r}")
+
+
+def wait_settled(envoy: Envoy, before: dict, listener: str, timeout: float = 5.0) -> dict:
+    """Envoy's counters once Redis has applied a settlement for every call the listener
+    completed since `before` (they go in batches on the VMs' 20 ms tick), or after `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        now = snapshot(envoy)
+        done = delta(before, now, f"http.{listener}.downstream_rq_completed")
+        if delta(before, now, REDIS_SETTLED) >= done or time.time() > deadline:
+            return now
+        time.sleep(0.02)
+
+
+def ledger_idle(ledger: LedgerRedis, seconds: int) -> dict:
+    """Script calls and commands the Redis ledger's VMs send with no call at all."""
+    time.sleep(0.2)  # the warm-up's last settlements
+    before, t0 = ledger.commandstats(), time.monotonic()
+    time.sleep(seconds)
+    cmds = commands_between(before, ledger.commandstats())
+    dt = time.monotonic() - t0
+    return {"seconds": round(dt, 3), "evalsha_per_s": cmds.get("evalsha", 0) / dt,
+            "commands_per_s": sum(cmds.values()) / dt, "by_command": cmds}
+
+
 def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: int,
-                 upstream_pid: int) -> dict:
-    config, ports = render_bench(work, upstream_port, s["body"])
+                 upstream_pid: int, cases: list[tuple], quiet_cases: list[str],
+                 ledger: LedgerRedis | None = None) -> dict:
+    config, ports = render_bench(work, upstream_port, s["body"], webdis=ledger.webdis_port if ledger else None)
     envoy = Envoy(envoy_bin, config, work, "bench", ports["admin"], s["concurrency"])
+    # Processes of this run: their CPU time is not "other processes".
+    ours = [envoy.proc.pid, upstream_pid] + (ledger.pids if ledger else [])
+    idle = None
     try:
         sanity(ports)
+        if ledger:
+            sanity_redis(ports["pag0_redis"], ledger)
         if s["warmup"]:
             log(f"warm-up: {s['warmup']} s per case")
-            for cid, _, listener, args in CASES:
+            for cid, _, listener, args in cases:
                 wrk_run(wrk, s, ports[listener], s["warmup"], args)
-        runs: dict[str, list[dict]] = {c[0]: [] for c in CASES}
+        if ledger:
+            idle = ledger_idle(ledger, s["redis_idle"])
+            log(f"Redis ledger, no calls: {idle['evalsha_per_s']:.1f} script calls/s "
+                f"({idle['commands_per_s']:.1f} commands/s)")
+        runs: dict[str, list[dict]] = {c[0]: [] for c in cases}
         # Latency without queueing: one connection, one request at a time.
-        quiet: dict[str, list[dict]] = {cid: [] for cid in QUIET_CASES}
+        quiet: dict[str, list[dict]] = {cid: [] for cid in quiet_cases}
         for rnd in range(s["rounds"]):
-            shift = rnd % len(CASES)
-            order = CASES[shift:] + CASES[:shift]
+            shift = rnd % len(cases)
+            order = cases[shift:] + cases[:shift]
             log(f"round {rnd + 1}/{s['rounds']}: {', '.join(c[0] for c in order)}")
             for cid, _, listener, args in order:
+                redis_case = cid in REDIS_CASES
                 before = snapshot(envoy)
-                cpu0 = cpu_snapshot([envoy.proc.pid, upstream_pid])
+                if redis_case:
+                    redis0, ledger_cpu0 = ledger.commandstats(), ledger.cpu_seconds()
+                cpu0 = cpu_snapshot(ours)
                 res = wrk_run(wrk, s, ports[listener], s["duration"], args)
-                cpu1 = cpu_snapshot([envoy.proc.pid, upstream_pid])
-                after = snapshot(envoy)
+                cpu1 = cpu_snapshot(ours)
+                after = wait_settled(envoy, before, listener) if redis_case else snapshot(envoy)
                 completed = delta(before, after, f"http.{listener}.downstream_rq_completed")
                 ok2xx = delta(before, after, f"http.{listener}.downstream_rq_2xx")
                 run_ = {
@@ -580,15 +823,34 @@ def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: i
                     "cache_hits": cache_hits(after) - cache_hits(before),
                     "other_cpus": foreign_cpus(cpu0, cpu1),
                 }
+                extra = ""
+                if redis_case:
+                    cmds = commands_between(redis0, ledger.commandstats())
+                    settled = delta(before, after, REDIS_SETTLED)
+                    run_["redis"] = {
+                        "commands": cmds,
+                        "settlements": settled,
+                        "unsettled": max(0, completed - settled),
+                        "failures": delta(before, after, REDIS_FAILURES),
+                        "unavailable": delta(before, after, REDIS_UNAVAILABLE),
+                        "cpu_seconds": ledger.cpu_seconds() - ledger_cpu0,
+                    }
+                    n = max(1, res["requests"])
+                    extra = (f"  EVALSHA/call {cmds.get('evalsha', 0) / n:.3f}  "
+                             f"commands/call {sum(cmds.values()) / n:.2f}")
                 runs[cid].append(run_)
                 log(f"  {cid:12s} {run_['rps']:9.0f} req/s  p50 {run_['p50_ms']:.3f} ms  "
                     f"p99 {run_['p99_ms']:.3f} ms  non-2xx {run_['non_2xx']}  "
-                    f"other processes {run_['other_cpus']:.2f} CPUs")
-            for cid in QUIET_CASES:
-                listener, args = next((c[2], c[3]) for c in CASES if c[0] == cid)
-                cpu0 = cpu_snapshot([envoy.proc.pid, upstream_pid])
+                    f"other processes {run_['other_cpus']:.2f} CPUs{extra}")
+            for cid in quiet_cases:
+                listener, args = next((c[2], c[3]) for c in cases if c[0] == cid)
+                before = snapshot(envoy) if cid in REDIS_CASES else None
+                cpu0 = cpu_snapshot(ours)
                 res = wrk_run(wrk, s, ports[listener], s["duration"], args, connections=1, threads=1)
-                cpu1 = cpu_snapshot([envoy.proc.pid, upstream_pid])
+                cpu1 = cpu_snapshot(ours)
+                if before is not None:
+                    # Its last settlements applied before the next case's Redis counts start.
+                    wait_settled(envoy, before, listener)
                 quiet[cid].append({"round": rnd + 1, "rps": res["requests"] / (res["duration_us"] / 1e6),
                                    "other_cpus": foreign_cpus(cpu0, cpu1),
                                    "p50_ms": res["latency_us"]["p50"] / 1000,
@@ -598,12 +860,14 @@ def side_by_side(s: dict, envoy_bin: str, wrk: str, work: Path, upstream_port: i
         stat_names = sorted(envoy.stats(r"^wasmcustom\.pag0\.store\."))
     finally:
         envoy.stop()
-    return {"runs": runs, "quiet": quiet, "cas_stat_names": stat_names}
+    return {"runs": runs, "quiet": quiet, "cas_stat_names": stat_names, "redis_idle": idle}
 
 
 def summarise_cases(s: dict, runs: dict) -> dict:
     cases = {}
     for cid, label, listener, _ in CASES:
+        if cid not in runs:
+            continue
         rs = runs[cid]
         completed = sum(r["envoy_completed"] for r in rs)
         writes = sum(r["cas_writes"] for r in rs)
@@ -628,12 +892,42 @@ def summarise_cases(s: dict, runs: dict) -> dict:
             "other_cpus": statistics.median(r["other_cpus"] for r in rs),
             "other_cpus_max": max(r["other_cpus"] for r in rs),
         }
+        if cid in REDIS_CASES:
+            cases[cid]["redis"] = redis_totals(rs)
     return cases
+
+
+def redis_totals(rs: list[dict]) -> dict:
+    """A Redis ledger case's Redis use over its measured runs, per priced call wrk completed."""
+    requests = sum(r["requests"] for r in rs)
+    by_command: dict[str, int] = {}
+    for r in rs:
+        for k, v in r["redis"]["commands"].items():
+            by_command[k] = by_command.get(k, 0) + v
+    evalsha, commands = by_command.get("evalsha", 0), sum(by_command.values())
+    per = lambda v: v / requests if requests else None  # noqa: E731
+    cpu = sum(r["redis"]["cpu_seconds"] for r in rs)
+    return {
+        "requests": requests,
+        "evalsha": evalsha,
+        "commands": commands,
+        "evalsha_per_call": per(evalsha),
+        "commands_per_call": per(commands),
+        "by_command": dict(sorted(by_command.items(), key=lambda kv: -kv[1])),
+        "settlements": sum(r["redis"]["settlements"] for r in rs),
+        "unsettled": sum(r["redis"]["unsettled"] for r in rs),
+        "failures": sum(r["redis"]["failures"] for r in rs),
+        "unavailable": sum(r["redis"]["unavailable"] for r in rs),
+        "cpu_seconds": cpu,
+        "cpu_us_per_call": per(cpu * 1e6),
+    }
 
 
 def ratios(runs: dict, cases: dict) -> list[dict]:
     out = []
     for name, num, den, target in RATIOS:
+        if num not in runs or den not in runs:
+            continue
         pairs = [(a, b) for a, b in zip(runs[num], runs[den]) if b["rps"]]
         per_round = [a["rps"] / b["rps"] for a, b in pairs]
         quiet = [a["rps"] / b["rps"] for a, b in pairs
@@ -652,6 +946,107 @@ def ratios(runs: dict, cases: dict) -> list[dict]:
             "met": None if target is None else (value is not None and value >= target),
         })
     return out
+
+
+def ledger_comparison(runs: dict, quiet: dict, cases: dict, rats: list[dict], idle: dict | None,
+                      ledger: LedgerRedis | None) -> dict | None:
+    """Case 4r (Redis ledger) next to case 4 (shared-data ledger): requests/s and their
+    ratio, latency added over the do-nothing filter, Redis's work per priced call."""
+    if LEDGER_CASE not in runs or ledger is None:
+        return None
+    pair = (LEDGER_TWIN, LEDGER_CASE)
+
+    def added(source: dict) -> dict | None:
+        """Per round, the case's percentile minus the do-nothing filter's of the same round;
+        the median over rounds."""
+        if LEDGER_BASE not in source:
+            return None
+        out = {}
+        for cid in pair:
+            if cid in source:
+                out[cid] = {k: statistics.median(a[k] - b[k] for a, b in zip(source[cid], source[LEDGER_BASE]))
+                            for k in ("p50_ms", "p99_ms")}
+        return out
+
+    ratio = next((q for q in rats if q["numerator"] == LEDGER_CASE and q["denominator"] == LEDGER_TWIN), None)
+    rd = cases[LEDGER_CASE]["redis"]
+    return {
+        "case": LEDGER_CASE, "twin": LEDGER_TWIN, "baseline": LEDGER_BASE,
+        "store": {"redis": ledger.version, "appendonly": "yes", "appendfsync": REDIS_APPENDFSYNC,
+                  "tests_appendfsync": TESTS_APPENDFSYNC, "webdis_threads": WEBDIS_THREADS,
+                  "timeout_ms": LEDGER_TIMEOUT_MS, "webdis_acl": str(WEBDIS_ACL.relative_to(ROOT))},
+        "rps": {cid: cases[cid]["rps"] for cid in pair if cid in cases},
+        "rps_ratio": ratio["value"] if ratio else None,
+        "rps_ratio_quiet_rounds": ratio["quiet_rounds"] if ratio else None,
+        "rps_ratio_per_round": ratio["per_round"] if ratio else None,
+        "added_ms": added(runs),
+        "added_ms_one_connection": added(quiet),
+        "requests": rd["requests"],
+        "evalsha": rd["evalsha"],
+        "commands": rd["commands"],
+        "evalsha_per_call": rd["evalsha_per_call"],
+        "commands_per_call": rd["commands_per_call"],
+        "by_command": rd["by_command"],
+        "cpu_us_per_call": rd["cpu_us_per_call"],
+        "unsettled": rd["unsettled"],
+        "idle": idle,
+        "non_2xx": {cid: cases[cid]["non_2xx"] for cid in pair if cid in cases},
+    }
+
+
+def ledger_lines(r: dict, brief: bool = False) -> list[str]:
+    """Cases 4 and 4r side by side (RESULTS.md; `brief`: the README's block, with a one-line
+    explanation)."""
+    rl = r.get("redis_ledger")
+    if not rl:
+        return []
+    s = r["settings"]
+    twin, case = rl["twin"], rl["case"]
+    add, add1 = rl["added_ms"] or {}, rl["added_ms_one_connection"] or {}
+
+    def lat(d: dict, cid: str) -> str:
+        v = d.get(cid)
+        return "n/a" if not v else f"{v['p50_ms']:+.3f} / {v['p99_ms']:+.3f}"
+
+    rps = rl["rps"]
+    ratio = rl["rps_ratio"]
+    st = rl["store"]
+    L = [f"| priced route, {s['priced_sessions']} sessions x {s['priced_agents']} agents "
+         "| shared-data ledger (4) | Redis ledger (4r) |", "|---|---:|---:|",
+         f"| requests/s, {s['connections']} connections | {fmt_int(rps.get(twin))} | {fmt_int(rps.get(case))} |",
+         f"| requests/s, Redis / shared-data (median of the rounds' ratios) | | **{fmt(ratio)}** |",
+         f"| added latency p50 / p99 over the do-nothing filter (2), {s['connections']} connections, ms "
+         f"| {lat(add, twin)} | {lat(add, case)} |",
+         f"| added latency p50 / p99 over the do-nothing filter (2), one connection, ms "
+         f"| {lat(add1, twin)} | {lat(add1, case)} |",
+         f"| Redis script calls (`EVALSHA`) per priced call | - | {fmt(rl['evalsha_per_call'], 3)} |",
+         f"| Redis commands per priced call (the scripts' own included) | - | {fmt(rl['commands_per_call'], 2)} |",
+         f"| non-2xx | {rl['non_2xx'].get(twin, 0)} | {rl['non_2xx'].get(case, 0)} |",
+         ""]
+    if brief:
+        return L + [
+            "4r is 4 with `ledger: {store: redis}` (one Webdis round trip to reserve each priced call, "
+            "settlements batched on the 20 ms tick); added latency: the case's wrk percentile minus the "
+            "do-nothing filter's in the same round; Redis commands: `INFO commandstats` around 4r's runs "
+            f"over the calls wrk completed, the scripts' own included. Redis {st['redis']}, `appendonly yes`, "
+            f"`appendfsync {st['appendfsync']}` (the tests: `{st['tests_appendfsync']}`), behind Webdis with "
+            "the ledger's ACL, on the same CPUs (bench/RESULTS.md)."]
+    L += ["Case 4r is case 4 on a listener whose pag0 has `ledger: {store: redis, timeoutMs: "
+         f"{st['timeout_ms']}}}`: each priced call waits for one Webdis round trip (one `EVALSHA`) to "
+         "reserve before it goes upstream, and settlements go to Redis in batches on each VM's 20 ms "
+         "tick. Added latency: the case's wrk percentile minus the do-nothing filter's in the same "
+         f"round, median over rounds (at {s['connections']} connections mostly queueing; at one connection, one call "
+         "at a time, the round trip itself). Redis commands: `INFO commandstats` read before and after "
+         "4r's measured runs (its Redis serves that listener alone), divided by the calls wrk completed "
+         f"in them; the scripts' own commands count, and so do the kill-log polls meanwhile. Redis "
+         f"{st['redis']} with `appendonly yes`, **`appendfsync {st['appendfsync']}`** (the tests run "
+         f"`{st['tests_appendfsync']}`), behind Webdis ({st['webdis_threads']} threads, the ledger's "
+         f"ACL: `EVALSHA` and `SCRIPT` only), on the same {r['machine']['nproc']} CPUs as everything else"
+         + (f"; Redis and Webdis used {fmt(rl['cpu_us_per_call'], 1)} µs of CPU per priced call"
+            if rl.get("cpu_us_per_call") is not None else "")
+         + (f"; with no calls, 4r's VMs send {fmt(rl['idle']['evalsha_per_s'], 1)} script calls a second "
+            "(the kill-log poll)" if rl.get("idle") else "") + "."]
+    return L
 
 
 # ---------------------------------------------------------------- memory
@@ -1410,6 +1805,10 @@ def summary_tables(r: dict) -> str:
     lines += ["", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {yes(t['met'])} |")
+    ll = ledger_lines(r, brief=True)
+    if ll:
+        lines += ["", "Priced calls with pag0's ledger in Redis (issue 14) next to the shared-data ledger, "
+                  "in the same rounds:", ""] + ll
     st = r.get("stream")
     if st:
         lines += ["", f"Streamed LLM answer: an Anthropic Messages SSE answer of {st['bytes']:,} bytes "
@@ -1462,7 +1861,7 @@ def history_row(r: dict) -> dict:
     calls = r.get("host_calls") or {}
     return {"commit": r["machine"]["commit"], "date": r["machine"]["date"],
             "rps": {cid: (r["cases"].get(cid) or {}).get("rps") for cid in
-                    ["proxy_noop", "free", "priced", "hot", "direct_noop", "cache_hit"]},
+                    ["proxy_noop", "free", "priced", "priced_redis", "hot", "direct_noop", "cache_hit"]},
             "ratios": ratio,
             "host_calls": {cid: (calls.get(cid) or {}).get("host_calls") for cid in HISTORY_CASES},
             "callgrind": r.get("callgrind"),
@@ -1559,6 +1958,24 @@ def results_md(r: dict) -> str:
           "own ratios (3f, 4f, 6d: the cheapest possible priced firewall, bench/floor-filter) show "
           "what any filter that reserves and settles a price per call in shared data costs on this "
           "machine, and pag0 / floor how far pag0's throughput is from that."]
+    L += ["", "## Priced calls with the Redis ledger (issue 14)", ""]
+    ll = ledger_lines(r)
+    if ll:
+        rl = r["redis_ledger"]
+        L += ll + ["", "Redis commands over 4r's measured runs, by command (`INFO commandstats`; "
+                   f"{rl['requests']:,} priced calls completed by wrk"
+                   + (f"; {rl['unsettled']:,} calls not yet settled when counted" if rl["unsettled"] else "")
+                   + "):", "",
+                   "| command | calls | per priced call |", "|---|---:|---:|"]
+        for cmd, n in rl["by_command"].items():
+            L.append(f"| `{cmd}` | {n:,} | {fmt(n / rl['requests'] if rl['requests'] else None, 3)} |")
+        idle = rl.get("idle")
+        if idle:
+            L += ["", f"With no calls on 4r's listener ({fmt(idle['seconds'], 1)} s before the rounds), Redis "
+                  f"ran {fmt(idle['commands_per_s'], 1)} commands a second, {fmt(idle['evalsha_per_s'], 1)} "
+                  "of them script calls: each of the listener's VMs polls the kill log every 200 ms."]
+    else:
+        L += ["Skipped (`BENCH_REDIS=0`)."]
     L += ["", "## Instructions per request (callgrind)", ""]
     cg = callgrind_table(r)
     if cg:
@@ -1591,8 +2008,10 @@ def results_md(r: dict) -> str:
           "From Envoy's counters `wasmcustom.pag0.store.cas_writes` and `wasmcustom.pag0.store.cas_retries` "
           "(a retry is a write that lost to another worker and read again), over the measured runs.", "",
           "| case | CAS writes | writes per request | retries | retry rate |", "|---|---:|---:|---:|---:|"]
-    for cid in ("free", "free_new", "priced", "hot", "cache_hit"):
-        c = r["cases"][cid]
+    for cid in ("free", "free_new", "priced", "priced_redis", "hot", "cache_hit"):
+        c = r["cases"].get(cid)
+        if not c:
+            continue
         rate = "n/a" if c["cas_retry_rate"] is None else f"{c['cas_retry_rate'] * 100:.2f} %"
         L.append(f"| {c['label']} | {c['cas_writes']:,} | {fmt(c['cas_writes_per_request'], 2)} | "
                  f"{c['cas_retries']:,} | {rate} |")
@@ -1697,7 +2116,9 @@ def results_md(r: dict) -> str:
           "Case 3's session made one priced call before the runs, as an agent's session would have; "
           "case 3b's session never paid, so pag0 has no record of it. "
           "Case 4 cycles through every session x agent pair; case 5 sends every call as one session "
-          "and one agent. Case 6c uses bench/envoy/pag0-cache.json (cache on, scope session): one key, "
+          "and one agent. Case 4r is case 4 on a listener of its own whose pag0 (a VM of its own, the "
+          "same plugin configuration) keeps its ledger in Redis (bench/envoy/ledger-listener.yaml.in); "
+          "Redis, fresh for each run, keeps what every round charged. Case 6c uses bench/envoy/pag0-cache.json (cache on, scope session): one key, "
           "warmed before the runs, so every measured call is a hit.",
           "- Cases 3f, 4f and 6d run the floor filter (bench/floor-filter, its own VM): one "
           "request-header map read, the route's `floor` metadata in one property call, a shared-data "
@@ -1785,6 +2206,34 @@ def stream_problems(st: dict | None) -> list[str]:
     return problems
 
 
+def ledger_problems(rl: dict | None) -> list[str]:
+    """Cases 4 and 4r's comparison is all there, and 4r really reserved every call in Redis."""
+    if not isinstance(rl, dict):
+        return [f"redis_ledger = {rl!r}"]
+    problems = []
+
+    def num(path: str, v, positive=True):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (positive and not v > 0):
+            problems.append(f"redis_ledger.{path} = {v!r}")
+
+    for cid in (rl.get("twin"), rl.get("case")):
+        num(f"rps.{cid}", (rl.get("rps") or {}).get(cid))
+        for where in ("added_ms", "added_ms_one_connection"):
+            for k in ("p50_ms", "p99_ms"):
+                # Latency added over the do-nothing filter: a number, not necessarily > 0.
+                num(f"{where}.{cid}.{k}", ((rl.get(where) or {}).get(cid) or {}).get(k), positive=False)
+    for k in ("rps_ratio", "requests", "evalsha", "commands", "evalsha_per_call", "commands_per_call",
+              "cpu_us_per_call"):
+        num(k, rl.get(k))
+    num("idle.evalsha_per_s", (rl.get("idle") or {}).get("evalsha_per_s"))
+    # Every priced call wrk completed reserved by one script call (more: settlements, polls).
+    if isinstance(rl.get("evalsha"), int) and isinstance(rl.get("requests"), int) and rl["evalsha"] < rl["requests"]:
+        problems.append(f"redis_ledger: {rl['evalsha']} EVALSHA for {rl['requests']} priced calls")
+    if rl.get("store", {}).get("appendfsync") != REDIS_APPENDFSYNC:
+        problems.append(f"redis_ledger.store = {rl.get('store')!r}")
+    return problems
+
+
 def check_well_formed(r: dict, out: Path) -> list[str]:
     """The smoke run's check: every figure is there and has the right type (not its value)."""
     problems = []
@@ -1793,7 +2242,7 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or (positive and not v > 0):
             problems.append(f"{path} = {v!r}")
 
-    for cid, *_ in CASES:
+    for cid, *_ in active_cases(r["settings"]):
         c = r["cases"].get(cid)
         if not c:
             problems.append(f"case {cid} missing")
@@ -1803,12 +2252,14 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
         num(f"cases.{cid}.non_2xx", c["non_2xx"], positive=False)
     for q in r["ratios"]:
         num(f"ratios.{q['name']}", q["value"])
+    if r["settings"]["redis"]:
+        problems += ledger_problems(r.get("redis_ledger"))
     for k in ("priced", "hot"):
         if r["cas_stat_names"]:
             num(f"cases.{k}.cas_writes", r["cases"][k]["cas_writes"])
     num("cases.cache_hit.cache_hits", r["cases"]["cache_hit"]["cache_hits"])
-    for cid in QUIET_CASES:
-        num(f"one_connection.{cid}.p99_ms", r["one_connection"][cid]["p99_ms"])
+    for cid in active_quiet(active_cases(r["settings"])):
+        num(f"one_connection.{cid}.p99_ms", (r["one_connection"].get(cid) or {}).get("p99_ms"))
     num("wasm.pag0_bytes", r["wasm"]["pag0_bytes"])
     if shutil.which("node"):
         for cid in ("free", "priced", "hot", "cache_hit"):
@@ -1836,7 +2287,8 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
                     problems.append(f"callgrind.{k} = {cg[k]!r} is not an integer")
         per = (r.get("callgrind_raw") or {}).get("per_request") or {}
         for cid, *_ in CASES:
-            num(f"callgrind_raw.per_request.{cid}", per.get(cid))
+            if cid not in REDIS_CASES:  # bench/callgrind.py runs without Redis
+                num(f"callgrind_raw.per_request.{cid}", per.get(cid))
     try:
         again = json.loads((out / "results.json").read_text())
         if again.get("cases", {}).keys() != r["cases"].keys():
@@ -1844,7 +2296,10 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
     except (OSError, ValueError) as e:
         problems.append(f"results.json: {e}")
     md = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").exists() else ""
-    needles = ["| case | requests/s", "| target |", "## Memory", "## x402 pay path"]
+    needles = ["| case | requests/s", "| target |", "## Memory", "## x402 pay path",
+               "## Priced calls with the Redis ledger"]
+    if r["settings"]["redis"]:
+        needles += ["| Redis script calls (`EVALSHA`) per priced call", "| command | calls | per priced call |"]
     if r["settings"]["stream_calls"]:
         needles += ["## Streamed LLM answer", "| path | TTFB p50 ms"]
     if r["settings"]["callgrind"]:
@@ -1856,6 +2311,60 @@ def check_well_formed(r: dict, out: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- main
+
+def side_by_side_results(s: dict, envoy_bin: str, wrk: str, work: Path, up_port: int, up_pid: int,
+                         cases: list[tuple], ledger: LedgerRedis | None) -> dict:
+    """The side-by-side cases `cases` in rotated rounds, summed up: what results.json keeps."""
+    side = side_by_side(s, envoy_bin, wrk, work, up_port, up_pid, cases, active_quiet(cases), ledger)
+    runs = side["runs"]
+    summary = summarise_cases(s, runs)
+    quiet = {cid: {"p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                   "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                   "rps": statistics.median(r["rps"] for r in rs), "runs": rs}
+             for cid, rs in side["quiet"].items()}
+    rats = ratios(runs, summary)
+    return {"cases": summary, "ratios": rats, "runs": runs, "one_connection": quiet,
+            "cas_stat_names": side["cas_stat_names"],
+            "redis_ledger": ledger_comparison(runs, side["quiet"], summary, rats, side["redis_idle"], ledger)}
+
+
+def only_priced_redis(s: dict, work: Path) -> int:
+    """`--only priced_redis`: cases 2, 4 and 4r in rotated rounds (at 50 connections and at
+    one), printed and kept in the work directory's parent, never in RESULTS.md."""
+    if not s["redis"]:
+        raise BenchError("--only priced_redis with BENCH_REDIS=0 runs nothing")
+    wrk = ensure_wrk()
+    envoy_bin = run([str(ROOT / "scripts/ensure-envoy.sh")])
+    build_noop()
+    machine = machine_info(envoy_bin, wrk)
+    s["body_bytes"] = 1024
+    s["body"] = "x" * s["body_bytes"]
+    up_port, up_admin = free_port(), free_port()
+    up_cfg = render("upstream.yaml.in", work / "upstream.yaml", admin=up_admin, port=up_port,
+                    body=s["body"], big_body="y" * s["cache_body"])
+    upstream = Envoy(envoy_bin, up_cfg, work, "upstream", up_admin, s["concurrency"])
+    ledger = LedgerRedis(work)
+    cases = active_cases(s, {LEDGER_BASE, LEDGER_TWIN, LEDGER_CASE})
+    result = {"machine": machine, "command": "python3 bench/run.py --only priced_redis"
+              + (" --smoke" if s["smoke"] else ""),
+              "settings": {k: v for k, v in s.items() if k != "body"}}
+    result.update(side_by_side_results(s, envoy_bin, wrk, work, up_port, upstream.proc.pid, cases, ledger))
+    ledger.stop()
+    upstream.stop()
+    dest = work.parent / "priced_redis.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print("| case | requests/s | p50 ms | p99 ms | non-2xx |\n|---|---:|---:|---:|---:|")
+    for c in result["cases"].values():
+        print(f"| {c['label']} | {fmt_int(c['rps'])} | {fmt(c['p50_ms'])} | {fmt(c['p99_ms'])} | {c['non_2xx']} |")
+    print()
+    print("\n".join(ledger_lines(result)))
+    log(f"wrote {dest}")
+    problems = ledger_problems(result["redis_ledger"])
+    if problems:
+        print("bench: malformed priced_redis results:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
 
 def only_stream(s: dict, work: Path) -> int:
     """`--only stream`: the streamed case alone, printed and kept in the work directory's parent."""
@@ -1878,10 +2387,11 @@ def only_stream(s: dict, work: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description="pag0 benchmark (make bench)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run, checked for form only")
-    ap.add_argument("--only", choices=["stream"],
-                    help="run one part alone (stream: the streamed LLM answer); its result goes to "
-                         "target/bench[-smoke]/stream.json and the terminal, never to RESULTS.md, "
-                         "results.json or README.md")
+    ap.add_argument("--only", choices=["stream", "priced_redis"],
+                    help="run one part alone (stream: the streamed LLM answer; priced_redis: the "
+                         "priced route with the Redis ledger next to the shared-data ledger and the "
+                         "do-nothing filter); its result goes to target/bench[-smoke]/<part>.json and "
+                         "the terminal, never to RESULTS.md, results.json or README.md")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
@@ -1898,6 +2408,8 @@ def main() -> int:
             raise BenchError(f"{PAG0_WASM} is missing: run `make build`")
         if a.only == "stream":
             return only_stream(s, work)
+        if a.only == "priced_redis":
+            return only_priced_redis(s, work)
         wrk = ensure_wrk()
         if s["callgrind"]:
             ensure_valgrind()
@@ -1914,15 +2426,11 @@ def main() -> int:
         upstream = Envoy(envoy_bin, up_cfg, work, "upstream", up_admin, s["concurrency"])
 
         result: dict = {"machine": machine}
-        side = side_by_side(s, envoy_bin, wrk, work, up_port, upstream.proc.pid)
-        runs = side["runs"]
-        cases = summarise_cases(s, runs)
-        quiet = {cid: {"p50_ms": statistics.median(r["p50_ms"] for r in rs),
-                       "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-                       "rps": statistics.median(r["rps"] for r in rs), "runs": rs}
-                 for cid, rs in side["quiet"].items()}
-        result.update(cases=cases, ratios=ratios(runs, cases), runs=runs, one_connection=quiet,
-                      cas_stat_names=side["cas_stat_names"])
+        ledger = LedgerRedis(work) if s["redis"] else None
+        result.update(side_by_side_results(s, envoy_bin, wrk, work, up_port, upstream.proc.pid,
+                                           active_cases(s), ledger))
+        if ledger:
+            ledger.stop()
         result["session_memory"] = (session_memory(s, envoy_bin, wrk, work, up_port)
                                     if s["sessions"] else None)
         result["cache_memory"] = cache_memory(s, envoy_bin, wrk, work, up_port)
