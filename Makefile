@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/pag0.wasm
 CARGO ?= cargo
 
-.PHONY: build run demo test test-native test-wasm lint clean envoy wasm-target bench bench-smoke fuzz soak
+.PHONY: build run run-cluster demo test test-native test-wasm lint clean envoy wasm-target bench bench-smoke fuzz soak
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -18,6 +18,11 @@ envoy:
 
 run: build envoy
 	scripts/run.sh
+
+# Two Envoys (10000 and 10001) sharing one budget ledger in Redis behind Webdis, with
+# the reference policy and the demo APIs; the ledger's AOF stays in .tools/run-cluster.
+run-cluster: build envoy
+	scripts/run-cluster.sh
 
 demo: build envoy
 	scripts/demo.sh

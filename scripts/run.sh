@@ -6,31 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 envoy_bin="$(scripts/ensure-envoy.sh)"
 config="${PAG0_CONFIG:-envoy/reference.yaml}"
-pids=()
-cleanup() {
-  trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
+source scripts/lib/demo-apis.sh
+trap stop_pids EXIT INT TERM
 
-python3 demo/upstream.py --port 18080 &
-pids+=($!)
-if grep -q 'cluster_name: x402_demo' "$config"; then
-  # The paid x402 API on the official SDK's middleware (18402), the reference signer
-  # (18403) with a demo key made here once, and a local facilitator (18404).
-  py="$(scripts/ensure-x402-venv.sh)"
-  key=".tools/demo-signer.key"
-  if [[ ! -s "$key" ]]; then
-    mkdir -p .tools && (umask 077 && "$py" -c 'import secrets; print("0x" + secrets.token_hex(32))' > "$key")
-  fi
-  "$py" demo/x402/facilitator.py --port 18404 >/dev/null &
-  pids+=($!)
-  "$py" demo/x402/server.py --port 18402 --facilitator http://127.0.0.1:18404 &
-  pids+=($!)
-  "$py" demo/x402/signer.py --port 18403 --key-file "$key" >/dev/null &
-  pids+=($!)
-fi
+start_demo_apis "$config"
 if grep -q '"cluster": "pag0_cache_l2"' "$config"; then
   # The config asks for the second-level cache: Redis on 16379, Webdis on 17379.
   scripts/ensure-redis.sh
@@ -44,10 +23,8 @@ fi
 "$envoy_bin" -c "$config" --concurrency 2 --disable-hot-restart --file-flush-interval-msec 500 -l "${ENVOY_LOG_LEVEL:-warning}" &
 pids+=($!)
 for _ in $(seq 1 300); do
-  if curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1; then
-    if ! grep -q 'cluster_name: x402_demo' "$config"; then break; fi
-    if curl -fsS http://127.0.0.1:18403/healthz >/dev/null 2>&1 \
-      && curl -fsS http://127.0.0.1:18402/free >/dev/null 2>&1; then break; fi
+  if curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1 && demo_apis_ready "$config"; then
+    break
   fi
   sleep 0.1
 done

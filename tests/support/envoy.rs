@@ -1,6 +1,6 @@
 //! Starts a real Envoy with the built pag0.wasm, on free loopback ports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -236,11 +236,48 @@ pub fn reference_yaml_with(
         )
 }
 
+/// pag0's ledger in Redis (issue 14) added to a rendered config (`EnvoyConfig::render`
+/// or `reference_yaml*`): the plugin JSON gains `"ledger": <ledger>` at its top level
+/// (`ledger` is a JSON object's text, written as given) and a STATIC cluster
+/// `pag0_ledger` points at Webdis on 127.0.0.1:`webdis_port`.
+pub fn with_ledger(yaml: &str, webdis_port: u16, ledger: &str) -> String {
+    assert!(
+        !yaml.contains("\"ledger\":") && !yaml.contains("name: pag0_ledger"),
+        "the config already has a ledger"
+    );
+    let ledger = ledger.replace('\n', " ");
+    let cluster = format!(
+        "  - name: pag0_ledger\n    type: STATIC\n    connect_timeout: 0.25s\n    load_assignment:\n      cluster_name: pag0_ledger\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {webdis_port} }} }} }} }}] }}]\n"
+    );
+    let list = "\n  clusters:\n";
+    let at = yaml.find(list).expect("no static_resources.clusters") + list.len();
+    let yaml = format!("{}{cluster}{}", &yaml[..at], &yaml[at..]);
+    // The JSON is a block scalar (`value: |`, reference.yaml) or a single-quoted one.
+    let (open, entry) = if let Some(block) = yaml.find("value: |\n") {
+        let open = block + yaml[block..].find('{').expect("no plugin JSON");
+        let line = yaml[..open].rfind('\n').unwrap() + 1;
+        let indent = " ".repeat(open - line + 2);
+        (open + 1, format!("\n{indent}\"ledger\": {ledger}"))
+    } else {
+        let quoted = yaml.find("value: '{").expect("no plugin JSON");
+        (
+            quoted + 9,
+            format!(" \"ledger\": {} ", ledger.replace('\'', "''")),
+        )
+    };
+    let empty = yaml[open..].trim_start().starts_with('}');
+    let comma = if empty { "" } else { "," };
+    format!("{}{entry}{comma}{}", &yaml[..open], &yaml[open..])
+}
+
 pub struct Envoy {
     pub port: u16,
     pub admin: u16,
     child: Child,
     pub log_path: PathBuf,
+    /// The YAML it runs and its worker count, to start it again after a kill.
+    config: PathBuf,
+    workers: u32,
     _dir: TempDir,
 }
 
@@ -258,33 +295,41 @@ impl Envoy {
         let config = dir.0.join("envoy.yaml");
         std::fs::write(&config, render(port, admin)).unwrap();
         let log_path = dir.0.join("envoy.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let stdout = std::fs::File::create(dir.0.join("stdout.log")).unwrap();
-        let child = Command::new(envoy_bin())
-            .args([
-                "-c",
-                config.to_str().unwrap(),
-                "--concurrency",
-                &workers.to_string(),
-                "--disable-hot-restart",
-                "--file-flush-interval-msec",
-                "100",
-                "-l",
-                "info",
-            ])
-            .stdout(stdout)
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn(&config, workers, &log_path);
         let mut envoy = Envoy {
             port,
             admin,
             child,
             log_path,
+            config,
+            workers,
             _dir: dir,
         };
         envoy.wait_ready();
         envoy
+    }
+
+    /// Kills Envoy with SIGKILL (a crash: in-flight calls and its shared data are lost).
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed Envoy again with the same YAML and ports; waits until it is ready.
+    /// Its logs go on in the same files.
+    pub fn revive(&mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "envoy is still running"
+        );
+        self.child = spawn(&self.config, self.workers, &self.log_path);
+        self.wait_ready();
+    }
+
+    /// `kill_hard` then `revive`: an Envoy crash and restart on the same ports.
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        self.revive();
     }
 
     pub fn with_config(config: &EnvoyConfig, upstream: u16) -> Envoy {
@@ -348,6 +393,33 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs Envoy on `config`, appending its log to `log_path` and stdout to stdout.log next to it.
+fn spawn(config: &Path, workers: u32, log_path: &Path) -> Child {
+    let append = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+    };
+    Command::new(envoy_bin())
+        .args([
+            "-c",
+            config.to_str().unwrap(),
+            "--concurrency",
+            &workers.to_string(),
+            "--disable-hot-restart",
+            "--file-flush-interval-msec",
+            "100",
+            "-l",
+            "info",
+        ])
+        .stdout(append(&log_path.with_file_name("stdout.log")))
+        .stderr(append(log_path))
+        .spawn()
+        .unwrap()
 }
 
 pub fn admin_get(port: u16, path: &str) -> std::io::Result<String> {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod demo_api;
 pub mod envoy;
 pub mod h2;
+pub mod ledger_redis;
 pub mod redis;
 pub mod upstream;
 pub mod x402;
