@@ -10,6 +10,7 @@ use crate::core::compile::Config;
 use crate::core::errors::{ErrorCode, Refusal, Scope};
 use crate::core::identity::{role, valid_id};
 use crate::core::ledger::budget::{BudgetRecord, POOL};
+use crate::core::ledger::remote_report::{self, RemoteSession};
 use crate::core::ledger::report::{ReportRecord, Tally, Tokens};
 use crate::core::ledger::sessions;
 use crate::core::ledger::windows::WindowsRecord;
@@ -203,6 +204,106 @@ pub fn handle<S: SharedStore + ?Sized>(
     }
 }
 
+/// One line of the session list.
+fn session_summary(
+    cfg: &Config,
+    policy: Option<&crate::core::policy::Policy>,
+    r: &BudgetRecord,
+    report: &ReportRecord,
+) -> Value {
+    let limit = policy.and_then(|p| p.session_budget);
+    let used = r.spent.saturating_add(r.reserved());
+    json!({
+        "sessionId": r.session_id,
+        "totalCost": r.spent.to_string(),
+        "reserved": r.reserved().to_string(),
+        "budget": limit.map(|l| l.to_string()),
+        "budgetUtilization": limit.map(|l| utilization(used, l)),
+        "state": session_state(cfg, r),
+        "totalRequests": report.requests,
+        "cacheHits": report.cache_hits,
+        "cacheSavings": report.savings.to_string(),
+        "agents": report.agents.len().max(r.agents.len()),
+        "killed": r.killed,
+        "lastActive": r.last_active,
+    })
+}
+
+/// What the Redis ledger answered for a report API call (see [`remote_read`]).
+pub enum RemoteData {
+    Session(Option<Box<RemoteSession>>, WindowsRecord),
+    List(Vec<RemoteSession>, usize, WindowsRecord),
+}
+
+/// With the Redis ledger, what a report route reads there (the script's request):
+/// `None` for routes that read nothing there.
+pub fn remote_read(
+    cfg: &Config,
+    access: Access,
+    route: &AdminRoute,
+    tenant_param: Option<&str>,
+    now: u64,
+) -> Result<Option<String>, Refusal> {
+    let index = tenant_of(cfg, access, tenant_param)?;
+    let tenant = cfg.tenant_id(index);
+    Ok(match route {
+        AdminRoute::Sessions => Some(remote_report::list_body(tenant, SESSION_LIST_LIMIT, now)),
+        AdminRoute::Budget(id) | AdminRoute::Report(id) => {
+            Some(remote_report::read_body(tenant, id, now))
+        }
+        _ => None,
+    })
+}
+
+/// Answers a report route from what the Redis ledger answered: the whole cluster's
+/// figures, in the same form as the shared-data ledger's.
+pub fn handle_remote(
+    cfg: &Config,
+    access: Access,
+    route: &AdminRoute,
+    tenant_param: Option<&str>,
+    data: &RemoteData,
+) -> AdminResponse {
+    let tenant = match tenant_of(cfg, access, tenant_param) {
+        Ok(index) => cfg.tenant_id(index).to_string(),
+        Err(refusal) => return AdminResponse::refusal(&refusal),
+    };
+    match (route, data) {
+        (AdminRoute::Sessions, RemoteData::List(list, total, _)) => {
+            let policy = cfg.policy(None);
+            let sessions: Vec<Value> = list
+                .iter()
+                .map(|s| session_summary(cfg, policy, &s.budget, &s.report))
+                .collect();
+            AdminResponse::json(
+                200,
+                json!({"tenant": tenant, "sessions": sessions, "total": total}),
+            )
+        }
+        (AdminRoute::Budget(_), RemoteData::Session(Some(s), windows)) => {
+            AdminResponse::json(200, budget_json(cfg, &tenant, &s.budget, windows))
+        }
+        (AdminRoute::Report(_), RemoteData::Session(Some(s), windows)) => {
+            let records = SessionRecords {
+                budget: s.budget.clone(),
+                report: s.report.clone(),
+            };
+            AdminResponse::json(200, report_json(cfg, &tenant, &records, windows))
+        }
+        (AdminRoute::Budget(id) | AdminRoute::Report(id), _) => AdminResponse::refusal(
+            &Refusal::new(
+                ErrorCode::NotFound,
+                format!("no session {id:?} for tenant {tenant}"),
+            )
+            .with_fields(vec![("sessionId", id.to_string())]),
+        ),
+        _ => AdminResponse::refusal(&Refusal::new(
+            ErrorCode::InternalError,
+            "the Redis ledger's answer does not fit the route",
+        )),
+    }
+}
+
 /// The tenant an admin call reads: a tenant key's own, or the admin's `?tenant=`.
 pub fn tenant_of(
     cfg: &Config,
@@ -300,22 +401,7 @@ fn handle_inner<S: SharedStore + ?Sized>(
                 } else {
                     ReportRecord::default()
                 };
-                let limit = policy.and_then(|p| p.session_budget);
-                let used = r.spent.saturating_add(r.reserved());
-                sessions.push(json!({
-                    "sessionId": r.session_id,
-                    "totalCost": r.spent.to_string(),
-                    "reserved": r.reserved().to_string(),
-                    "budget": limit.map(|l| l.to_string()),
-                    "budgetUtilization": limit.map(|l| utilization(used, l)),
-                    "state": session_state(cfg, r),
-                    "totalRequests": report.requests,
-                    "cacheHits": report.cache_hits,
-                    "cacheSavings": report.savings.to_string(),
-                    "agents": report.agents.len().max(r.agents.len()),
-                    "killed": r.killed,
-                    "lastActive": r.last_active,
-                }));
+                sessions.push(session_summary(cfg, policy, r, &report));
             }
             Ok(AdminResponse::json(
                 200,

@@ -201,6 +201,17 @@ impl Refusal {
         self
     }
 
+    /// A free-form detail field, when the refusal has it.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        match &self.details {
+            Details::Fields(fields) => fields
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+
     pub fn budget(details: BudgetDetails) -> Refusal {
         let message = format!(
             "{} budget exceeded: limit {}, spent {}, reserved {}, requested {}",

@@ -13,6 +13,8 @@ use proxy_wasm::types::LogLevel;
 use crate::core::alerts::Alert;
 use crate::core::compile::Config;
 use crate::core::ledger::remote::{self, Fault, Settlement};
+use crate::core::ledger::remote_report::{self, Compaction, Push};
+use crate::core::ledger::report::ReportRecord;
 use crate::core::ledger::sessions;
 use crate::host::shared::HostStore;
 use crate::host::stream::Dispatch;
@@ -24,12 +26,18 @@ const BATCH: usize = 128;
 const MAX_IN_FLIGHT: usize = 4;
 /// How often each VM asks for kill switch changes.
 const KILL_POLL_MS: u64 = 200;
+/// How far back a VM's first poll applies kill switch changes.
+const KILL_MEMORY_MS: u64 = 86_400_000;
 /// Settlements held while Redis cannot be reached; beyond, the oldest wait for their
 /// reservation's expiry (charged) and are counted as dropped.
 const MAX_QUEUED: usize = 100_000;
 
 enum Flight {
     Settle(Vec<Settlement>),
+    Report(Vec<Push>),
+    /// A long report list read to be compacted: (tenant, session).
+    CompactRead(String, String),
+    Compact,
     Kill(String),
     Kills,
     Load,
@@ -42,7 +50,10 @@ struct State {
     queue: VecDeque<Settlement>,
     /// Kill switch changes to write (a breaker's `killSession`), as request bodies.
     kills: Vec<String>,
-    in_flight: HashMap<u32, Flight>,
+    reports: VecDeque<Push>,
+    /// Script requests sent once, their answer unimportant (compactions).
+    once: Vec<(String, Flight)>,
+    in_flight: HashMap<u32, (String, Flight)>,
     kill_seq: Option<u64>,
     last_poll_ms: u64,
     /// Redis said NOSCRIPT: the next tick loads the script first.
@@ -85,6 +96,33 @@ pub fn queue(settlement: Settlement) {
     });
 }
 
+/// Queues a VM's report counts (from its flush) for Redis's report lists.
+pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, now_secs: u64) {
+    for (tenant, session, delta) in reports {
+        let tenant = cfg.tenant_id(tenant).to_string();
+        let push = Push {
+            id: next_id(),
+            key: remote_report::report_key(&tenant, &session),
+            entry: remote_report::entry(now_secs, &delta),
+            tenant,
+            session,
+        };
+        with(|s| {
+            if s.reports.len() >= MAX_QUEUED {
+                s.reports.pop_front();
+                metrics::add("pag0.ledger.redis_reports_dropped", 1);
+            }
+            s.reports.push_back(push);
+        });
+    }
+}
+
+/// Queues a compaction of a report list a reader merged.
+pub fn queue_compaction(c: Compaction) {
+    let body = remote_report::compact_body(&c.key, c.n, &c.head, &c.merged);
+    with(|s| s.once.push((body, Flight::Compact)));
+}
+
 /// Queues a kill switch thrown by this VM (a breaker) for Redis, so that every Envoy
 /// refuses the session.
 pub fn queue_kill(tenant: &str, session: &str, reason: &str) {
@@ -105,6 +143,8 @@ pub fn release(cfg: &Config, id: &str, tenant: usize, session: &str, agent: &str
         agent: agent.to_string(),
         plan: remote::Plan {
             session_key: String::new(),
+            session_id: String::new(),
+            index_key: String::new(),
             scopes: Vec::new(),
             session_index: 0,
             kill_at: None,
@@ -120,7 +160,7 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
     };
     let now = now_millis();
     let needs_load =
-        with(|s| s.needs_load && !s.in_flight.values().any(|f| matches!(f, Flight::Load)));
+        with(|s| s.needs_load && !s.in_flight.values().any(|(_, f)| matches!(f, Flight::Load)));
     if needs_load {
         let sent = callout::send(
             d,
@@ -132,7 +172,7 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
             service.timeout_ms.max(1000),
         );
         if let Ok(token) = sent {
-            with(|s| s.in_flight.insert(token, Flight::Load));
+            with(|s| s.in_flight.insert(token, (String::new(), Flight::Load)));
         }
         return;
     }
@@ -141,7 +181,7 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
             let settling = s
                 .in_flight
                 .values()
-                .filter(|f| matches!(f, Flight::Settle(_)))
+                .filter(|(_, f)| matches!(f, Flight::Settle(_)))
                 .count();
             if s.queue.is_empty() || settling >= MAX_IN_FLIGHT {
                 return None;
@@ -152,8 +192,8 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
         let Some(batch) = batch else { break };
         let body = remote::settle_body(&batch);
         match send_script(d, service, &body) {
-            Ok(token) => with(|s| {
-                s.in_flight.insert(token, Flight::Settle(batch));
+            Ok((token, tag)) => with(|s| {
+                s.in_flight.insert(token, (tag, Flight::Settle(batch)));
             }),
             Err(()) => {
                 requeue(batch);
@@ -161,37 +201,74 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
             }
         }
     }
+    loop {
+        let batch = with(|s| {
+            let out = s
+                .in_flight
+                .values()
+                .filter(|(_, f)| matches!(f, Flight::Report(_)))
+                .count();
+            if s.reports.is_empty() || out >= MAX_IN_FLIGHT {
+                return None;
+            }
+            let n = s.reports.len().min(BATCH);
+            Some(s.reports.drain(..n).collect::<Vec<_>>())
+        });
+        let Some(batch) = batch else { break };
+        match send_script(d, service, &remote_report::report_body(&batch)) {
+            Ok((token, tag)) => with(|s| {
+                s.in_flight.insert(token, (tag, Flight::Report(batch)));
+            }),
+            Err(()) => {
+                with(|s| {
+                    for p in batch.into_iter().rev() {
+                        s.reports.push_front(p);
+                    }
+                });
+                break;
+            }
+        }
+    }
+    for (body, flight) in with(|s| std::mem::take(&mut s.once)) {
+        if let Ok((token, tag)) = send_script(d, service, &body) {
+            with(|s| s.in_flight.insert(token, (tag, flight)));
+        }
+    }
     for body in with(|s| std::mem::take(&mut s.kills)) {
         match send_script(d, service, &body) {
-            Ok(token) => with(|s| {
-                s.in_flight.insert(token, Flight::Kill(body));
+            Ok((token, tag)) => with(|s| {
+                s.in_flight.insert(token, (tag, Flight::Kill(body)));
             }),
             Err(()) => with(|s| s.kills.push(body)),
         }
     }
     let poll = with(|s| {
         let due = now.saturating_sub(s.last_poll_ms) >= KILL_POLL_MS
-            && !s.in_flight.values().any(|f| matches!(f, Flight::Kills));
+            && !s
+                .in_flight
+                .values()
+                .any(|(_, f)| matches!(f, Flight::Kills));
         if due {
             s.last_poll_ms = now;
         }
         due.then_some(s.kill_seq)
     });
     if let Some(since) = poll {
-        // The first poll only learns where the log stands: kills made before this VM
-        // started are in Redis, where priced calls meet them.
-        let body = remote::kills_body(since.unwrap_or(u64::MAX >> 11));
-        if let Ok(token) = send_script(d, service, &body) {
-            with(|s| s.in_flight.insert(token, Flight::Kills));
+        let body = remote::kills_body(since);
+        if let Ok((token, tag)) = send_script(d, service, &body) {
+            with(|s| s.in_flight.insert(token, (tag, Flight::Kills)));
         }
     }
 }
 
+/// Sends a script request under a new tag; the answer must carry it back.
 fn send_script(
     d: &dyn Dispatch,
     service: &crate::core::compile::Service,
     body: &str,
-) -> Result<u32, ()> {
+) -> Result<(u32, String), ()> {
+    let tag = next_id();
+    let body = remote::tagged(body, &tag);
     callout::send(
         d,
         &service.cluster,
@@ -201,6 +278,7 @@ fn send_script(
         Some(("application/json", body.as_bytes())),
         service.timeout_ms,
     )
+    .map(|token| (token, tag))
     .map_err(|_| ())
 }
 
@@ -219,7 +297,7 @@ pub fn script_missing() {
 
 /// An answer to a call this module sent; false when the token is not its own.
 pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
-    let Some(flight) = with(|s| s.in_flight.remove(&token)) else {
+    let Some((tag, flight)) = with(|s| s.in_flight.remove(&token)) else {
         return false;
     };
     let status = callout::status();
@@ -235,7 +313,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 );
             }
         }
-        Flight::Settle(batch) => match remote::script_answer(status, &body) {
+        Flight::Settle(batch) => match remote::script_answer(status, &body, &tag) {
             Ok(answer) => {
                 let (statuses, raised) = remote::read_settle(&batch, &answer);
                 let late = statuses.iter().filter(|s| *s == "late").count();
@@ -266,37 +344,94 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 requeue(batch);
             }
         },
+        Flight::Report(batch) => match remote::script_answer(status, &body, &tag) {
+            Ok(answer) => {
+                let lengths = remote_report::read_lengths(&answer);
+                let now = now_millis() / 1000;
+                for (push, n) in batch.iter().zip(lengths) {
+                    if n > remote_report::COMPACT_AT {
+                        let request = remote_report::read_body(&push.tenant, &push.session, now);
+                        with(|s| {
+                            s.once.push((
+                                request,
+                                Flight::CompactRead(push.tenant.clone(), push.session.clone()),
+                            ))
+                        });
+                    }
+                }
+            }
+            Err(fault) => {
+                if fault == Fault::NoScript {
+                    script_missing();
+                }
+                metrics::add("pag0.ledger.redis_failures", 1);
+                with(|s| {
+                    for p in batch.into_iter().rev() {
+                        s.reports.push_front(p);
+                    }
+                });
+            }
+        },
+        Flight::CompactRead(tenant, session) => {
+            if let Ok(answer) = remote::script_answer(status, &body, &tag) {
+                let now = now_millis() / 1000;
+                let (read, _) = remote_report::read_answer(
+                    &tenant,
+                    &session,
+                    &answer,
+                    now,
+                    cfg.sessions.max_agents,
+                );
+                if let Some(c) = read.and_then(|r| r.compaction) {
+                    queue_compaction(c);
+                }
+            }
+        }
+        Flight::Compact => {}
         Flight::Kill(request) => {
-            if let Err(fault) = remote::script_answer(status, &body) {
+            if let Err(fault) = remote::script_answer(status, &body, &tag) {
                 if fault == Fault::NoScript {
                     script_missing();
                 }
                 with(|s| s.kills.push(request));
             }
         }
-        Flight::Kills => match remote::script_answer(status, &body) {
-            Ok(answer) => {
-                let (seq, changes) = remote::read_kills(&answer);
-                let known = with(|s| s.kill_seq);
-                let now = now_millis() / 1000;
-                if known.is_some() {
-                    for change in &changes {
-                        apply_kill(cfg, &change.tenant, &change.session, change.on, now);
-                    }
-                }
-                let newest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
-                with(|s| {
-                    s.kill_seq = Some(if known.is_some() {
-                        newest.max(known.unwrap_or(0))
-                    } else {
-                        seq
-                    });
-                });
-            }
+        Flight::Kills => match remote::script_answer(status, &body, &tag) {
             Err(fault) => {
+                metrics::add("pag0.ledger.redis_kill_poll_failures", 1);
                 if fault == Fault::NoScript {
                     script_missing();
                 }
+            }
+            Ok(answer) => {
+                let (seq, changes) = remote::read_kills(&answer);
+                let known = with(|s| s.kill_seq);
+                let now_ms = now_millis();
+                metrics::add("pag0.ledger.redis_kill_polls", 1);
+                // A VM's first poll takes the newest changes of the last day (a kill
+                // made while it started, or before a restart); later polls, every
+                // change since the last.
+                let recent = now_ms.saturating_sub(KILL_MEMORY_MS);
+                for change in changes
+                    .iter()
+                    .filter(|c| known.is_some() || c.at_ms >= recent)
+                {
+                    apply_kill(
+                        cfg,
+                        &change.tenant,
+                        &change.session,
+                        change.on,
+                        now_ms / 1000,
+                    );
+                    metrics::add("pag0.ledger.redis_kills_applied", 1);
+                }
+                let newest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
+                with(|s| {
+                    s.kill_seq = Some(match known {
+                        Some(known) => newest.max(known),
+                        None => seq,
+                    });
+                });
             }
         },
     }

@@ -123,6 +123,12 @@ impl RootContext for Pag0Root {
                 u64::from(ticked.recovered),
             );
         }
+        if config.ledger_redis.is_some() {
+            let reports = vm::with(|vm| vm.ledger.take_remote_reports());
+            if !reports.is_empty() {
+                remote_ledger::queue_reports(&config, reports, now / 1000);
+            }
+        }
         remote_ledger::on_tick(&RootDispatch(self), &config);
         for call in outbox::take_all() {
             let body = Some((call.content_type, call.body.as_bytes()));

@@ -422,10 +422,43 @@ fn spawn(config: &Path, workers: u32, log_path: &Path) -> Child {
         .unwrap()
 }
 
+/// One GET on a connection of its own; an error (not a panic) while the port is not
+/// listening yet, whatever happens between connecting and answering.
 pub fn admin_get(port: u16, path: &str) -> std::io::Result<String> {
-    std::net::TcpStream::connect(("127.0.0.1", port))?;
-    let response = super::Client::new(port).get("admin", path, &[]);
-    Ok(String::from_utf8_lossy(&response.body).into_owned())
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Err(std::io::Error::other("no HTTP answer"));
+    };
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_string())
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Runs `envoy --mode validate` on a YAML text: (accepted, log output).

@@ -11,6 +11,9 @@
 --                 scopes as JSON), kept a day after it ends so a retry finds it.
 --   pag0:exp      reservations by deadline (ms, Redis's clock).
 --   pag0:kills    kill switch changes by sequence number, for every Envoy to poll.
+--   report lists  each VM's report counts of a session, appended at its flush (merged
+--                 by whoever reads them, and compacted into one entry by that reader).
+--   session index a tenant's sessions by last reservation (the report's session list).
 local req = cjson.decode(ARGV[1])
 local RETAIN_MS = 86400000
 
@@ -99,6 +102,11 @@ local function sweep(now)
     local r = load(id)
     if r and r.st == 'held' then
       charge(r, r.amount, 'expired')
+      for _, sc in ipairs(r.sc) do
+        if sc.f == '' then
+          redis.call('HINCRBY', sc.k, 'expiredn', 1)
+        end
+      end
       finish(id, 'expired')
     else
       redis.call('ZREM', 'pag0:exp', id)
@@ -122,7 +130,7 @@ local function reserve()
   local old = load(id)
   if old then
     -- A retry, or a reservation its Envoy already gave up on (released first).
-    return cjson.encode({ ok = (old.st == 'held'), code = 'DUPLICATE', amount = fmt(old.amount) })
+    return ({ ok = (old.st == 'held'), code = 'DUPLICATE', amount = fmt(old.amount) })
   end
   local scopes = req.scopes
   local view = {}
@@ -131,7 +139,7 @@ local function reserve()
   end
   local killed = redis.call('HGET', req.session, 'killed')
   if killed then
-    return cjson.encode({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = killed, v = view })
+    return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = killed, v = view })
   end
   if req.killAt then
     local s = scopes[req.si + 1]
@@ -141,7 +149,7 @@ local function reserve()
       if raise(s.k, '', 4) then
         table.insert(alerts, { '', fmt(req.si), '4', fmt(hnum(s.k, 'spent')), fmt(s.l or 0) })
       end
-      return cjson.encode({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
+      return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
     end
   end
   -- As much of the price as every scope leaves, down to the least the call may cost.
@@ -160,7 +168,7 @@ local function reserve()
         if raise(sc.k, sc.f, 2) then
           table.insert(alerts, { '', fmt(i - 1), '2', fmt(hnum(sc.k, sc.f .. 'spent')), fmt(sc.l) })
         end
-        return cjson.encode({ ok = false, code = sc.c, i = fmt(i - 1), requested = fmt(amount), v = view, alerts = alerts })
+        return ({ ok = false, code = sc.c, i = fmt(i - 1), requested = fmt(amount), v = view, alerts = alerts })
       end
     end
   end
@@ -169,6 +177,15 @@ local function reserve()
     view[i] = state(sc)
   end
   touch(scopes)
+  if req.index then
+    local now_s = math.floor(now / 1000)
+    redis.call('HSET', req.session, 'id', req.sid, 'last', fmt(now_s))
+    redis.call('ZADD', req.index, fmt(now_s), req.sid)
+    if redis.call('ZCARD', req.index) > 10000 then
+      redis.call('ZREMRANGEBYRANK', req.index, 0, -10001)
+    end
+    redis.call('EXPIRE', req.index, fmt(req.x or 2592000))
+  end
   local key = 'pag0:r:' .. id
   local held = {}
   for i, sc in ipairs(scopes) do
@@ -177,7 +194,7 @@ local function reserve()
   redis.call('HSET', key, 'st', 'held', 'amount', fmt(amount), 'sc', cjson.encode(held))
   redis.call('PEXPIRE', key, fmt(req.ttl + RETAIN_MS))
   redis.call('ZADD', 'pag0:exp', fmt(now + req.ttl), id)
-  return cjson.encode({ ok = true, amount = fmt(amount), v = view })
+  return ({ ok = true, amount = fmt(amount), v = view })
 end
 
 -- Commits or releases reservations (cost 0 releases). Each item is applied once: a
@@ -209,6 +226,9 @@ local function settle()
       for _, sc in ipairs(r.sc) do
         incr(sc.k, sc.f .. 'spent', item.cost - r.amount)
         incr(sc.k, sc.f .. 'expired', -r.amount)
+        if sc.f == '' then
+          redis.call('HINCRBY', sc.k, 'expiredn', -1)
+        end
         if item.u then
           incr(sc.k, sc.f .. 'unconf', item.cost)
         end
@@ -220,7 +240,7 @@ local function settle()
     end
     results[n] = status
   end
-  return cjson.encode({ r = results, alerts = alerts })
+  return ({ r = results, alerts = alerts })
 end
 
 local function kill()
@@ -235,16 +255,22 @@ local function kill()
   end
   local seq = redis.call('INCR', 'pag0:killseq')
   redis.call('ZADD', 'pag0:kills', fmt(seq),
-    cjson.encode({ n = fmt(seq), t = req.tenant, s = req.sid, on = req.on, reason = req.reason }))
+    cjson.encode({ n = fmt(seq), t = req.tenant, s = req.sid, on = req.on, reason = req.reason, at = fmt(now_ms()) }))
   redis.call('ZREMRANGEBYRANK', 'pag0:kills', 0, -10001)
-  return cjson.encode({ seq = fmt(seq) })
+  return ({ seq = fmt(seq) })
 end
 
+-- Changes after `since`; with `since` below 0 (a VM's first poll), the newest 256.
 local function kills()
   local since = req.since or 0
   local seq = tonumber(redis.call('GET', 'pag0:killseq') or '0')
-  local changes = redis.call('ZRANGEBYSCORE', 'pag0:kills', '(' .. fmt(since), '+inf', 'LIMIT', 0, 256)
-  return cjson.encode({ seq = fmt(seq), k = changes })
+  local changes
+  if since < 0 then
+    changes = redis.call('ZREVRANGE', 'pag0:kills', 0, 255)
+  else
+    changes = redis.call('ZRANGEBYSCORE', 'pag0:kills', '(' .. fmt(since), '+inf', 'LIMIT', 0, 256)
+  end
+  return ({ seq = fmt(seq), k = changes })
 end
 
 local function view()
@@ -257,12 +283,81 @@ local function view()
     }
   end
   local killed = req.session and redis.call('HGET', req.session, 'killed')
-  return cjson.encode({ v = out, killed = killed or false })
+  return ({ v = out, killed = killed or false })
 end
 
-local ops = { reserve = reserve, settle = settle, kill = kill, kills = kills, view = view }
+-- Appends VMs' report counts: [list key, entry] each; answers each list's length.
+local function report()
+  local lengths = {}
+  for i, item in ipairs(req.items) do
+    -- Once per entry id: a push retried after a timeout is not counted twice.
+    if redis.call('SET', 'pag0:pushed:' .. item.id, '1', 'NX', 'EX', 86400) then
+      lengths[i] = fmt(redis.call('RPUSH', item.k, item.d))
+      redis.call('EXPIRE', item.k, fmt(req.x))
+    else
+      lengths[i] = fmt(redis.call('LLEN', item.k))
+    end
+  end
+  return ({ n = lengths })
+end
+
+-- Replaces a report list's first `n` entries by their merge, unless someone did first
+-- (the first entry is no longer the one the merge started from).
+local function compact()
+  local head = redis.call('LINDEX', req.k, 0)
+  if head ~= req.head or redis.call('LLEN', req.k) < req.n then
+    return ({ done = false })
+  end
+  redis.call('LTRIM', req.k, req.n, -1)
+  redis.call('LPUSH', req.k, req.d)
+  return ({ done = true })
+end
+
+local function figures(key)
+  if not key then
+    return {}
+  end
+  return redis.call('HGETALL', key)
+end
+
+-- One session's figures: its hash, its report entries, the tenant's day and month.
+local function read()
+  sweep(now_ms())
+  return ({
+    h = figures(req.session),
+    r = redis.call('LRANGE', req.rep, 0, -1),
+    d = figures(req.day),
+    m = figures(req.month),
+  })
+end
+
+-- A tenant's newest sessions (at most req.n), each with its hash and report entries.
+local function list()
+  sweep(now_ms())
+  local ids = redis.call('ZREVRANGE', req.index, 0, req.n - 1)
+  local out = {}
+  for i, id in ipairs(ids) do
+    out[i] = { id = id, h = figures(req.sp .. id), r = redis.call('LRANGE', req.rp .. id, 0, -1) }
+  end
+  return ({
+    s = out,
+    total = fmt(redis.call('ZCARD', req.index)),
+    d = figures(req.day),
+    m = figures(req.month),
+  })
+end
+
+local ops = {
+  reserve = reserve, settle = settle, kill = kill, kills = kills, view = view,
+  report = report, compact = compact, read = read, list = list,
+}
 local op = ops[req.op]
 if not op then
   return redis.error_reply('pag0: unknown ledger operation')
 end
-return op()
+-- The request's tag comes back with its answer: after a pause, Webdis can answer a
+-- request on a connection that reused the socket of one Envoy gave up on, and pag0
+-- must not take that answer for its own.
+local answer = op()
+answer.tag = req.tag
+return cjson.encode(answer)

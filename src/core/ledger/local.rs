@@ -96,6 +96,8 @@ pub struct LocalLedger {
     /// Budget records as this VM last read or wrote them (see [`LocalLedger::seen`]).
     seen: HashMap<usize, HashMap<String, SeenSession>>,
     seen_windows: HashMap<usize, Seen<WindowsRecord>>,
+    /// `ledger.store: redis`: report counts flushed, waiting for the host to send.
+    remote_reports: Vec<(usize, String, ReportRecord)>,
 }
 
 /// A session's record (and slot) as last seen; `None`: it had none.
@@ -427,6 +429,11 @@ impl LocalLedger {
                 }
             }
             let Some(stats) = pending.stats else { continue };
+            if cfg.ledger_redis.is_some() {
+                // The Redis ledger: the counts go to the session's report list there.
+                self.remote_reports.push((tenant_index, session, stats));
+                continue;
+            }
             if slot.is_none() {
                 slot = sessions::lookup(store, tenant, &session, &cfg.sessions)
                     .ok()
@@ -481,6 +488,11 @@ impl LocalLedger {
 
     fn dirty_commits(&self) -> bool {
         !self.windows.is_empty() || self.sessions.values().any(|s| !s.commits.is_empty())
+    }
+
+    /// Report counts for the Redis ledger, taken by the host to send.
+    pub fn take_remote_reports(&mut self) -> Vec<(usize, String, ReportRecord)> {
+        std::mem::take(&mut self.remote_reports)
     }
 
     /// The report API wants every VM's counts written: raises the flush epoch and

@@ -19,6 +19,7 @@ pub mod codec;
 pub mod local;
 pub mod owners;
 pub mod remote;
+pub mod remote_report;
 pub mod report;
 pub mod sessions;
 pub mod windows;

@@ -23,7 +23,7 @@ use crate::core::window::{day_index, month_index};
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "dd30625d6a26ba55cf3b909dc526d098c60bcb4b";
+pub const SCRIPT_SHA1: &str = "2e07b8d885821f773b740bd4a8f7f35dddd0842f";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -109,6 +109,9 @@ impl ScopeSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub session_key: String,
+    pub session_id: String,
+    /// The tenant's session index (the report's session list).
+    pub index_key: String,
     pub scopes: Vec<ScopeSpec>,
     /// Index of the session's own scope in `scopes`.
     pub session_index: usize,
@@ -170,6 +173,8 @@ pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Pl
     }
     Plan {
         session_key,
+        session_id: caller.session.clone(),
+        index_key: crate::core::ledger::remote_report::index_key(tenant),
         scopes,
         session_index,
         kill_at,
@@ -193,6 +198,9 @@ pub fn reserve_body(
         "min": min_price.min(price),
         "ttl": ttl_ms,
         "session": plan.session_key,
+        "sid": plan.session_id,
+        "index": plan.index_key,
+        "x": SESSION_EXPIRE_SECS,
         "si": plan.session_index,
         "scopes": plan.scopes.iter().map(ScopeSpec::to_json).collect::<Vec<_>>(),
     });
@@ -211,8 +219,35 @@ pub enum Fault {
     Unavailable(String),
 }
 
-/// The script's answer inside Webdis's `{"EVALSHA": ...}`.
-pub fn script_answer(status: Option<u32>, body: &[u8]) -> Result<Value, Fault> {
+/// A request with its tag, which the script's answer carries back.
+pub fn tagged(body: &str, tag: &str) -> String {
+    match body.strip_prefix('{') {
+        Some(rest) => {
+            let sep = if rest.trim_start().starts_with('}') {
+                ""
+            } else {
+                ","
+            };
+            format!("{{\"tag\":{}{sep}{rest}", Value::String(tag.to_string()))
+        }
+        None => body.to_string(),
+    }
+}
+
+/// The script's answer inside Webdis's `{"EVALSHA": ...}`, if it answers the request
+/// tagged `tag` (after a Redis pause Webdis can hand a connection the answer meant for
+/// one Envoy gave up on).
+pub fn script_answer(status: Option<u32>, body: &[u8], tag: &str) -> Result<Value, Fault> {
+    let answer = untagged_answer(status, body)?;
+    if answer.get("tag").and_then(Value::as_str) != Some(tag) {
+        return Err(Fault::Unavailable(
+            "the ledger's Webdis answered another request".into(),
+        ));
+    }
+    Ok(answer)
+}
+
+fn untagged_answer(status: Option<u32>, body: &[u8]) -> Result<Value, Fault> {
     let outer: Value = serde_json::from_slice(body).map_err(|_| {
         Fault::Unavailable(format!(
             "the ledger's Webdis answered {} with no JSON",
@@ -479,15 +514,22 @@ pub fn kill_body(tenant: &str, session: &str, on: bool, reason: &str) -> String 
     .to_string()
 }
 
-/// Kill switch changes after sequence number `since`.
-pub fn kills_body(since: u64) -> String {
-    json!({"op": "kills", "since": since}).to_string()
+/// Kill switch changes after sequence number `since`; `None` (a VM's first poll): the
+/// newest ones.
+pub fn kills_body(since: Option<u64>) -> String {
+    match since {
+        Some(since) => json!({"op": "kills", "since": since.min(MAX_EXACT)}),
+        None => json!({"op": "kills", "since": -1}),
+    }
+    .to_string()
 }
 
 /// One kill switch change another Envoy made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KillChange {
     pub seq: u64,
+    /// When it was made (Redis's clock, ms).
+    pub at_ms: u64,
     pub tenant: String,
     pub session: String,
     pub on: bool,
@@ -502,12 +544,15 @@ pub fn read_kills(answer: &Value) -> (u64, Vec<KillChange>) {
             let v: Value = serde_json::from_str(m.as_str()?).ok()?;
             Some(KillChange {
                 seq: v.get("n").map_or(0, num),
+                at_ms: v.get("at").map_or(0, num),
                 tenant: v.get("t")?.as_str()?.to_string(),
                 session: v.get("s")?.as_str()?.to_string(),
                 on: v.get("on").and_then(Value::as_bool).unwrap_or(false),
             })
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut changes = changes;
+    changes.sort_by_key(|c| c.seq);
     (seq, changes)
 }
 

@@ -3,11 +3,13 @@
 //! counts at once, and answers when the others have written theirs (each does on its
 //! next tick), or after [`waiters::FLUSH_WAIT_MS`] at most.
 
+use crate::core::admin::RemoteData as AdminData;
 use crate::core::admin::{self, Access, AdminResponse, AdminRoute};
 use crate::core::errors::Refusal;
-use crate::core::ledger::remote;
+use crate::core::ledger::{remote, remote_report};
 use crate::host::callout;
 use crate::host::outbox;
+use crate::host::remote_ledger;
 use crate::host::reply::send_local;
 use crate::host::shared::HostStore;
 use crate::host::stream::state::Pending;
@@ -48,7 +50,11 @@ pub fn serve(
         if access == Access::Admin {
             if let Ok(index) = admin::tenant_of(cfg, access, tenant.as_deref()) {
                 let on = matches!(route, AdminRoute::Kill(_));
-                let body = remote::kill_body(cfg.tenant_id(index), id, on, "manual");
+                let tag = remote_ledger::next_id();
+                let body = remote::tagged(
+                    &remote::kill_body(cfg.tenant_id(index), id, on, "manual"),
+                    &tag,
+                );
                 let sent = callout::send(
                     d,
                     &service.cluster,
@@ -58,7 +64,9 @@ pub fn serve(
                     Some(("application/json", body.as_bytes())),
                     service.timeout_ms,
                 );
-                let wait = KillWait {
+                let wait = RemoteWait {
+                    tag,
+                    read: false,
                     route: route.clone(),
                     access,
                     tenant: tenant.clone(),
@@ -68,7 +76,7 @@ pub fn serve(
                 };
                 return match sent {
                     Ok(token) => {
-                        d.wait_for(stream, token, Pending::AdminKill(Box::new(wait)));
+                        d.wait_for(stream, token, Pending::AdminRemote(Box::new(wait)));
                         Step::Pause
                     }
                     Err(_) => send(
@@ -81,12 +89,50 @@ pub fn serve(
             }
         }
     }
+    if cfg.ledger_redis.is_some() && !matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
+        let request =
+            admin::remote_read(cfg, access, &route, tenant.as_deref(), now_millis() / 1000);
+        match request {
+            Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
+            Ok(Some(body)) => {
+                let tag = remote_ledger::next_id();
+                let body = remote::tagged(&body, &tag);
+                let wait = RemoteWait {
+                    tag,
+                    read: true,
+                    route,
+                    access,
+                    tenant,
+                    path: path.to_vec(),
+                    body: body.clone(),
+                    loaded: false,
+                };
+                let Some(service) = cfg.ledger_redis.clone() else {
+                    return Step::Pause;
+                };
+                return resend(
+                    d,
+                    stream,
+                    &service,
+                    wait,
+                    remote::eval_path(&service.path),
+                    body,
+                    "application/json",
+                );
+            }
+            Ok(None) => {}
+        }
+    }
     after_remote(stream, route, access, tenant, path)
 }
 
 /// A kill or resume through the Redis ledger, waiting for Redis.
 #[derive(Debug)]
-pub struct KillWait {
+pub struct RemoteWait {
+    /// The request's tag, which its answer carries back.
+    tag: String,
+    /// A report read (else a kill or resume).
+    read: bool,
     route: AdminRoute,
     access: Access,
     tenant: Option<String>,
@@ -97,10 +143,10 @@ pub struct KillWait {
 }
 
 /// Redis answered a kill or resume: in force for every Envoy; now this one.
-pub fn on_kill_answer(
+pub fn on_remote_answer(
     d: &dyn Dispatch,
     stream: &Stream,
-    mut wait: KillWait,
+    mut wait: RemoteWait,
     body_size: usize,
 ) -> Step {
     let Some(service) = stream.config.ledger_redis.clone() else {
@@ -122,7 +168,50 @@ pub fn on_kill_answer(
             "application/json",
         );
     }
-    match remote::script_answer(status, &body) {
+    match remote::script_answer(status, &body, &wait.tag) {
+        Ok(answer) if wait.read => {
+            let cfg = &stream.config;
+            let now = now_millis() / 1000;
+            let tenant = admin::tenant_of(cfg, wait.access, wait.tenant.as_deref())
+                .map(|i| cfg.tenant_id(i).to_string())
+                .unwrap_or_default();
+            let max_agents = cfg.sessions.max_agents;
+            let data = match &wait.route {
+                AdminRoute::Sessions => {
+                    let (list, total, windows) =
+                        remote_report::list_answer(&tenant, &answer, now, max_agents);
+                    AdminData::List(list, total, windows)
+                }
+                AdminRoute::Budget(id) | AdminRoute::Report(id) => {
+                    let (session, windows) =
+                        remote_report::read_answer(&tenant, id, &answer, now, max_agents);
+                    AdminData::Session(session.map(Box::new), windows)
+                }
+                _ => {
+                    return send(
+                        stream,
+                        AdminResponse::refusal(&remote::unavailable("unexpected route")),
+                    )
+                }
+            };
+            // Whoever reads a report list merges it: the merge goes back as one entry.
+            match &data {
+                AdminData::List(list, _, _) => list
+                    .iter()
+                    .filter_map(|s| s.compaction.clone())
+                    .for_each(remote_ledger::queue_compaction),
+                AdminData::Session(Some(s), _) => {
+                    if let Some(c) = s.compaction.clone() {
+                        remote_ledger::queue_compaction(c);
+                    }
+                }
+                AdminData::Session(None, _) => {}
+            }
+            send(
+                stream,
+                admin::handle_remote(cfg, wait.access, &wait.route, wait.tenant.as_deref(), &data),
+            )
+        }
         Ok(_) => after_remote(stream, wait.route, wait.access, wait.tenant, &wait.path),
         Err(remote::Fault::NoScript) if !wait.loaded => {
             wait.loaded = true;
@@ -150,7 +239,7 @@ fn resend(
     d: &dyn Dispatch,
     stream: &Stream,
     service: &crate::core::compile::Service,
-    wait: KillWait,
+    wait: RemoteWait,
     path: String,
     body: String,
     content_type: &str,
@@ -165,7 +254,7 @@ fn resend(
         service.timeout_ms,
     ) {
         Ok(token) => {
-            d.wait_for(stream, token, Pending::AdminKill(Box::new(wait)));
+            d.wait_for(stream, token, Pending::AdminRemote(Box::new(wait)));
             Step::Pause
         }
         Err(_) => send(

@@ -137,12 +137,15 @@ fn reserve_remote(
     }
     let plan = remote::plan(cfg, policy, caller, now / 1000);
     let id = remote_ledger::next_id();
-    let request = remote::reserve_body(
-        &plan,
+    let request = remote::tagged(
+        &remote::reserve_body(
+            &plan,
+            &id,
+            ticket.price,
+            prepared.min_price,
+            cfg.ledger.reservation_timeout_ms,
+        ),
         &id,
-        ticket.price,
-        prepared.min_price,
-        cfg.ledger.reservation_timeout_ms,
     );
     let wait = Box::new(ReserveWait {
         id,
@@ -248,7 +251,7 @@ pub fn on_reserved(
             _ => Step::Pause,
         };
     }
-    let answer = match remote::script_answer(status, &body) {
+    let answer = match remote::script_answer(status, &body, &wait.id) {
         Ok(answer) => answer,
         Err(remote::Fault::NoScript) => {
             remote_ledger::script_missing();
@@ -287,6 +290,10 @@ pub fn on_reserved(
             }
         }
         Err(denied) => {
+            if denied.refusal.code == crate::core::errors::ErrorCode::LedgerUnavailable {
+                // An answer pag0 cannot read: whatever Redis did is given back.
+                remote_ledger::release(&cfg, &id, caller.tenant, &caller.session, &caller.agent);
+            }
             breaker::settle_spend(stream, 0);
             let tenant = cfg.tenant_id(caller.tenant).to_string();
             let now = now_millis() / 1000;
@@ -301,6 +308,20 @@ pub fn on_reserved(
                 })
                 .collect();
             outbox::queue_alerts(&cfg, alerts);
+            if denied.refusal.code == crate::core::errors::ErrorCode::KillSwitchActive
+                && denied.refusal.field("reason") != Some("threshold")
+            {
+                // Killed in Redis: this Envoy's free calls and cache hits follow at once.
+                let _ = crate::core::ledger::sessions::set_killed(
+                    &HostStore,
+                    &tenant,
+                    &caller.session,
+                    &cfg.sessions,
+                    now,
+                    true,
+                    true,
+                );
+            }
             super::cache::abandon_fill(stream);
             refuse(stream, &caller, &call, &denied.refusal, &denied.view);
             Step::Pause

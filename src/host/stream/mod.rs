@@ -134,7 +134,7 @@ pub fn answer_callout(
         Pending::PaidRetry => pay::on_paid_answer(stream, body_size),
         Pending::Reserve(wait) => budget::on_reserved(d, stream, wait, false, body_size),
         Pending::ReserveLoad(wait) => budget::on_reserved(d, stream, wait, true, body_size),
-        Pending::AdminKill(wait) => admin::on_kill_answer(d, stream, *wait, body_size),
+        Pending::AdminRemote(wait) => admin::on_remote_answer(d, stream, *wait, body_size),
     }
 }
 

@@ -36,8 +36,8 @@ pub enum Pending {
     Reserve(Box<ReserveWait>),
     /// Redis had no ledger script: its loading, then the reservation again.
     ReserveLoad(Box<ReserveWait>),
-    /// The Redis ledger's answer to a kill or resume through the admin API.
-    AdminKill(Box<crate::host::stream::admin::KillWait>),
+    /// The Redis ledger's answer to the admin API (a kill, a resume, a report read).
+    AdminRemote(Box<crate::host::stream::admin::RemoteWait>),
 }
 
 /// A reservation sent to the Redis ledger, and what the stream does once it is made.

@@ -1,0 +1,604 @@
+//! The ledger in Redis (`ledger.store: redis`, issue 14): several real Envoys share one
+//! real Redis (append-only file on) through Webdis locked down to EVALSHA and SCRIPT.
+//! Budgets hold across them, exactly; the kill switch, the day's spend and reservations
+//! outlive an Envoy; a Redis that is down or paused fails priced calls closed with 503
+//! `LEDGER_UNAVAILABLE` within `timeoutMs`, and nothing is charged twice or lost.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pag0::core::compile::sha256_hex;
+use support::envoy::{route, with_ledger, EnvoyConfig};
+use support::ledger_redis::LedgerRedis;
+use support::{agent_headers, unique, Client, Envoy, Upstream};
+
+const PRICE: u64 = 1000;
+/// `ledger.timeoutMs` of the test that measures it; the others allow more, as Redis
+/// fsyncs every write here (`appendfsync always`) and the tests run side by side on 2 CPUs.
+const TIMEOUT_MS: u64 = 300;
+const RELAXED_TIMEOUT_MS: u64 = 2000;
+
+fn plugin(session_budget: u64, daily_budget: u64) -> String {
+    format!(
+        r#"{{"tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
+  "admin": {{"apiKeySha256": "{}"}},
+  "policies": {{"p": {{"sessionBudget": "{session_budget}", "dailyBudget": "{daily_budget}",
+    "agents": {{"capped-*": {{"agentBudget": "{}"}}}}}}}}}}"#,
+        sha256_hex(b"key"),
+        sha256_hex(b"admin"),
+        3 * PRICE
+    )
+}
+
+fn config(session_budget: u64, daily_budget: u64) -> EnvoyConfig {
+    EnvoyConfig::new(
+        &plugin(session_budget, daily_budget),
+        vec![
+            route("api.paid.test", "/slow", &[("price", "1000")]),
+            route("api.paid.test", "/", &[("price", "1000")]),
+            route("api.free.test", "/", &[]),
+        ],
+    )
+}
+
+fn ledger_json(reservation_secs: u64, timeout_ms: u64) -> String {
+    format!(
+        r#"{{"store": "redis", "cluster": "pag0_ledger", "timeoutMs": {timeout_ms}, "reservationTimeoutSeconds": {reservation_secs}}}"#
+    )
+}
+
+fn start_envoys(
+    n: usize,
+    cfg: &EnvoyConfig,
+    up: &Upstream,
+    redis: &LedgerRedis,
+    reservation_secs: u64,
+) -> Vec<Envoy> {
+    let webdis = redis.webdis_port();
+    let timeout = if reservation_secs == 601 {
+        TIMEOUT_MS
+    } else {
+        RELAXED_TIMEOUT_MS
+    };
+    let ledger = ledger_json(reservation_secs, timeout);
+    (0..n)
+        .map(|_| {
+            Envoy::start(|listener, admin| {
+                with_ledger(&cfg.render(listener, admin, up.port), webdis, &ledger)
+            })
+        })
+        .collect()
+}
+
+/// A scope hash field in Redis, as a number (0 when absent).
+fn field(redis: &LedgerRedis, key: &str, name: &str) -> u64 {
+    redis.cli(&["HGET", key, name]).trim().parse().unwrap_or(0)
+}
+
+fn session_key(session: &str) -> String {
+    format!("pag0:s:4:acme:{session}")
+}
+
+fn day_key() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!("pag0:d:4:acme:{}", now / 86_400)
+}
+
+/// Waits until nothing is reserved in `key` (every settlement reached Redis).
+fn settled(redis: &LedgerRedis, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while field(redis, key, "reserved") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{key} still holds reservations: {}",
+            redis.cli(&["HGETALL", key])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `calls` priced calls from `threads` threads, spread round-robin over the Envoys; the
+/// session of each call from `session_of(i)`. Returns (2xx, Σ x-pag0-cost, refusals by
+/// code).
+fn storm(
+    envoys: &[Envoy],
+    threads: usize,
+    calls: usize,
+    session_of: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> (u64, u64, Vec<(String, u64)>) {
+    let ports: Vec<u16> = envoys.iter().map(|e| e.port).collect();
+    let ok = Arc::new(AtomicU64::new(0));
+    let charged = Arc::new(AtomicU64::new(0));
+    let codes: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let session_of = Arc::new(session_of);
+    let per_thread = calls / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (ports, ok, charged, codes, session_of) = (
+                ports.clone(),
+                ok.clone(),
+                charged.clone(),
+                codes.clone(),
+                session_of.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut clients: Vec<Client> = ports.iter().map(|p| Client::new(*p)).collect();
+                for k in 0..per_thread {
+                    let i = t * per_thread + k;
+                    let session = session_of(i);
+                    let agent = format!("agent-{}", i % 7);
+                    let client = &mut clients[i % ports.len()];
+                    let r = client.get(
+                        "api.paid.test",
+                        "/call",
+                        &agent_headers("key", &session, &agent),
+                    );
+                    charged.fetch_add(r.cost(), Ordering::Relaxed);
+                    if r.status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let code = r
+                            .error_code()
+                            .unwrap_or_else(|| format!("status {}", r.status));
+                        let mut codes = codes.lock().unwrap();
+                        match codes.iter_mut().find(|(c, _)| *c == code) {
+                            Some((_, n)) => *n += 1,
+                            None => codes.push((code, 1)),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let codes = codes.lock().unwrap().clone();
+    (
+        ok.load(Ordering::Relaxed),
+        charged.load(Ordering::Relaxed),
+        codes,
+    )
+}
+
+#[test]
+fn three_envoys_share_one_session_budget_exactly() {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    up.stop_recording();
+    let envoys = start_envoys(3, &config(50 * PRICE, 1_000_000 * PRICE), &up, &redis, 600);
+    let session = unique("shared");
+    let s = session.clone();
+    let (ok, charged, codes) = storm(&envoys, 60, 600, move |_| s.clone());
+    assert_eq!(ok, 50, "refusals: {codes:?}");
+    assert_eq!(charged, 50 * PRICE);
+    assert_eq!(codes, vec![("SESSION_BUDGET_EXCEEDED".to_string(), 550)]);
+    settled(&redis, &session_key(&session));
+    assert_eq!(field(&redis, &session_key(&session), "spent"), charged);
+}
+
+#[test]
+fn three_envoys_share_one_tenants_daily_budget_exactly() {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    up.stop_recording();
+    let envoys = start_envoys(3, &config(50 * PRICE, 50 * PRICE), &up, &redis, 600);
+    let prefix = unique("day");
+    let (ok, charged, codes) = storm(&envoys, 60, 600, move |i| format!("{prefix}-{}", i % 40));
+    assert_eq!(ok, 50, "refusals: {codes:?}");
+    assert_eq!(charged, 50 * PRICE);
+    assert_eq!(codes, vec![("DAILY_BUDGET_EXCEEDED".to_string(), 550)]);
+    settled(&redis, &day_key());
+    assert_eq!(field(&redis, &day_key(), "spent"), charged);
+}
+
+#[test]
+fn a_kill_on_one_envoy_refuses_the_sessions_next_call_on_another() {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let envoys = start_envoys(2, &config(100 * PRICE, 1_000 * PRICE), &up, &redis, 600);
+    let session = unique("killed");
+    let headers = agent_headers("key", &session, "worker-1");
+    let (mut a, mut b) = (Client::new(envoys[0].port), Client::new(envoys[1].port));
+    assert_eq!(b.get("api.paid.test", "/x", &headers).status, 200);
+    assert_eq!(b.get("api.free.test", "/x", &headers).status, 200);
+    let kill = a.send(
+        "POST",
+        "api.free.test",
+        &format!("/_pag0/v1/sessions/{session}/kill"),
+        &[("x-pag0-admin-key", "admin")],
+        b"",
+    );
+    assert_eq!(kill.status, 200, "{}", String::from_utf8_lossy(&kill.body));
+    // The next priced call on B meets the switch in Redis, at once.
+    let r = b.get("api.paid.test", "/x", &headers);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
+    assert_eq!(r.cost(), 0);
+    // Free calls on B stop too, once B's poll of the kill log brings it in.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = b.get("api.free.test", "/x", &headers);
+        if r.error_code().as_deref() == Some("KILL_SWITCH_ACTIVE") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B still lets free calls of a killed session through: {} {}",
+            redis.cli(&["ZRANGE", "pag0:kills", "0", "-1"]),
+            envoys[1]
+                .log()
+                .lines()
+                .filter(|l| l.contains("kill poll"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Resume on B: A's priced calls go again.
+    let resume = b.send(
+        "POST",
+        "api.free.test",
+        &format!("/_pag0/v1/sessions/{session}/resume"),
+        &[("x-pag0-admin-key", "admin")],
+        b"",
+    );
+    assert_eq!(
+        resume.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&resume.body)
+    );
+    assert_eq!(a.get("api.paid.test", "/x", &headers).status, 200);
+}
+
+#[test]
+fn an_envoy_restart_keeps_the_days_spend_and_the_kill_switch_and_its_calls_in_flight_expire_charged(
+) {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let mut envoys = start_envoys(1, &config(20 * PRICE, 20 * PRICE), &up, &redis, 10);
+    let session = unique("restart");
+    let killed = unique("restart-killed");
+    let mut c = Client::new(envoys[0].port);
+    for _ in 0..5 {
+        assert_eq!(
+            c.get("api.paid.test", "/x", &agent_headers("key", &session, "w"))
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        c.get("api.paid.test", "/x", &agent_headers("key", &killed, "w"))
+            .status,
+        200
+    );
+    let kill = c.send(
+        "POST",
+        "api.free.test",
+        &format!("/_pag0/v1/sessions/{killed}/kill"),
+        &[("x-pag0-admin-key", "admin")],
+        b"",
+    );
+    assert_eq!(kill.status, 200);
+    settled(&redis, &day_key());
+    // A call in flight when Envoy dies: its reservation is held in Redis.
+    let port = envoys[0].port;
+    let s = session.clone();
+    let slow = std::thread::spawn(move || {
+        let mut c = Client::new(port);
+        c.get(
+            "api.paid.test",
+            "/slow/delay/5000/",
+            &agent_headers("key", &s, "w"),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&redis, &day_key(), "reserved") != PRICE {
+        assert!(Instant::now() < deadline, "the slow call never reserved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    envoys[0].restart();
+    let _ = slow.join();
+    let mut c = Client::new(envoys[0].port);
+    // The day's spend is still there: 6 spent + 1 held of 20.
+    let r = c.get(
+        "api.paid.test",
+        "/x",
+        &agent_headers("key", &unique("after"), "w"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.remaining("daily"), Some(20 * PRICE - 8 * PRICE));
+    // The kill switch too.
+    let r = c.get("api.paid.test", "/x", &agent_headers("key", &killed, "w"));
+    assert_eq!(r.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
+    // The dead Envoy's reservation expires charged (reservationTimeoutSeconds 10).
+    std::thread::sleep(Duration::from_millis(10_500));
+    let r = c.get(
+        "api.paid.test",
+        "/x",
+        &agent_headers("key", &unique("later"), "w"),
+    );
+    assert_eq!(r.status, 200);
+    settled(&redis, &day_key());
+    assert_eq!(field(&redis, &day_key(), "spent"), 9 * PRICE);
+    assert_eq!(field(&redis, &day_key(), "expired"), PRICE);
+    assert_eq!(field(&redis, &session_key(&session), "expired"), PRICE);
+}
+
+#[test]
+fn a_redis_restart_keeps_the_ledger_and_the_script_is_loaded_again() {
+    let mut redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let envoys = start_envoys(2, &config(10 * PRICE, 1_000 * PRICE), &up, &redis, 600);
+    let session = unique("aof");
+    let headers = agent_headers("key", &session, "w");
+    let mut c = Client::new(envoys[0].port);
+    for _ in 0..6 {
+        assert_eq!(c.get("api.paid.test", "/x", &headers).status, 200);
+    }
+    settled(&redis, &session_key(&session));
+    redis.stop_redis();
+    redis.start_redis();
+    assert_eq!(field(&redis, &session_key(&session), "spent"), 6 * PRICE);
+    // Redis came back without the script (NOSCRIPT): pag0 loads it and goes on; the
+    // other Envoy's budget view is the same ledger.
+    let mut d = Client::new(envoys[1].port);
+    let mut ok = 0;
+    for _ in 0..6 {
+        if d.get("api.paid.test", "/x", &headers).status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 4);
+    settled(&redis, &session_key(&session));
+    assert_eq!(field(&redis, &session_key(&session), "spent"), 10 * PRICE);
+}
+
+#[test]
+fn redis_down_or_paused_fails_priced_calls_closed_within_the_timeout_and_nothing_is_lost() {
+    let mut redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let envoys = start_envoys(2, &config(1_000 * PRICE, 1_000 * PRICE), &up, &redis, 601);
+    let session = unique("down");
+    let headers = agent_headers("key", &session, "w");
+    let mut c = Client::new(envoys[0].port);
+    assert_eq!(c.get("api.paid.test", "/x", &headers).status, 200);
+    for (what, stop) in [("stopped", true), ("paused", false)] {
+        if stop {
+            redis.stop_redis();
+        } else {
+            redis.pause_redis();
+        }
+        for _ in 0..3 {
+            let started = Instant::now();
+            let r = c.get("api.paid.test", "/x", &headers);
+            let took = started.elapsed();
+            assert_eq!(r.status, 503, "Redis {what}");
+            assert_eq!(
+                r.error_code().as_deref(),
+                Some("LEDGER_UNAVAILABLE"),
+                "Redis {what}"
+            );
+            assert_eq!(r.cost(), 0);
+            assert!(
+                took < Duration::from_millis(TIMEOUT_MS + 400),
+                "Redis {what}: refused after {took:?}"
+            );
+            // Free routes go on.
+            assert_eq!(
+                c.get("api.free.test", "/x", &headers).status,
+                200,
+                "Redis {what}"
+            );
+        }
+        if stop {
+            redis.start_redis();
+        } else {
+            redis.resume_redis();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.get("api.paid.test", "/x", &headers).status != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "priced calls did not come back after Redis was {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Charged: the three calls that went through; the refused ones' reservations (if
+    // Redis made them while paused) given back.
+    settled(&redis, &session_key(&session));
+    assert_eq!(field(&redis, &session_key(&session), "spent"), 3 * PRICE);
+    assert_eq!(field(&redis, &session_key(&session), "expired"), 0);
+}
+
+#[test]
+fn a_paused_redis_under_load_never_lets_a_session_overspend() {
+    let mut redis = LedgerRedis::start();
+    let up = Upstream::start();
+    up.stop_recording();
+    let envoys = start_envoys(2, &config(40 * PRICE, 1_000_000 * PRICE), &up, &redis, 600);
+    let session = unique("pause-load");
+    let s = session.clone();
+    let ports: Vec<u16> = envoys.iter().map(|e| e.port).collect();
+    let load = {
+        let envoys_ports = ports.clone();
+        std::thread::spawn(move || {
+            let ok = Arc::new(AtomicU64::new(0));
+            let charged = Arc::new(AtomicU64::new(0));
+            let handles: Vec<_> = (0..16)
+                .map(|t| {
+                    let (ports, ok, charged, s) =
+                        (envoys_ports.clone(), ok.clone(), charged.clone(), s.clone());
+                    std::thread::spawn(move || {
+                        let mut c = Client::new(ports[t % ports.len()]);
+                        for _ in 0..25 {
+                            let r = c.get("api.paid.test", "/x", &agent_headers("key", &s, "w"));
+                            charged.fetch_add(r.cost(), Ordering::Relaxed);
+                            if r.status == 200 {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            (ok.load(Ordering::Relaxed), charged.load(Ordering::Relaxed))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    redis.pause_redis();
+    std::thread::sleep(Duration::from_millis(700));
+    redis.resume_redis();
+    let (ok, charged) = load.join().unwrap();
+    assert!(ok <= 40, "{ok} calls went through a budget of 40");
+    assert_eq!(charged, ok * PRICE);
+    settled(&redis, &session_key(&session));
+    // The ledger is what the clients were charged: the reservations Redis made while
+    // paused for calls Envoy had already refused were given back.
+    assert_eq!(field(&redis, &session_key(&session), "spent"), charged);
+}
+
+fn get_json(port: u16, path: &str) -> serde_json::Value {
+    let r = Client::new(port).get("api.free.test", path, &[("x-pag0-admin-key", "admin")]);
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+#[test]
+fn the_report_on_any_envoy_shows_the_whole_clusters_figures() {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let envoys = start_envoys(2, &config(100 * PRICE, 1_000 * PRICE), &up, &redis, 600);
+    let session = unique("report");
+    let (mut a, mut b) = (Client::new(envoys[0].port), Client::new(envoys[1].port));
+    for _ in 0..3 {
+        assert_eq!(
+            a.get(
+                "api.paid.test",
+                "/x",
+                &agent_headers("key", &session, "capped-1")
+            )
+            .status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            b.get(
+                "api.paid.test",
+                "/x",
+                &agent_headers("key", &session, "researcher-1")
+            )
+            .status,
+            200
+        );
+    }
+    // capped-1's budget is 3 calls: the fourth is refused on B, and counted there.
+    let r = b.get(
+        "api.paid.test",
+        "/x",
+        &agent_headers("key", &session, "capped-1"),
+    );
+    assert_eq!(r.error_code().as_deref(), Some("AGENT_BUDGET_EXCEEDED"));
+    assert_eq!(
+        b.get(
+            "api.free.test",
+            "/x",
+            &agent_headers("key", &session, "researcher-1")
+        )
+        .status,
+        200
+    );
+    settled(&redis, &session_key(&session));
+    let path = format!("/_pag0/v1/sessions/{session}/report");
+    // Every VM pushes its counts at its next flush (100 ms): wait for all 7 calls.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let report = loop {
+        let report = get_json(envoys[0].port, &path);
+        if report["totalRequests"] == 7 {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "report never counted 7 calls: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(report["totalCost"], (5 * PRICE).to_string(), "{report}");
+    let agents = report["byAgent"].as_array().unwrap();
+    let cost_of = |id: &str| {
+        agents
+            .iter()
+            .find(|a| a["agentId"] == id)
+            .map(|a| a["cost"].clone())
+    };
+    assert_eq!(
+        cost_of("capped-1"),
+        Some(serde_json::json!((3 * PRICE).to_string())),
+        "{report}"
+    );
+    assert_eq!(
+        cost_of("researcher-1"),
+        Some(serde_json::json!((2 * PRICE).to_string())),
+        "{report}"
+    );
+    // The other Envoy shows the same figures (chart points aside, which a reader's
+    // merge may add).
+    let other = get_json(envoys[1].port, &path);
+    for field in [
+        "totalCost",
+        "totalRequests",
+        "byAgent",
+        "byEndpoint",
+        "budget",
+    ] {
+        assert_eq!(
+            other[field], report[field],
+            "{field} differs between Envoys"
+        );
+    }
+    // The session list on either Envoy has it, with the cluster's spend.
+    let list = get_json(envoys[1].port, "/_pag0/v1/sessions");
+    let listed = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sessionId"] == session.as_str())
+        .cloned();
+    assert_eq!(
+        listed.map(|s| s["totalCost"].clone()),
+        Some(serde_json::json!((5 * PRICE).to_string())),
+        "{list}"
+    );
+    // Reading merged the list into one entry.
+    let key = format!("pag0:rep:4:acme:{session}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while redis.cli(&["LLEN", &key]).trim() != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "report list never compacted: {}",
+            redis.cli(&["LLEN", &key])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = get_json(envoys[0].port, &path);
+    assert_eq!(again["totalRequests"], report["totalRequests"]);
+    assert_eq!(again["byAgent"], report["byAgent"]);
+}
