@@ -58,6 +58,11 @@ struct State {
     last_poll_ms: u64,
     /// Redis said NOSCRIPT: the next tick loads the script first.
     needs_load: bool,
+    /// Sequence numbers of settlements and pushes not yet confirmed by Redis.
+    outstanding: std::collections::BTreeSet<u64>,
+    last_seq: u64,
+    /// A flush request held until everything queued up to `.1` is confirmed.
+    hold: Option<(u64, u64)>,
 }
 
 thread_local! {
@@ -86,13 +91,100 @@ pub fn next_id() -> String {
 }
 
 /// Queues a settlement (commit or release) for the next tick.
-pub fn queue(settlement: Settlement) {
+pub fn queue(mut settlement: Settlement) {
     with(|s| {
         if s.queue.len() >= MAX_QUEUED {
-            s.queue.pop_front();
+            if let Some(dropped) = s.queue.pop_front() {
+                s.outstanding.remove(&dropped.seq);
+            }
             metrics::add("pag0.ledger.redis_settlements_dropped", 1);
         }
+        settlement.seq = s.next_seq();
         s.queue.push_back(settlement);
+    });
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.last_seq += 1;
+        self.outstanding.insert(self.last_seq);
+        self.last_seq
+    }
+}
+
+/// Settlements to send with a reservation (applied first, in the same script call):
+/// one round trip fewer, and the reservation sees this VM's spend. Still outstanding
+/// until [`riders_applied`] (or back in the queue by [`requeue`]).
+pub fn take_riders(max: usize) -> Vec<Settlement> {
+    with(|s| {
+        let n = s.queue.len().min(max);
+        s.queue.drain(..n).collect()
+    })
+}
+
+/// Redis applied the riders of a reservation: their alerts go out.
+pub fn riders_applied(cfg: &Config, riders: &[Settlement], settled: Option<&serde_json::Value>) {
+    if riders.is_empty() {
+        return;
+    }
+    if let Some(answer) = settled {
+        settled_alerts(cfg, riders, answer);
+    }
+    metrics::add("pag0.ledger.redis_settlements", riders.len() as u64);
+    confirm(riders.iter().map(|r| r.seq));
+}
+
+fn settled_alerts(cfg: &Config, batch: &[Settlement], answer: &serde_json::Value) {
+    let (statuses, raised) = remote::read_settle(batch, answer);
+    let late = statuses.iter().filter(|s| *s == "late").count();
+    if late > 0 {
+        metrics::add("pag0.ledger.redis_late_settlements", late as u64);
+    }
+    let now = now_millis() / 1000;
+    let alerts = raised
+        .into_iter()
+        .filter_map(|(i, alert)| {
+            let item = batch.get(i)?;
+            Some(Alert {
+                tenant: item.tenant.clone(),
+                session: item.session.clone(),
+                at: now,
+                alert,
+            })
+        })
+        .collect();
+    outbox::queue_alerts(cfg, alerts);
+}
+
+/// A flush request this VM holds: acknowledged once Redis confirms everything queued
+/// until now (see [`confirmed_hold`]).
+pub fn hold(epoch: u64) {
+    with(|s| {
+        let upto = s.last_seq;
+        s.hold = Some(match s.hold {
+            Some((e, u)) if e >= epoch => (e, u),
+            _ => (epoch, upto),
+        });
+    });
+}
+
+/// The held flush request whose settlements and counts Redis now has.
+pub fn confirmed_hold() -> Option<u64> {
+    with(|s| {
+        let (epoch, upto) = s.hold?;
+        let done = s.outstanding.first().is_none_or(|first| *first > upto);
+        if done {
+            s.hold = None;
+        }
+        done.then_some(epoch)
+    })
+}
+
+fn confirm(seqs: impl Iterator<Item = u64>) {
+    with(|s| {
+        for seq in seqs {
+            s.outstanding.remove(&seq);
+        }
     });
 }
 
@@ -102,6 +194,7 @@ pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, 
         let tenant = cfg.tenant_id(tenant).to_string();
         let push = Push {
             id: next_id(),
+            seq: 0,
             key: remote_report::report_key(&tenant, &session),
             entry: remote_report::entry(now_secs, &delta),
             tenant,
@@ -109,9 +202,13 @@ pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, 
         };
         with(|s| {
             if s.reports.len() >= MAX_QUEUED {
-                s.reports.pop_front();
+                if let Some(dropped) = s.reports.pop_front() {
+                    s.outstanding.remove(&dropped.seq);
+                }
                 metrics::add("pag0.ledger.redis_reports_dropped", 1);
             }
+            let mut push = push;
+            push.seq = s.next_seq();
             s.reports.push_back(push);
         });
     }
@@ -136,6 +233,7 @@ pub fn queue_kill(tenant: &str, session: &str, reason: &str) {
 pub fn release(cfg: &Config, id: &str, tenant: usize, session: &str, agent: &str) {
     queue(Settlement {
         id: id.to_string(),
+        seq: 0,
         cost: 0,
         unconfirmed: false,
         tenant: cfg.tenant_id(tenant).to_string(),
@@ -282,7 +380,8 @@ fn send_script(
     .map_err(|_| ())
 }
 
-fn requeue(batch: Vec<Settlement>) {
+/// Puts settlements back at the front of the queue (a failed send).
+pub fn requeue(batch: Vec<Settlement>) {
     with(|s| {
         for item in batch.into_iter().rev() {
             s.queue.push_front(item);
@@ -315,26 +414,9 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
         }
         Flight::Settle(batch) => match remote::script_answer(status, &body, &tag) {
             Ok(answer) => {
-                let (statuses, raised) = remote::read_settle(&batch, &answer);
-                let late = statuses.iter().filter(|s| *s == "late").count();
-                if late > 0 {
-                    metrics::add("pag0.ledger.redis_late_settlements", late as u64);
-                }
-                let now = now_millis() / 1000;
-                let alerts = raised
-                    .into_iter()
-                    .filter_map(|(i, alert)| {
-                        let item = batch.get(i)?;
-                        Some(Alert {
-                            tenant: item.tenant.clone(),
-                            session: item.session.clone(),
-                            at: now,
-                            alert,
-                        })
-                    })
-                    .collect();
-                outbox::queue_alerts(cfg, alerts);
+                settled_alerts(cfg, &batch, &answer);
                 metrics::add("pag0.ledger.redis_settlements", batch.len() as u64);
+                confirm(batch.iter().map(|b| b.seq));
             }
             Err(fault) => {
                 if fault == Fault::NoScript {
@@ -346,6 +428,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
         },
         Flight::Report(batch) => match remote::script_answer(status, &body, &tag) {
             Ok(answer) => {
+                confirm(batch.iter().map(|p| p.seq));
                 let lengths = remote_report::read_lengths(&answer);
                 let now = now_millis() / 1000;
                 for (push, n) in batch.iter().zip(lengths) {

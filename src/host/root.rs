@@ -128,8 +128,15 @@ impl RootContext for Pag0Root {
             if !reports.is_empty() {
                 remote_ledger::queue_reports(&config, reports, now / 1000);
             }
+            // A flush the report API asked for is acknowledged once Redis has it.
+            if let Some(epoch) = vm::with(|vm| vm.ledger.held_ack()) {
+                remote_ledger::hold(epoch);
+            }
         }
         remote_ledger::on_tick(&RootDispatch(self), &config);
+        if let Some(epoch) = remote_ledger::confirmed_hold() {
+            vm::with(|vm| vm.ledger.release_ack(&HostStore, epoch, now));
+        }
         for call in outbox::take_all() {
             let body = Some((call.content_type, call.body.as_bytes()));
             match callout::send(

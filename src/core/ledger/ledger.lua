@@ -123,9 +123,53 @@ local function touch(scopes)
   end
 end
 
-local function reserve()
-  local now = now_ms()
-  sweep(now)
+local function apply_items(items)
+  local results = {}
+  local alerts = {}
+  for n, item in ipairs(items) do
+    local id = item.id
+    local r = load(id)
+    local status
+    if not r then
+      redis.call('HSET', 'pag0:r:' .. id, 'st', 'released', 'amount', '0')
+      redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
+      status = 'unknown'
+    elseif r.st == 'held' then
+      charge(r, item.cost, item.u and 'unconf' or nil)
+      if item.cost > 0 then
+        spend_alerts(r.sc, alerts, fmt(n - 1))
+      end
+      finish(id, 'settled')
+      status = 'settled'
+    elseif r.st == 'expired' then
+      -- Charged in full when it expired; the call did end after all: charge what it
+      -- really cost instead.
+      for _, sc in ipairs(r.sc) do
+        incr(sc.k, sc.f .. 'spent', item.cost - r.amount)
+        incr(sc.k, sc.f .. 'expired', -r.amount)
+        if sc.f == '' then
+          redis.call('HINCRBY', sc.k, 'expiredn', -1)
+        end
+        if item.u then
+          incr(sc.k, sc.f .. 'unconf', item.cost)
+        end
+      end
+      finish(id, 'settled')
+      status = 'late'
+    else
+      status = 'duplicate'
+    end
+    results[n] = status
+  end
+  return { r = results, alerts = alerts }
+end
+
+local function settle()
+  sweep(now_ms())
+  return apply_items(req.items)
+end
+
+local function reserve_one(now)
   local id = req.id
   local old = load(id)
   if old then
@@ -200,47 +244,15 @@ end
 -- Commits or releases reservations (cost 0 releases). Each item is applied once: a
 -- retried settlement finds the reservation settled and changes nothing; one for a
 -- reservation not yet seen leaves a tombstone, so the reserve arriving late is refused.
-local function settle()
+local function reserve()
   local now = now_ms()
   sweep(now)
-  local results = {}
-  local alerts = {}
-  for n, item in ipairs(req.items) do
-    local id = item.id
-    local r = load(id)
-    local status
-    if not r then
-      redis.call('HSET', 'pag0:r:' .. id, 'st', 'released', 'amount', '0')
-      redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
-      status = 'unknown'
-    elseif r.st == 'held' then
-      charge(r, item.cost, item.u and 'unconf' or nil)
-      if item.cost > 0 then
-        spend_alerts(r.sc, alerts, fmt(n - 1))
-      end
-      finish(id, 'settled')
-      status = 'settled'
-    elseif r.st == 'expired' then
-      -- Charged in full when it expired; the call did end after all: charge what it
-      -- really cost instead.
-      for _, sc in ipairs(r.sc) do
-        incr(sc.k, sc.f .. 'spent', item.cost - r.amount)
-        incr(sc.k, sc.f .. 'expired', -r.amount)
-        if sc.f == '' then
-          redis.call('HINCRBY', sc.k, 'expiredn', -1)
-        end
-        if item.u then
-          incr(sc.k, sc.f .. 'unconf', item.cost)
-        end
-      end
-      finish(id, 'settled')
-      status = 'late'
-    else
-      status = 'duplicate'
-    end
-    results[n] = status
-  end
-  return ({ r = results, alerts = alerts })
+  -- The VM's settlements waiting to be sent ride along: applied first, so the budget
+  -- figures this reservation sees (and a refusal's details) include them.
+  local settled = req.items and apply_items(req.items) or nil
+  local answer = reserve_one(now)
+  answer.settled = settled
+  return answer
 end
 
 local function kill()

@@ -98,6 +98,9 @@ pub struct LocalLedger {
     seen_windows: HashMap<usize, Seen<WindowsRecord>>,
     /// `ledger.store: redis`: report counts flushed, waiting for the host to send.
     remote_reports: Vec<(usize, String, ReportRecord)>,
+    /// `ledger.store: redis`: a flush request this VM has flushed for, acknowledged
+    /// only once Redis has what it flushed (see [`LocalLedger::release_ack`]).
+    held_ack: Option<u64>,
 }
 
 /// A session's record (and slot) as last seen; `None`: it had none.
@@ -490,6 +493,37 @@ impl LocalLedger {
         !self.windows.is_empty() || self.sessions.values().any(|s| !s.commits.is_empty())
     }
 
+    /// Acknowledges flush request `epoch`, or (Redis ledger) holds it until Redis has
+    /// what was flushed.
+    fn ack<S: SharedStore + ?Sized>(&mut self, cfg: &Config, store: &S, epoch: u64, now_ms: u64) {
+        if cfg.ledger_redis.is_some() {
+            self.held_ack = Some(self.held_ack.map_or(epoch, |e| e.max(epoch)));
+            return;
+        }
+        self.acked_epoch = epoch;
+        if let Some(id) = self.id {
+            let _ = owners::heartbeat(store, id, now_ms, epoch);
+        }
+    }
+
+    /// The flush request held for Redis, if any.
+    pub fn held_ack(&self) -> Option<u64> {
+        self.held_ack
+    }
+
+    /// Redis has everything flushed for `epoch`: acknowledged now.
+    pub fn release_ack<S: SharedStore + ?Sized>(&mut self, store: &S, epoch: u64, now_ms: u64) {
+        if self.held_ack.is_some_and(|e| e <= epoch) {
+            self.held_ack = None;
+        }
+        if epoch > self.acked_epoch {
+            self.acked_epoch = epoch;
+            if let Some(id) = self.id {
+                let _ = owners::heartbeat(store, id, now_ms, epoch);
+            }
+        }
+    }
+
     /// Report counts for the Redis ledger, taken by the host to send.
     pub fn take_remote_reports(&mut self) -> Vec<(usize, String, ReportRecord)> {
         std::mem::take(&mut self.remote_reports)
@@ -514,10 +548,7 @@ impl LocalLedger {
             }
         }
         let alerts = self.flush(cfg, store, now_ms);
-        self.acked_epoch = epoch;
-        if let Some(id) = self.id {
-            let _ = owners::heartbeat(store, id, now_ms, epoch);
-        }
+        self.ack(cfg, store, epoch, now_ms);
         Ok((epoch, alerts))
     }
 
@@ -578,10 +609,7 @@ impl LocalLedger {
             out.alerts.extend(self.flush(cfg, store, now_ms));
             if asked {
                 // Acknowledged only once written: the report API reads right after.
-                self.acked_epoch = requested;
-                if let Some(id) = self.id {
-                    let _ = owners::heartbeat(store, id, now_ms, requested);
-                }
+                self.ack(cfg, store, requested, now_ms);
             }
         }
         out.expired = self.expire(cfg, store, now_ms, &mut out.alerts);

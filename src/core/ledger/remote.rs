@@ -23,7 +23,7 @@ use crate::core::window::{day_index, month_index};
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "2e07b8d885821f773b740bd4a8f7f35dddd0842f";
+pub const SCRIPT_SHA1: &str = "2bb2c9c7bef03a5f2c7e1189852d6aa4a9d30f9e";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -190,6 +190,7 @@ pub fn reserve_body(
     price: Amount,
     min_price: Amount,
     ttl_ms: u64,
+    riders: &[Settlement],
 ) -> String {
     let mut v = json!({
         "op": "reserve",
@@ -204,8 +205,16 @@ pub fn reserve_body(
         "si": plan.session_index,
         "scopes": plan.scopes.iter().map(ScopeSpec::to_json).collect::<Vec<_>>(),
     });
-    if let (Some(at), Some(map)) = (plan.kill_at, v.as_object_mut()) {
-        map.insert("killAt".into(), json!(at));
+    if let Some(map) = v.as_object_mut() {
+        if let Some(at) = plan.kill_at {
+            map.insert("killAt".into(), json!(at));
+        }
+        if !riders.is_empty() {
+            map.insert(
+                "items".into(),
+                Value::Array(riders.iter().map(settle_item).collect()),
+            );
+        }
     }
     v.to_string()
 }
@@ -452,6 +461,8 @@ pub fn unavailable(why: &str) -> Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub id: String,
+    /// Order of sending, set by the VM that queues it.
+    pub seq: u64,
     pub cost: Amount,
     pub unconfirmed: bool,
     /// For the alerts its spend raises.
@@ -465,13 +476,17 @@ pub struct Settlement {
 pub fn settle_body(items: &[Settlement]) -> String {
     json!({
         "op": "settle",
-        "items": items.iter().map(|s| json!({
-            "id": s.id,
-            "cost": s.cost.min(MAX_EXACT),
-            "u": s.unconfirmed,
-        })).collect::<Vec<_>>(),
+        "items": items.iter().map(settle_item).collect::<Vec<_>>(),
     })
     .to_string()
+}
+
+fn settle_item(s: &Settlement) -> Value {
+    json!({
+        "id": s.id,
+        "cost": s.cost.min(MAX_EXACT),
+        "u": s.unconfirmed,
+    })
 }
 
 /// What ended: each item's status (`settled`, `late`, `duplicate`, `unknown`) and the
@@ -599,11 +614,228 @@ pub fn settlement(
 ) -> Settlement {
     Settlement {
         id: id.to_string(),
+        seq: 0,
         cost,
         unconfirmed,
         tenant: cfg.tenant_id(ticket.tenant).to_string(),
         session: ticket.session.clone(),
         agent: ticket.agent.clone(),
         plan,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::compile::compile_json;
+
+    fn cfg() -> Config {
+        compile_json(
+            br#"{"ledger": {"store": "redis", "cluster": "pag0_ledger"},
+                 "policies": {"p": {"sessionBudget": "1000", "dailyBudget": "5000",
+                   "alertOnThreshold": 0.8, "killSwitchThreshold": 0.9,
+                   "agents": {"exec-*": {"agentBudget": "300"}}}}}"#,
+        )
+        .unwrap()
+    }
+
+    fn caller(agent: &str) -> Caller {
+        Caller {
+            tenant: 0,
+            session: "s:1".into(),
+            agent: agent.into(),
+            parent: None,
+        }
+    }
+
+    #[test]
+    #[cfg(not(target_arch = "wasm32"))]
+    fn the_script_sha_is_the_sha1_of_the_script_evalsha_names() {
+        let out = std::process::Command::new("sha1sum")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/core/ledger/ledger.lua"
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            text.split_whitespace().next(),
+            Some(SCRIPT_SHA1),
+            "update SCRIPT_SHA1 after changing ledger.lua"
+        );
+    }
+
+    #[test]
+    fn a_plan_names_every_scope_most_specific_first_with_exact_thresholds() {
+        let cfg = cfg();
+        let plan = plan(&cfg, &cfg.policies[0], &caller("exec-1"), 86_400 * 3);
+        let scopes: Vec<Scope> = plan.scopes.iter().map(|s| s.scope).collect();
+        assert_eq!(
+            scopes,
+            [Scope::Agent, Scope::Session, Scope::Daily, Scope::Monthly]
+        );
+        assert_eq!(plan.session_index, 1);
+        assert_eq!(plan.scopes[0].field, "a:exec-1:");
+        assert_eq!(plan.scopes[0].key, plan.scopes[1].key);
+        // 0.9 of 1000 and 0.8 of 300: reached at exactly these amounts.
+        assert_eq!(plan.kill_at, Some(900));
+        assert_eq!(plan.scopes[0].alert_at, Some(240));
+        assert_eq!(plan.scopes[2].key, "pag0:d:7:default:3");
+        // Tenant and session cannot run into each other in a key.
+        assert_ne!(session_key("a:b", "c"), session_key("a", "b:c"));
+        // An agent without a budget counts in the session only.
+        let plan = plan_of("researcher-1");
+        assert_eq!(plan.scopes[0].scope, Scope::Session);
+    }
+
+    fn plan_of(agent: &str) -> Plan {
+        let cfg = cfg();
+        plan(&cfg, &cfg.policies[0], &caller(agent), 0)
+    }
+
+    #[test]
+    fn a_reserve_request_is_json_the_script_reads() {
+        let plan = plan_of("exec-1");
+        let body: Value = serde_json::from_str(&tagged(
+            &reserve_body(&plan, "r-1", 500, 100, 60_000, &[]),
+            "r-1",
+        ))
+        .unwrap();
+        assert_eq!(body["op"], "reserve");
+        assert_eq!(body["tag"], "r-1");
+        assert_eq!(body["price"], 500);
+        assert_eq!(body["min"], 100);
+        assert_eq!(body["killAt"], 900);
+        assert_eq!(body["scopes"][0]["l"], 300);
+        assert_eq!(body["scopes"][0]["c"], "AGENT_BUDGET_EXCEEDED");
+        assert!(body["scopes"][3].get("l").is_none(), "no monthly limit set");
+    }
+
+    fn webdis(inner: &str) -> Vec<u8> {
+        serde_json::json!({ "EVALSHA": inner })
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn only_an_answer_carrying_the_requests_tag_is_taken() {
+        let ok = webdis(r#"{"tag":"t-1","ok":true,"amount":"5","v":[]}"#);
+        assert!(script_answer(Some(200), &ok, "t-1").is_ok());
+        assert!(matches!(
+            script_answer(Some(200), &ok, "t-2"),
+            Err(Fault::Unavailable(_))
+        ));
+        let noscript = br#"{"EVALSHA":[false,"NOSCRIPT No matching script. Please use EVAL."]}"#;
+        assert_eq!(
+            script_answer(Some(200), noscript, "t-1"),
+            Err(Fault::NoScript)
+        );
+        for (status, body) in [(Some(503), &b""[..]), (None, b""), (Some(403), b"")] {
+            assert!(matches!(
+                script_answer(status, body, "t-1"),
+                Err(Fault::Unavailable(_))
+            ));
+        }
+        assert!(loaded(
+            format!(r#"{{"SCRIPT":"{SCRIPT_SHA1}"}}"#).as_bytes()
+        ));
+        assert!(!loaded(br#"{"SCRIPT":[false,"ERR"]}"#));
+        assert_eq!(tagged("{}", "x"), r#"{"tag":"x"}"#);
+    }
+
+    #[test]
+    fn a_refusal_names_the_scope_with_its_figures_and_the_alerts_raised() {
+        let plan = plan_of("exec-1");
+        let answer: Value = serde_json::from_str(
+            r#"{"ok":false,"code":"AGENT_BUDGET_EXCEEDED","i":"0","requested":"200",
+                "v":[["250","0"],["400","100"],["400","100"],["400","100"]],
+                "alerts":[["","0","2","250","300"]]}"#,
+        )
+        .unwrap();
+        let denied = read_reserve(&plan, "exec-1", 200, &answer).unwrap_err();
+        assert_eq!(denied.refusal.code, ErrorCode::AgentBudgetExceeded);
+        assert_eq!(
+            denied.refusal.message,
+            "agent budget exceeded: limit 300, spent 250, reserved 0, requested 200"
+        );
+        assert_eq!(denied.alerts.len(), 1);
+        assert_eq!(denied.alerts[0].kind, AlertKind::BudgetExhausted);
+        assert_eq!(denied.alerts[0].agent.as_deref(), Some("exec-1"));
+        // The view has the scopes with limits: agent, session, daily.
+        assert_eq!(
+            denied.view.remaining_header(),
+            "session=500, agent=50, daily=4500"
+        );
+        let killed: Value = serde_json::from_str(
+            r#"{"ok":false,"code":"KILL_SWITCH_ACTIVE","reason":"manual","v":{}}"#,
+        )
+        .unwrap();
+        let denied = read_reserve(&plan, "exec-1", 200, &killed).unwrap_err();
+        assert_eq!(denied.refusal.code, ErrorCode::KillSwitchActive);
+        assert_eq!(denied.refusal.field("reason"), Some("manual"));
+        // An answer that is not the script's: the ledger is unavailable.
+        let odd: Value = serde_json::from_str(r#"{"r":[]}"#).unwrap();
+        let denied = read_reserve(&plan, "exec-1", 200, &odd).unwrap_err();
+        assert_eq!(denied.refusal.code, ErrorCode::LedgerUnavailable);
+        assert_eq!(denied.refusal.status(), 503);
+    }
+
+    #[test]
+    fn a_reservation_reads_the_amount_redis_held() {
+        let plan = plan_of("exec-1");
+        let answer: Value = serde_json::from_str(
+            r#"{"ok":true,"amount":"120","v":[["180","120"],["180","120"],["180","120"],["0","0"]]}"#,
+        )
+        .unwrap();
+        let reserved = read_reserve(&plan, "exec-1", 300, &answer).unwrap();
+        assert_eq!(reserved.amount, 120);
+        assert_eq!(
+            reserved.view.remaining_header(),
+            "session=700, agent=0, daily=4700"
+        );
+    }
+
+    #[test]
+    fn settlements_map_alerts_back_to_their_item_and_kills_come_in_order() {
+        let plan = plan_of("exec-1");
+        let items = vec![settlement_of("a", &plan), settlement_of("b", &plan)];
+        let body: Value = serde_json::from_str(&settle_body(&items)).unwrap();
+        assert_eq!(body["items"][1]["id"], "b");
+        let answer: Value = serde_json::from_str(
+            r#"{"r":["settled","duplicate"],"alerts":[["1","1","1","820","1000"]]}"#,
+        )
+        .unwrap();
+        let (statuses, alerts) = read_settle(&items, &answer);
+        assert_eq!(statuses, ["settled", "duplicate"]);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].0, 1);
+        assert_eq!(alerts[0].1.scope, Scope::Session);
+        assert_eq!(alerts[0].1.kind, AlertKind::ThresholdCrossed);
+        let kills: Value = serde_json::from_str(
+            r#"{"seq":"7","k":["{\"n\":\"7\",\"t\":\"acme\",\"s\":\"x\",\"on\":false,\"at\":\"5\"}",
+                               "{\"n\":\"6\",\"t\":\"acme\",\"s\":\"x\",\"on\":true,\"at\":\"4\"}"]}"#,
+        )
+        .unwrap();
+        let (seq, changes) = read_kills(&kills);
+        assert_eq!(seq, 7);
+        assert_eq!(
+            changes.iter().map(|c| (c.seq, c.on)).collect::<Vec<_>>(),
+            [(6, true), (7, false)]
+        );
+        assert_eq!(kills_body(None), r#"{"op":"kills","since":-1}"#);
+    }
+
+    fn settlement_of(id: &str, plan: &Plan) -> Settlement {
+        Settlement {
+            id: id.into(),
+            seq: 0,
+            cost: 10,
+            unconfirmed: false,
+            tenant: "default".into(),
+            session: "s:1".into(),
+            agent: "exec-1".into(),
+            plan: plan.clone(),
+        }
     }
 }

@@ -51,6 +51,8 @@ pub fn entry(now_secs: u64, delta: &ReportRecord) -> String {
 pub struct Push {
     /// Unique: Redis appends an entry once, however often it is sent.
     pub id: String,
+    /// Order of sending, set by the VM that queues it.
+    pub seq: u64,
     pub key: String,
     pub entry: String,
     pub tenant: String,
@@ -376,4 +378,125 @@ pub fn list_answer(
         _ => Vec::new(),
     };
     (sessions, total, windows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ledger::report::CallStats;
+
+    fn call(record: &mut ReportRecord, agent: &str, cost: Amount, at_ms: u64) {
+        record.record_call(
+            &CallStats {
+                agent,
+                parent: None,
+                tool: Some("search"),
+                endpoint: "api.tavily.com/search",
+                model: None,
+                cost,
+                cache_hit: false,
+                savings: 0,
+                tokens: None,
+                unconfirmed: false,
+                unmetered: false,
+                at_ms,
+            },
+            16,
+        );
+    }
+
+    #[test]
+    fn merging_a_list_in_any_compaction_state_counts_every_entry_once() {
+        let mut deltas = Vec::new();
+        for i in 0..5u64 {
+            let mut d = ReportRecord::new("s");
+            call(
+                &mut d,
+                if i % 2 == 0 { "a" } else { "b" },
+                100 * (i + 1),
+                i * 1000,
+            );
+            deltas.push(entry(i, &d));
+        }
+        let entries: Vec<&str> = deltas.iter().map(String::as_str).collect();
+        let whole = merge_entries("s", &entries, 16);
+        assert_eq!(whole.requests, 5);
+        assert_eq!(whole.cost, 1500);
+        // A reader compacts the first three; more pushes follow.
+        let first = merge_entries("s", &entries[..3], 16);
+        let merged = merged_entry(&first);
+        let compacted: Vec<&str> = std::iter::once(merged.as_str())
+            .chain(entries[3..].iter().copied())
+            .collect();
+        let again = merge_entries("s", &compacted, 16);
+        assert_eq!(again.requests, whole.requests);
+        assert_eq!(again.cost, whole.cost);
+        assert_eq!(again.agents, whole.agents);
+        assert_eq!(again.timeline, whole.timeline);
+        // Garbage in a list is skipped, not fatal.
+        let with_junk = [entries[0], "nonsense", "7:%%%"];
+        assert_eq!(merge_entries("s", &with_junk, 16).requests, 1);
+    }
+
+    #[test]
+    fn a_session_hash_reads_as_the_shared_data_ledgers_record() {
+        let flat = [
+            "spent",
+            "700",
+            "reserved",
+            "300",
+            "killed",
+            "manual",
+            "last",
+            "99",
+            "a:exec-*:spent",
+            "400",
+            "a:exec-*:reserved",
+            "100",
+            "a:exec-*:alerts",
+            "1",
+            "expired",
+            "50",
+            "expiredn",
+            "1",
+        ];
+        let record = budget_record("s", &flat);
+        assert_eq!(record.spent, 700);
+        assert!(record.killed);
+        assert_eq!(record.last_active, 99);
+        assert_eq!(record.reserved(), 300);
+        assert_eq!(record.agent_totals("exec-*"), (400, 100));
+        assert_eq!(record.agents[0].alerts, 1);
+        assert_eq!(expired(&flat), (50, 1));
+        let windows = windows_record(&["spent", "40", "reserved", "5"], &["spent", "90"], 86_400);
+        assert_eq!(
+            (windows.day.spent, windows.month.spent, windows.reserved()),
+            (40, 90, 5)
+        );
+    }
+
+    #[test]
+    fn a_read_answer_gives_the_session_its_compaction_and_the_expired_as_unconfirmed() {
+        let mut d = ReportRecord::new("s");
+        call(&mut d, "a", 100, 0);
+        let e1 = entry(1, &d);
+        let e2 = entry(2, &d);
+        let answer = serde_json::json!({
+            "h": ["spent", "250", "expired", "50", "expiredn", "1"],
+            "r": [e1, e2],
+            "d": [], "m": {},
+        });
+        let (session, _) = read_answer("acme", "s", &answer, 0, 16);
+        let session = session.unwrap();
+        assert_eq!(session.report.requests, 2);
+        assert_eq!(session.report.cost, 250);
+        assert_eq!(session.report.unconfirmed_amount, 50);
+        let c = session.compaction.unwrap();
+        assert_eq!((c.key.as_str(), c.n), ("pag0:rep:4:acme:s", 2));
+        // The compaction holds the merged counts, not the expired charge (Redis keeps that).
+        let back = merge_entries("s", &[c.merged.as_str()], 16);
+        assert_eq!(back.cost, 200);
+        let (none, _) = read_answer("acme", "s", &serde_json::json!({"h": {}, "r": {}}), 0, 16);
+        assert!(none.is_none());
+    }
 }

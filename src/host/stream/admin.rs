@@ -67,6 +67,7 @@ pub fn serve(
                 let wait = RemoteWait {
                     tag,
                     read: false,
+                    fresh: true,
                     route: route.clone(),
                     access,
                     tenant: tenant.clone(),
@@ -89,41 +90,7 @@ pub fn serve(
             }
         }
     }
-    if cfg.ledger_redis.is_some() && !matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
-        let request =
-            admin::remote_read(cfg, access, &route, tenant.as_deref(), now_millis() / 1000);
-        match request {
-            Err(refusal) => return send(stream, AdminResponse::refusal(&refusal)),
-            Ok(Some(body)) => {
-                let tag = remote_ledger::next_id();
-                let body = remote::tagged(&body, &tag);
-                let wait = RemoteWait {
-                    tag,
-                    read: true,
-                    route,
-                    access,
-                    tenant,
-                    path: path.to_vec(),
-                    body: body.clone(),
-                    loaded: false,
-                };
-                let Some(service) = cfg.ledger_redis.clone() else {
-                    return Step::Pause;
-                };
-                return resend(
-                    d,
-                    stream,
-                    &service,
-                    wait,
-                    remote::eval_path(&service.path),
-                    body,
-                    "application/json",
-                );
-            }
-            Ok(None) => {}
-        }
-    }
-    after_remote(stream, route, access, tenant, path)
+    after_remote(d, stream, route, access, tenant, path)
 }
 
 /// A kill or resume through the Redis ledger, waiting for Redis.
@@ -133,6 +100,8 @@ pub struct RemoteWait {
     tag: String,
     /// A report read (else a kill or resume).
     read: bool,
+    /// Every VM of this Envoy wrote its counts before the read.
+    fresh: bool,
     route: AdminRoute,
     access: Access,
     tenant: Option<String>,
@@ -207,12 +176,17 @@ pub fn on_remote_answer(
                 }
                 AdminData::Session(None, _) => {}
             }
-            send(
-                stream,
-                admin::handle_remote(cfg, wait.access, &wait.route, wait.tenant.as_deref(), &data),
-            )
+            let mut response =
+                admin::handle_remote(cfg, wait.access, &wait.route, wait.tenant.as_deref(), &data);
+            if !wait.fresh {
+                // Some VM of this Envoy did not get its counts to Redis in time.
+                response
+                    .headers
+                    .push(("x-pag0-report-stale", "true".to_string()));
+            }
+            send(stream, response)
         }
-        Ok(_) => after_remote(stream, wait.route, wait.access, wait.tenant, &wait.path),
+        Ok(_) => after_remote(d, stream, wait.route, wait.access, wait.tenant, &wait.path),
         Err(remote::Fault::NoScript) if !wait.loaded => {
             wait.loaded = true;
             resend(
@@ -265,6 +239,7 @@ fn resend(
 }
 
 fn after_remote(
+    d: &dyn Dispatch,
     stream: &Stream,
     route: AdminRoute,
     access: Access,
@@ -301,7 +276,7 @@ fn after_remote(
     if matches!(then, AfterFlush::Report { .. })
         && query_param(path, "flush").as_deref() == Some("false")
     {
-        after_flush(stream, then, true);
+        after_flush(d, stream, then, true);
         return Step::Pause;
     }
     let requested = vm::with(|vm| vm.ledger.request_flush(cfg, &HostStore, now));
@@ -309,12 +284,12 @@ fn after_remote(
         Ok((epoch, alerts)) => {
             outbox::queue_alerts(cfg, alerts);
             if vm::with(|vm| vm.ledger.flushed(cfg, &HostStore, epoch, now)) {
-                after_flush(stream, then, true);
+                after_flush(d, stream, then, true);
             } else {
                 waiters::wait_for_flush(stream.clone(), epoch, then);
             }
         }
-        Err(_) => after_flush(stream, then, false),
+        Err(_) => after_flush(d, stream, then, false),
     }
     Step::Pause
 }
@@ -332,15 +307,69 @@ pub enum AfterFlush {
     Send(Box<AdminResponse>),
 }
 
-pub fn after_flush(stream: &Stream, then: AfterFlush, done: bool) {
+pub fn after_flush(d: &dyn Dispatch, stream: &Stream, then: AfterFlush, done: bool) {
     match then {
         AfterFlush::Report {
             route,
             access,
             tenant,
-        } => answer(stream, &route, access, tenant.as_deref(), done),
+        } => {
+            if stream.config.ledger_redis.is_some() {
+                let _ = read_remote(d, stream, route, access, tenant, done);
+                return;
+            }
+            answer(stream, &route, access, tenant.as_deref(), done)
+        }
         AfterFlush::Send(response) => {
             let _ = send(stream, *response);
+        }
+    }
+}
+
+/// With the Redis ledger a report is read there (after every VM of this Envoy wrote
+/// what it counted to Redis: other Envoys' VMs write theirs every flushIntervalMs).
+fn read_remote(
+    d: &dyn Dispatch,
+    stream: &Stream,
+    route: AdminRoute,
+    access: Access,
+    tenant: Option<String>,
+    fresh: bool,
+) -> Step {
+    let cfg = &stream.config;
+    let Some(service) = cfg.ledger_redis.clone() else {
+        return Step::Pause;
+    };
+    let request = admin::remote_read(cfg, access, &route, tenant.as_deref(), now_millis() / 1000);
+    match request {
+        Err(refusal) => send(stream, AdminResponse::refusal(&refusal)),
+        Ok(None) => {
+            answer(stream, &route, access, tenant.as_deref(), fresh);
+            Step::Pause
+        }
+        Ok(Some(body)) => {
+            let tag = remote_ledger::next_id();
+            let body = remote::tagged(&body, &tag);
+            let wait = RemoteWait {
+                tag,
+                read: true,
+                fresh,
+                route,
+                access,
+                tenant,
+                path: Vec::new(),
+                body: body.clone(),
+                loaded: false,
+            };
+            resend(
+                d,
+                stream,
+                &service,
+                wait,
+                remote::eval_path(&service.path),
+                body,
+                "application/json",
+            )
         }
     }
 }

@@ -137,6 +137,7 @@ fn reserve_remote(
     }
     let plan = remote::plan(cfg, policy, caller, now / 1000);
     let id = remote_ledger::next_id();
+    let riders = remote_ledger::take_riders(RIDERS);
     let request = remote::tagged(
         &remote::reserve_body(
             &plan,
@@ -144,6 +145,7 @@ fn reserve_remote(
             ticket.price,
             prepared.min_price,
             cfg.ledger.reservation_timeout_ms,
+            &riders,
         ),
         &id,
     );
@@ -152,6 +154,7 @@ fn reserve_remote(
         ticket,
         plan,
         request,
+        riders,
         then,
     });
     send_reserve(d, stream, service, wait, false)
@@ -198,7 +201,7 @@ fn send_reserve(
         Err(status) => {
             unavailable(
                 stream,
-                &wait,
+                wait,
                 &format!("cannot call cluster {}: {status:?}", service.cluster),
             );
             Admit::No
@@ -206,10 +209,14 @@ fn send_reserve(
     }
 }
 
+/// Settlements a reservation carries along, at most.
+const RIDERS: usize = 32;
+
 /// Refuses with `LEDGER_UNAVAILABLE`; the reservation, if Redis made it after all, is
-/// given back.
-fn unavailable(stream: &Stream, wait: &ReserveWait, why: &str) {
+/// given back (and the settlements it carried go back to the queue).
+fn unavailable(stream: &Stream, mut wait: Box<ReserveWait>, why: &str) {
     let cfg = &stream.config;
+    remote_ledger::requeue(std::mem::take(&mut wait.riders));
     let t = &wait.ticket;
     remote_ledger::release(cfg, &wait.id, t.tenant, &t.session, &t.agent);
     metrics::add("pag0.ledger.redis_unavailable", 1);
@@ -243,7 +250,7 @@ pub fn on_reserved(
     let body = callout::body(body_size);
     if loading {
         if !remote::loaded(&body) {
-            unavailable(stream, &wait, "Redis did not load the ledger script");
+            unavailable(stream, wait, "Redis did not load the ledger script");
             return Step::Pause;
         }
         return match send_reserve(d, stream, &service, wait, false) {
@@ -261,7 +268,7 @@ pub fn on_reserved(
             };
         }
         Err(remote::Fault::Unavailable(why)) => {
-            unavailable(stream, &wait, &why);
+            unavailable(stream, wait, &why);
             return Step::Pause;
         }
     };
@@ -277,8 +284,10 @@ pub fn on_reserved(
         mut ticket,
         plan,
         then,
+        riders,
         ..
     } = *wait;
+    remote_ledger::riders_applied(&cfg, &riders, answer.get("settled"));
     match remote::read_reserve(&plan, &caller.agent, ticket.price, &answer) {
         Ok(reserved) => {
             ticket.price = reserved.amount;
@@ -332,7 +341,8 @@ pub fn on_reserved(
 /// A stream that ends while Redis has its reservation request: given back.
 pub fn forget_reservation(stream: &Stream) {
     let pending = stream.state.borrow_mut().pending.take();
-    if let Some((_, Pending::Reserve(wait) | Pending::ReserveLoad(wait))) = pending {
+    if let Some((_, Pending::Reserve(mut wait) | Pending::ReserveLoad(mut wait))) = pending {
+        remote_ledger::requeue(std::mem::take(&mut wait.riders));
         let t = &wait.ticket;
         remote_ledger::release(&stream.config, &wait.id, t.tenant, &t.session, &t.agent);
     }

@@ -157,6 +157,9 @@ fn pay_offer(
         pay.network = chosen.network.clone();
         pay.amount = price;
     }
+    // Paying from here on: the 402's body is held back while the price is reserved
+    // (with the Redis ledger, the reservation is a round trip).
+    set_stage(stream, PayStage::Approving);
     match admit(d, stream, &caller, &call, AfterReserve::Sign(body.clone())) {
         Admit::Yes => after_admit(d, stream, body),
         Admit::No | Admit::Waiting => Step::Pause,

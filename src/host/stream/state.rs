@@ -48,6 +48,8 @@ pub struct ReserveWait {
     pub plan: crate::core::ledger::remote::Plan,
     /// The script's request, sent again after a NOSCRIPT.
     pub request: String,
+    /// This VM's settlements sent along (see `remote_ledger::take_riders`).
+    pub riders: Vec<crate::core::ledger::remote::Settlement>,
     pub then: AfterReserve,
 }
 

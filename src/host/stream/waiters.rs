@@ -259,7 +259,7 @@ pub fn poll_all(root: &dyn Context, root_id: u32) {
                 if hostcalls::set_effective_context(stream.id).is_err() {
                     continue;
                 }
-                admin::after_flush(&stream, then, done);
+                admin::after_flush(&RootDispatch(root), &stream, then, done);
             }
         }
     }
