@@ -602,3 +602,201 @@ fn the_report_on_any_envoy_shows_the_whole_clusters_figures() {
     assert_eq!(again["totalRequests"], report["totalRequests"]);
     assert_eq!(again["byAgent"], report["byAgent"]);
 }
+
+/// What a client learned of one call.
+#[derive(Debug, Clone)]
+struct Seen {
+    status: u16,
+    cost: u64,
+    reservation: Option<String>,
+}
+
+/// One call that may meet a dead Envoy: `None` when no answer came.
+fn try_call(port: u16, path: &str, session: &str) -> Option<Seen> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: api.paid.test\r\nx-pag0-api-key: key\r\nx-pag0-session: {session}\r\nx-pag0-agent: chaos\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, _) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    Some(Seen {
+        status,
+        cost: header("x-pag0-cost")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        reservation: header("x-pag0-reservation"),
+    })
+}
+
+/// 60 seconds of priced calls over three Envoys while Envoys are killed and restarted
+/// and Redis is paused at random. Afterwards every scope is within its limit and every
+/// unit the ledger charged is explained: by a reservation settled at what its client
+/// was told, or by one that expired charged because its Envoy died mid-call.
+#[test]
+fn a_chaos_minute_ends_with_every_scope_in_its_limit_and_the_ledger_explained() {
+    let seconds: u64 = std::env::var("PAG0_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let mut redis = LedgerRedis::start();
+    let up = Upstream::start();
+    up.stop_recording();
+    const SESSIONS: usize = 8;
+    let (session_budget, daily_budget) = (400 * PRICE, 3000 * PRICE);
+    let envoys = Arc::new(Mutex::new(start_envoys(
+        3,
+        &config(session_budget, daily_budget),
+        &up,
+        &redis,
+        10,
+    )));
+    let ports: Vec<u16> = envoys.lock().unwrap().iter().map(|e| e.port).collect();
+    let prefix = unique("chaos");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Option<Seen>>>> = Arc::default();
+    let load: Vec<_> = (0..12)
+        .map(|t| {
+            let (ports, stop, seen, prefix) =
+                (ports.clone(), stop.clone(), seen.clone(), prefix.clone());
+            std::thread::spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    // Some calls are slow upstream, so that a killed Envoy has calls in flight.
+                    let path = if i % 4 == 0 { "/slow/delay/300/" } else { "/x" };
+                    let session = format!("{prefix}-{}", i % SESSIONS);
+                    let r = try_call(ports[i % ports.len()], path, &session);
+                    seen.lock().unwrap().push(r);
+                    i += 7;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_millis(2500));
+        round += 1;
+        match round % 3 {
+            0 => {
+                redis.pause_redis();
+                std::thread::sleep(Duration::from_millis(400 + 100 * (round % 5)));
+                redis.resume_redis();
+            }
+            k => {
+                let index = ((round * 7 + k) % 3) as usize;
+                envoys.lock().unwrap()[index].restart();
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in load {
+        h.join().unwrap();
+    }
+    // Reservations of calls cut by a kill expire (reservationTimeoutSeconds 10), charged;
+    // a reservation sweeps them.
+    std::thread::sleep(Duration::from_secs(11));
+    let port = envoys.lock().unwrap()[0].port;
+    let _ = try_call(port, "/x", &format!("{prefix}-sweep"));
+    settled(&redis, &day_key());
+    let seen = seen.lock().unwrap().clone();
+    let answered: Vec<&Seen> = seen.iter().flatten().collect();
+    let unanswered = seen.len() - answered.len();
+    // Every scope within its limit.
+    let day = field(&redis, &day_key(), "spent");
+    assert!(day <= daily_budget, "day spent {day} of {daily_budget}");
+    for s in 0..SESSIONS {
+        let spent = field(&redis, &session_key(&format!("{prefix}-{s}")), "spent");
+        assert!(
+            spent <= session_budget,
+            "session {s} spent {spent} of {session_budget}"
+        );
+    }
+    // Every reservation, by state: what it was charged.
+    let mut charged_by_id = std::collections::HashMap::new();
+    let mut expired = 0u64;
+    for key in redis.cli(&["--scan", "--pattern", "pag0:r:*"]).lines() {
+        let fields: Vec<String> = redis
+            .cli(&["HMGET", key, "st", "amount", "cost"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let id = key.trim_start_matches("pag0:r:").to_string();
+        let cost: u64 = fields.get(2).and_then(|c| c.parse().ok()).unwrap_or(0);
+        match fields.first().map(String::as_str) {
+            Some("settled") => {
+                charged_by_id.insert(id, cost);
+            }
+            Some("expired") => {
+                expired += cost;
+                charged_by_id.insert(id, cost);
+            }
+            Some("released") => {}
+            other => panic!("reservation {id} left {other:?}"),
+        }
+    }
+    let ledger_total: u64 = charged_by_id.values().sum();
+    assert_eq!(
+        ledger_total, day,
+        "the reservations add up to the day's spend"
+    );
+    // Every call a client was told it was charged for is a reservation charged exactly
+    // that; what the ledger charged beyond that expired with its Envoy (or its
+    // client's answer was lost with it).
+    let mut told = 0u64;
+    for s in &answered {
+        if s.cost > 0 {
+            let id = s
+                .reservation
+                .as_deref()
+                .expect("a charged call names its reservation");
+            assert_eq!(charged_by_id.get(id), Some(&s.cost), "reservation {id}");
+            told += s.cost;
+        }
+    }
+    // The rest: reservations no client heard of, each the call of a client that got
+    // no answer (its Envoy was killed, or its connection refused while restarting).
+    let told_ids: std::collections::HashSet<&str> = answered
+        .iter()
+        .filter_map(|s| s.reservation.as_deref())
+        .collect();
+    let untold: Vec<u64> = charged_by_id
+        .iter()
+        .filter(|(id, cost)| **cost > 0 && !told_ids.contains(id.as_str()))
+        .map(|(_, cost)| *cost)
+        .collect();
+    assert_eq!(ledger_total, told + untold.iter().sum::<u64>());
+    assert!(
+        untold.len() <= unanswered,
+        "{} charged reservations no client heard of, {unanswered} unanswered calls",
+        untold.len()
+    );
+    // The sessions add up to the day.
+    let sessions: u64 = (0..SESSIONS)
+        .map(|s| field(&redis, &session_key(&format!("{prefix}-{s}")), "spent"))
+        .sum::<u64>()
+        + field(&redis, &session_key(&format!("{prefix}-sweep")), "spent");
+    assert_eq!(sessions, day);
+    eprintln!(
+        "chaos: {} calls ({} answered, {} 200), ledger {ledger_total}, told {told}, expired {expired}",
+        seen.len(),
+        answered.len(),
+        answered.iter().filter(|s| s.status == 200).count()
+    );
+}

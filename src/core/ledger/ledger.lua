@@ -47,10 +47,6 @@ local function raise(key, f, kind)
   return true
 end
 
-local function state(sc)
-  return { fmt(hnum(sc.k, sc.f .. 'spent')), fmt(hnum(sc.k, sc.f .. 'reserved')) }
-end
-
 -- The alerts a scope's committed spend crossed: [scope index, kind, spent, limit].
 local function spend_alerts(scopes, out, tag)
   for i, sc in ipairs(scopes) do
@@ -88,8 +84,9 @@ local function load(id)
   return { st = fields[1], amount = tonumber(fields[2]) or 0, sc = cjson.decode(fields[3] or '[]') }
 end
 
-local function finish(id, st)
-  redis.call('HSET', 'pag0:r:' .. id, 'st', st)
+-- Ends a reservation: its state and what it was charged, kept for audits (a day).
+local function finish(id, st, cost)
+  redis.call('HSET', 'pag0:r:' .. id, 'st', st, 'cost', fmt(cost))
   redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
   redis.call('ZREM', 'pag0:exp', id)
 end
@@ -107,20 +104,12 @@ local function sweep(now)
           redis.call('HINCRBY', sc.k, 'expiredn', 1)
         end
       end
-      finish(id, 'expired')
+      finish(id, 'expired', r.amount)
     else
       redis.call('ZREM', 'pag0:exp', id)
     end
   end
   return #due
-end
-
-local function touch(scopes)
-  for _, sc in ipairs(scopes) do
-    if sc.x then
-      redis.call('EXPIRE', sc.k, fmt(sc.x))
-    end
-  end
 end
 
 local function apply_items(items)
@@ -139,7 +128,7 @@ local function apply_items(items)
       if item.cost > 0 then
         spend_alerts(r.sc, alerts, fmt(n - 1))
       end
-      finish(id, 'settled')
+      finish(id, 'settled', item.cost)
       status = 'settled'
     elseif r.st == 'expired' then
       -- Charged in full when it expired; the call did end after all: charge what it
@@ -154,7 +143,7 @@ local function apply_items(items)
           incr(sc.k, sc.f .. 'unconf', item.cost)
         end
       end
-      finish(id, 'settled')
+      finish(id, 'settled', item.cost)
       status = 'late'
     else
       status = 'duplicate'
@@ -177,58 +166,58 @@ local function reserve_one(now)
     return ({ ok = (old.st == 'held'), code = 'DUPLICATE', amount = fmt(old.amount) })
   end
   local scopes = req.scopes
-  local view = {}
+  -- Each scope's figures read once: spent, reserved (and the session's kill switch).
+  local spent, reserved, view = {}, {}, {}
   for i, sc in ipairs(scopes) do
-    view[i] = state(sc)
+    local f = redis.call('HMGET', sc.k, sc.f .. 'spent', sc.f .. 'reserved')
+    spent[i], reserved[i] = tonumber(f[1] or '0') or 0, tonumber(f[2] or '0') or 0
+    view[i] = { fmt(spent[i]), fmt(reserved[i]) }
   end
   local killed = redis.call('HGET', req.session, 'killed')
   if killed then
     return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = killed, v = view })
   end
-  if req.killAt then
-    local s = scopes[req.si + 1]
-    local used = hnum(s.k, 'spent') + hnum(s.k, 'reserved')
-    if used >= req.killAt then
-      local alerts = {}
-      if raise(s.k, '', 4) then
-        table.insert(alerts, { '', fmt(req.si), '4', fmt(hnum(s.k, 'spent')), fmt(s.l or 0) })
-      end
-      return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
+  local si = req.si + 1
+  if req.killAt and spent[si] + reserved[si] >= req.killAt then
+    local alerts = {}
+    if raise(scopes[si].k, '', 4) then
+      table.insert(alerts, { '', fmt(req.si), '4', fmt(spent[si]), fmt(scopes[si].l or 0) })
     end
+    return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
   end
   -- As much of the price as every scope leaves, down to the least the call may cost.
   local amount = req.price
-  for _, sc in ipairs(scopes) do
+  for i, sc in ipairs(scopes) do
     if sc.l then
-      local room = sc.l - hnum(sc.k, sc.f .. 'spent') - hnum(sc.k, sc.f .. 'reserved')
-      amount = math.min(amount, math.max(room, req.min))
+      amount = math.min(amount, math.max(sc.l - spent[i] - reserved[i], req.min))
     end
   end
   for i, sc in ipairs(scopes) do
-    if sc.l then
-      local used = hnum(sc.k, sc.f .. 'spent') + hnum(sc.k, sc.f .. 'reserved')
-      if used + amount > sc.l then
-        local alerts = {}
-        if raise(sc.k, sc.f, 2) then
-          table.insert(alerts, { '', fmt(i - 1), '2', fmt(hnum(sc.k, sc.f .. 'spent')), fmt(sc.l) })
-        end
-        return ({ ok = false, code = sc.c, i = fmt(i - 1), requested = fmt(amount), v = view, alerts = alerts })
+    if sc.l and spent[i] + reserved[i] + amount > sc.l then
+      local alerts = {}
+      if raise(sc.k, sc.f, 2) then
+        table.insert(alerts, { '', fmt(i - 1), '2', fmt(spent[i]), fmt(sc.l) })
       end
+      return ({ ok = false, code = sc.c, i = fmt(i - 1), requested = fmt(amount), v = view, alerts = alerts })
     end
   end
+  local touched = {}
   for i, sc in ipairs(scopes) do
     incr(sc.k, sc.f .. 'reserved', amount)
-    view[i] = state(sc)
+    view[i] = { fmt(spent[i]), fmt(reserved[i] + amount) }
+    if sc.x and not touched[sc.k] then
+      touched[sc.k] = true
+      redis.call('EXPIRE', sc.k, fmt(sc.x))
+    end
   end
-  touch(scopes)
   if req.index then
     local now_s = math.floor(now / 1000)
     redis.call('HSET', req.session, 'id', req.sid, 'last', fmt(now_s))
-    redis.call('ZADD', req.index, fmt(now_s), req.sid)
-    if redis.call('ZCARD', req.index) > 10000 then
+    if redis.call('ZADD', req.index, fmt(now_s), req.sid) == 1 then
+      -- A new session in the tenant's index: keep the newest 10,000.
       redis.call('ZREMRANGEBYRANK', req.index, 0, -10001)
+      redis.call('EXPIRE', req.index, fmt(req.x or 2592000))
     end
-    redis.call('EXPIRE', req.index, fmt(req.x or 2592000))
   end
   local key = 'pag0:r:' .. id
   local held = {}

@@ -411,6 +411,7 @@ pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
         (s.ticket.take(), s.metric_ids.take())
     };
     let Some(ticket) = ticket else { return 0 };
+    stream.state.borrow_mut().reservation = ticket.reservation.clone();
     breaker::settle_spend(stream, outcome.cost);
     let cfg = &stream.config;
     let settled = vm::with(|vm| {

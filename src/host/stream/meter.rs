@@ -283,6 +283,7 @@ fn charged_if_unmetered(stream: &Stream) -> u64 {
 fn answer_headers(stream: &Stream, cost: u64) {
     set("x-pag0-cost", &cost.to_string());
     set("x-pag0-cached", "false");
+    super::respond::reservation_header(stream, set);
     let (remaining, alert, lowered) = {
         let s = stream.state.borrow();
         let lowered = s

@@ -117,6 +117,14 @@ pub fn answer_headers(stream: &Stream, status: Option<u32>, came_from_upstream: 
     answer_headers_with(stream, &Answer::read(), status, came_from_upstream)
 }
 
+/// `x-pag0-reservation`: the Redis ledger's id of the call's reservation, which its
+/// settlement (or expiry) is recorded under: every charge can be traced to a call.
+pub fn reservation_header(stream: &Stream, set: impl Fn(&str, &str)) {
+    if let Some(id) = stream.state.borrow().reservation.as_deref() {
+        set("x-pag0-reservation", id);
+    }
+}
+
 fn answer_headers_with(
     stream: &Stream,
     answer: &Answer,
@@ -196,6 +204,7 @@ fn answer_headers_with(
     set_state(stream, "pag0_cost", &cost_text);
     set("x-pag0-cost", &cost_text);
     set("x-pag0-cached", "false");
+    reservation_header(stream, set);
     let (remaining, alert) = {
         let s = stream.state.borrow();
         (s.view.remaining_header(), s.view.alert_header())

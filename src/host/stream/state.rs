@@ -172,6 +172,8 @@ pub struct StreamState {
     pub reading_relay_offer: bool,
     /// The upstream answered and the ledger was settled.
     pub settled: bool,
+    /// `ledger.store: redis`: the settled call's reservation id (`x-pag0-reservation`).
+    pub reservation: Option<String>,
     /// An answer already replaced by a refusal: its body is dropped.
     pub replaced: bool,
     /// The call is token-metered, in this API (its body is read before the gate).
