@@ -279,6 +279,22 @@ fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
             "sessions.maxSessions: 0 must be between",
         ),
         (
+            r#"{"ledger": {"store": "redis"}, "policies": {"p": {}}}"#,
+            "ledger.cluster: ledger.store \"redis\" needs the Envoy cluster of its Webdis front",
+        ),
+        (
+            r#"{"ledger": {"store": "redis", "cluster": "w", "timeoutMs": 5}, "policies": {"p": {}}}"#,
+            "ledger.timeoutMs: 5 must be between 10 and 10000",
+        ),
+        (
+            r#"{"ledger": {"cluster": "w"}, "policies": {"p": {}}}"#,
+            "ledger.cluster, ledger.authority and ledger.timeoutMs apply only to ledger.store: \"redis\"",
+        ),
+        (
+            r#"{"ledger": {"store": "etcd"}, "policies": {"p": {}}}"#,
+            "ledger.store: \"etcd\" must be \"shared-data\" or \"redis\"",
+        ),
+        (
             r#"{"identity": {"sessionHeader": "bad header"}, "policies": {"p": {}}}"#,
             "identity.sessionHeader: \"bad header\" is not a valid header name",
         ),
