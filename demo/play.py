@@ -195,7 +195,10 @@ def parse_dictionary(text: str, kind):
 class Client:
     """Keep-alive HTTP/1.1 connections to the listener, one per thread."""
 
-    def __init__(self, listener: str, timeout: float = 10.0):
+    def __init__(self, listener: str, timeout: float = 10.0, reports: "Client | None" = None):
+        # `reports`: another Envoy that answers the report API (the Redis ledger: any
+        # Envoy of the cluster shows every Envoy's figures).
+        self.reports = reports
         parsed = urllib.parse.urlsplit(listener if "://" in listener else f"http://{listener}")
         if parsed.scheme != "http":
             raise SystemExit(f"play.py: --listener must be an http:// URL, not {listener!r}")
@@ -219,6 +222,8 @@ class Client:
 
     def request(self, method: str, host: str, path: str, headers: dict[str, str],
                 body: dict | None = None) -> Reply:
+        if self.reports is not None and path.startswith("/_pag0/"):
+            return self.reports.request(method, host, path, headers, body)
         data = json.dumps(body).encode() if body is not None else None
         sent = {"Host": host, **headers}
         if data is not None:
@@ -1367,6 +1372,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Plays the pag0 demo scenarios against a running Envoy (`make run`).")
     parser.add_argument("--listener", default="http://127.0.0.1:10000",
                         help="Envoy's listener (default %(default)s)")
+    parser.add_argument("--reports", default=None, metavar="URL",
+                        help="read the report API from this listener instead (another Envoy "
+                             "sharing the Redis ledger)")
     parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="wait up to SECONDS for the listener to come up (default: don't)")
     parser.add_argument("--verbose", "-v", action="store_true",
@@ -1378,7 +1386,7 @@ def main(argv: list[str] | None = None) -> int:
     _use_color = (not args.no_color and sys.stdout.isatty()
                   and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb")
 
-    client = Client(args.listener)
+    client = Client(args.listener, reports=Client(args.reports) if args.reports else None)
     stop = preflight(client, args.wait)
     if stop is not None:
         return stop

@@ -7,6 +7,8 @@
 mod support;
 
 use support::demo_api::DemoApi;
+use support::envoy::{reference_yaml_with, with_ledger};
+use support::ledger_redis::LedgerRedis;
 use support::x402::Peers;
 use support::{repo_root, Envoy};
 
@@ -59,4 +61,48 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     }
     let streamed = claude.iter().filter(|r| r["stream"] == true).count();
     assert_eq!(streamed, 2, "{claude:?}");
+}
+
+/// The same scenarios on two Envoys sharing the Redis ledger: the calls go to A, every
+/// report is read from B, and every outcome is the same as on one Envoy.
+#[test]
+fn the_demo_scenarios_play_out_on_two_envoys_sharing_the_redis_ledger() {
+    let redis = LedgerRedis::start();
+    let up = DemoApi::start("python3");
+    let peers = Peers::start();
+    let ledger = r#"{"store": "redis", "cluster": "pag0_ledger", "timeoutMs": 2000}"#;
+    let start = || {
+        Envoy::start(|port, admin| {
+            with_ledger(
+                &reference_yaml_with(port, admin, up.port, Some((peers.v2, peers.signer))),
+                redis.webdis_port(),
+                ledger,
+            )
+        })
+    };
+    let (a, b) = (start(), start());
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("demo/play.py"))
+        .args([
+            "--no-color",
+            "--listener",
+            &format!("http://127.0.0.1:{}", a.port),
+            "--reports",
+            &format!("http://127.0.0.1:{}", b.port),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("checks match the reference session"),
+        "{text}"
+    );
+    assert_eq!(peers.settlements()["count"], 100);
+    assert_eq!(peers.settled_total(), 1_000_000);
+    assert_eq!(peers.signed(), 100);
 }

@@ -37,7 +37,8 @@ enum Flight {
     Report(Vec<Push>),
     /// A long report list read to be compacted: (tenant, session).
     CompactRead(String, String),
-    Compact,
+    /// A compaction of this list.
+    Compact(String),
     Kill(String),
     Kills,
     Load,
@@ -53,6 +54,8 @@ struct State {
     reports: VecDeque<Push>,
     /// Script requests sent once, their answer unimportant (compactions).
     once: Vec<(String, Flight)>,
+    /// Report lists being compacted (one read and one compaction at a time each).
+    compacting: hashbrown::HashSet<String>,
     in_flight: HashMap<u32, (String, Flight)>,
     kill_seq: Option<u64>,
     last_poll_ms: u64,
@@ -214,10 +217,17 @@ pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, 
     }
 }
 
-/// Queues a compaction of a report list a reader merged.
+/// Requests sent once (compactions) held at most; more wait for a later read.
+const MAX_ONCE: usize = 64;
+
+/// Queues a compaction of a report list a reader merged (unless one is under way).
 pub fn queue_compaction(c: Compaction) {
     let body = remote_report::compact_body(&c.key, c.n, &c.head, &c.merged);
-    with(|s| s.once.push((body, Flight::Compact)));
+    with(|s| {
+        if s.once.len() < MAX_ONCE && s.compacting.insert(c.key.clone()) {
+            s.once.push((body, Flight::Compact(c.key)));
+        }
+    });
 }
 
 /// Queues a kill switch thrown by this VM (a breaker) for Redis, so that every Envoy
@@ -328,8 +338,18 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
         }
     }
     for (body, flight) in with(|s| std::mem::take(&mut s.once)) {
-        if let Ok((token, tag)) = send_script(d, service, &body) {
-            with(|s| s.in_flight.insert(token, (tag, flight)));
+        match send_script(d, service, &body) {
+            Ok((token, tag)) => {
+                with(|s| s.in_flight.insert(token, (tag, flight)));
+            }
+            Err(()) => with(|s| {
+                if let Flight::Compact(key) = &flight {
+                    s.compacting.remove(key);
+                }
+                if let Flight::CompactRead(t, sess) = &flight {
+                    s.compacting.remove(&remote_report::report_key(t, sess));
+                }
+            }),
         }
     }
     for body in with(|s| std::mem::take(&mut s.kills)) {
@@ -435,10 +455,12 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                     if n > remote_report::COMPACT_AT {
                         let request = remote_report::read_body(&push.tenant, &push.session, now);
                         with(|s| {
-                            s.once.push((
-                                request,
-                                Flight::CompactRead(push.tenant.clone(), push.session.clone()),
-                            ))
+                            if s.once.len() < MAX_ONCE && s.compacting.insert(push.key.clone()) {
+                                s.once.push((
+                                    request,
+                                    Flight::CompactRead(push.tenant.clone(), push.session.clone()),
+                                ));
+                            }
                         });
                     }
                 }
@@ -456,6 +478,8 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
             }
         },
         Flight::CompactRead(tenant, session) => {
+            let key = remote_report::report_key(&tenant, &session);
+            with(|s| s.compacting.remove(&key));
             if let Ok(answer) = remote::script_answer(status, &body, &tag) {
                 let now = now_millis() / 1000;
                 let (read, _) = remote_report::read_answer(
@@ -470,7 +494,9 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 }
             }
         }
-        Flight::Compact => {}
+        Flight::Compact(key) => {
+            with(|s| s.compacting.remove(&key));
+        }
         Flight::Kill(request) => {
             if let Err(fault) = remote::script_answer(status, &body, &tag) {
                 if fault == Fault::NoScript {
@@ -511,6 +537,8 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 let newest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
                 with(|s| {
                     s.kill_seq = Some(match known {
+                        // A Redis that lost its data starts the log over.
+                        Some(known) if seq < known => seq,
                         Some(known) => newest.max(known),
                         None => seq,
                     });

@@ -8,14 +8,16 @@
 --     <f>alerts (flags), where <f> is "" for the scope or "a:<agent>:" for an agent
 --     budget inside the session hash; the session hash also has `killed` (the reason).
 --   pag0:r:<id>   one reservation: st (held|settled|expired|released), amount, sc (its
---                 scopes as JSON), kept a day after it ends so a retry finds it.
+--                 scopes as JSON, while held), cost; kept 10 minutes after it ends.
 --   pag0:exp      reservations by deadline (ms, Redis's clock).
 --   pag0:kills    kill switch changes by sequence number, for every Envoy to poll.
 --   report lists  each VM's report counts of a session, appended at its flush (merged
 --                 by whoever reads them, and compacted into one entry by that reader).
 --   session index a tenant's sessions by last reservation (the report's session list).
 local req = cjson.decode(ARGV[1])
-local RETAIN_MS = 86400000
+-- How long an ended reservation (and a release's tombstone) is kept: for a retry, a
+-- reserve that arrives late after a Redis pause, and audits by `x-pag0-reservation`.
+local RETAIN_MS = 600000
 
 local function fmt(n)
   return string.format('%d', n)
@@ -87,6 +89,10 @@ end
 -- Ends a reservation: its state and what it was charged, kept for audits (a day).
 local function finish(id, st, cost)
   redis.call('HSET', 'pag0:r:' .. id, 'st', st, 'cost', fmt(cost))
+  if st ~= 'expired' then
+    -- An expired one keeps its scopes: a late settlement charges what the call cost.
+    redis.call('HDEL', 'pag0:r:' .. id, 'sc')
+  end
   redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
   redis.call('ZREM', 'pag0:exp', id)
 end
@@ -162,8 +168,9 @@ local function reserve_one(now)
   local id = req.id
   local old = load(id)
   if old then
-    -- A retry, or a reservation its Envoy already gave up on (released first).
-    return ({ ok = (old.st == 'held'), code = 'DUPLICATE', amount = fmt(old.amount) })
+    -- A reservation its Envoy already gave up on (released first), or an id in use:
+    -- never taken as this call's reservation.
+    return ({ ok = false, code = 'DUPLICATE' })
   end
   local scopes = req.scopes
   -- Each scope's figures read once: spent, reserved (and the session's kill switch).
@@ -224,8 +231,8 @@ local function reserve_one(now)
   for i, sc in ipairs(scopes) do
     held[i] = { k = sc.k, f = sc.f, l = sc.l, al = sc.al, kl = sc.kl }
   end
+  -- Held without an expiry of its own: only a sweep (or a settlement) ends it.
   redis.call('HSET', key, 'st', 'held', 'amount', fmt(amount), 'sc', cjson.encode(held))
-  redis.call('PEXPIRE', key, fmt(req.ttl + RETAIN_MS))
   redis.call('ZADD', 'pag0:exp', fmt(now + req.ttl), id)
   return ({ ok = true, amount = fmt(amount), v = view })
 end
@@ -292,7 +299,7 @@ local function report()
   local lengths = {}
   for i, item in ipairs(req.items) do
     -- Once per entry id: a push retried after a timeout is not counted twice.
-    if redis.call('SET', 'pag0:pushed:' .. item.id, '1', 'NX', 'EX', 86400) then
+    if redis.call('SET', 'pag0:pushed:' .. item.id, '1', 'NX', 'EX', 600) then
       lengths[i] = fmt(redis.call('RPUSH', item.k, item.d))
       redis.call('EXPIRE', item.k, fmt(req.x))
     else

@@ -23,7 +23,7 @@ use crate::core::window::{day_index, month_index};
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "5e75beaa0290ef039db5a5113ede96879e716f28";
+pub const SCRIPT_SHA1: &str = "f4eabb1b28e8c29bf2e02da0d39c7ae2bab94a67";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -399,6 +399,10 @@ pub fn read_reserve(
         .collect();
     let code = answer.get("code").and_then(Value::as_str).unwrap_or("");
     let refusal = match code {
+        // The id was already used (released before this reserve arrived): not this
+        // call's reservation, and not to be released by it.
+        "DUPLICATE" => unavailable("the reservation id was already used")
+            .with_fields(vec![("reason", "duplicate".to_string())]),
         "KILL_SWITCH_ACTIVE" => {
             let reason = answer
                 .get("reason")

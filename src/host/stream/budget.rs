@@ -155,6 +155,7 @@ fn reserve_remote(
         plan,
         request,
         riders,
+        loaded: false,
         then,
     });
     send_reserve(d, stream, service, wait, false)
@@ -226,6 +227,7 @@ fn unavailable(stream: &Stream, mut wait: Box<ReserveWait>, why: &str) {
         (s.caller.clone(), s.call.clone())
     };
     let refusal = remote::unavailable(why);
+    super::cache::abandon_fill(stream);
     match (caller, call) {
         (Some(caller), Some(call)) => {
             refuse(stream, &caller, &call, &refusal, &BudgetView::default())
@@ -260,8 +262,18 @@ pub fn on_reserved(
     }
     let answer = match remote::script_answer(status, &body, &wait.id) {
         Ok(answer) => answer,
+        Err(remote::Fault::NoScript) if wait.loaded => {
+            unavailable(
+                stream,
+                wait,
+                "Redis lost the ledger script again right after loading it",
+            );
+            return Step::Pause;
+        }
         Err(remote::Fault::NoScript) => {
             remote_ledger::script_missing();
+            let mut wait = wait;
+            wait.loaded = true;
             return match send_reserve(d, stream, &service, wait, true) {
                 Admit::Waiting => Step::Pause,
                 _ => Step::Pause,
@@ -276,7 +288,11 @@ pub fn on_reserved(
         let s = stream.state.borrow();
         match (s.caller.clone(), s.call.clone()) {
             (Some(caller), Some(call)) => (caller, call),
-            _ => return Step::Pause,
+            _ => {
+                drop(s);
+                give_back(stream, wait);
+                return Step::Pause;
+            }
         }
     };
     let ReserveWait {
@@ -299,7 +315,9 @@ pub fn on_reserved(
             }
         }
         Err(denied) => {
-            if denied.refusal.code == crate::core::errors::ErrorCode::LedgerUnavailable {
+            if denied.refusal.code == crate::core::errors::ErrorCode::LedgerUnavailable
+                && denied.refusal.field("reason") != Some("duplicate")
+            {
                 // An answer pag0 cannot read: whatever Redis did is given back.
                 remote_ledger::release(&cfg, &id, caller.tenant, &caller.session, &caller.agent);
             }
@@ -338,14 +356,24 @@ pub fn on_reserved(
     }
 }
 
-/// A stream that ends while Redis has its reservation request: given back.
-pub fn forget_reservation(stream: &Stream) {
-    let pending = stream.state.borrow_mut().pending.take();
-    if let Some((_, Pending::Reserve(mut wait) | Pending::ReserveLoad(mut wait))) = pending {
-        remote_ledger::requeue(std::mem::take(&mut wait.riders));
-        let t = &wait.ticket;
-        remote_ledger::release(&stream.config, &wait.id, t.tenant, &t.session, &t.agent);
+/// A stream that ends while Redis has its reservation request (sent by the stream, or
+/// by the root context for it: `routed`): given back, with what rode along.
+pub fn forget_reservation(stream: &Stream, routed: Vec<Pending>) {
+    let own = stream.state.borrow_mut().pending.take().map(|(_, p)| p);
+    for pending in own.into_iter().chain(routed) {
+        if let Pending::Reserve(wait) | Pending::ReserveLoad(wait) = pending {
+            give_back(stream, wait);
+        }
     }
+}
+
+/// A reservation whose answer the stream will not act on: released in Redis (if made),
+/// its riders back in the queue, the spend-rate count given back.
+fn give_back(stream: &Stream, mut wait: Box<ReserveWait>) {
+    remote_ledger::requeue(std::mem::take(&mut wait.riders));
+    let t = &wait.ticket;
+    remote_ledger::release(&stream.config, &wait.id, t.tenant, &t.session, &t.agent);
+    breaker::settle_spend(stream, 0);
 }
 
 /// A refusal after the caller is known: counted in the session and the metrics.

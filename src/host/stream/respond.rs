@@ -305,8 +305,8 @@ pub fn on_response_trailers(stream: &Stream) -> Step {
 
 /// The stream ended: settle what is still open and give back what it held.
 pub fn on_log(stream: &Stream) {
-    waiters::forget(stream.id);
-    super::budget::forget_reservation(stream);
+    let routed = waiters::forget(stream.id);
+    super::budget::forget_reservation(stream, routed);
     let (internal, open, forwarded, stage, paid) = {
         let s = stream.state.borrow();
         (

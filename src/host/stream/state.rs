@@ -50,6 +50,8 @@ pub struct ReserveWait {
     pub request: String,
     /// This VM's settlements sent along (see `remote_ledger::take_riders`).
     pub riders: Vec<crate::core::ledger::remote::Settlement>,
+    /// The script was loaded once for it (a second NOSCRIPT fails the call).
+    pub loaded: bool,
     pub then: AfterReserve,
 }
 

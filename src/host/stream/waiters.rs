@@ -90,13 +90,23 @@ pub fn wait_for_flush(stream: Stream, epoch: u64, then: AfterFlush) {
     });
 }
 
-/// The stream ended: stop waiting for it.
-pub fn forget(context_id: u32) {
+/// The stream ended: stop waiting for it. Returns the calls the root context had sent
+/// for it that are still out (their answers will find no stream), for the stream to
+/// give back what they hold.
+pub fn forget(context_id: u32) -> Vec<Pending> {
     WAITING.with(|w| w.borrow_mut().retain(|wait| wait.id() != context_id));
     ROUTED.with(|r| {
-        r.borrow_mut()
-            .retain(|_, (stream, _)| stream.id != context_id)
-    });
+        let mut r = r.borrow_mut();
+        let tokens: Vec<u32> = r
+            .iter()
+            .filter(|(_, (stream, _))| stream.id == context_id)
+            .map(|(token, _)| *token)
+            .collect();
+        tokens
+            .into_iter()
+            .filter_map(|token| r.remove(&token).map(|(_, pending)| pending))
+            .collect()
+    })
 }
 
 /// The stream's body came: stop watching for it.
