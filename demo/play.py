@@ -192,6 +192,11 @@ def parse_dictionary(text: str, kind):
     return result
 
 
+# How long a report read on another Envoy of a Redis-ledger cluster waits for this
+# Envoy's latest counts (its VMs' flushIntervalMs, 100 ms, and their tick, with margin).
+REPORT_LAG_SECONDS = 0.3
+
+
 class Client:
     """Keep-alive HTTP/1.1 connections to the listener, one per thread."""
 
@@ -223,6 +228,10 @@ class Client:
     def request(self, method: str, host: str, path: str, headers: dict[str, str],
                 body: dict | None = None) -> Reply:
         if self.reports is not None and path.startswith("/_pag0/"):
+            # The other Envoy's VMs send their counts to Redis every flushIntervalMs
+            # (100 ms) and the report reader waits only for its own Envoy's: give the
+            # calls just made on this one that long to arrive.
+            time.sleep(REPORT_LAG_SECONDS)
             return self.reports.request(method, host, path, headers, body)
         data = json.dumps(body).encode() if body is not None else None
         sent = {"Host": host, **headers}
