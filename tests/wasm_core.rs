@@ -1069,13 +1069,15 @@ fn sessions_reserve_settle_and_lookup_over_the_slot_table() {
     // Another tenant's session of the same id is another record.
     assert!(sessions::lookup(&store, "t2", "s1", &l).unwrap().is_none());
     // The manual kill switch is set on a session that exists, never creates one.
-    let (killed, was) = sessions::set_killed(&store, "t", "s1", &l, NOON + 4, true)
+    let (killed, was) = sessions::set_killed(&store, "t", "s1", &l, NOON + 4, true, false)
         .unwrap()
         .unwrap();
     assert!(killed.killed && !was);
-    assert!(sessions::set_killed(&store, "t", "ghost", &l, NOON, true)
-        .unwrap()
-        .is_none());
+    assert!(
+        sessions::set_killed(&store, "t", "ghost", &l, NOON, true, false)
+            .unwrap()
+            .is_none()
+    );
     assert!(sessions::lookup(&store, "t", "ghost", &l)
         .unwrap()
         .is_none());
