@@ -18,31 +18,8 @@ fn the_demo_scenarios_play_out_as_the_product_says() {
     // x402.local: the official SDK's paid API, paid through the reference signer.
     let peers = Peers::start();
     let envoy = Envoy::reference_with_x402(up.port, peers.v2, peers.signer);
-    let out = std::process::Command::new("python3")
-        .arg(repo_root().join("demo/play.py"))
-        .args([
-            "--no-color",
-            "--listener",
-            &format!("http://127.0.0.1:{}", envoy.port),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("checks match the reference session"),
-        "{text}"
-    );
-    // buyer-1's $1 bought exactly 100 payments, each really settled.
-    assert_eq!(peers.settlements()["count"], 100);
-    assert_eq!(peers.settled_total(), 1_000_000);
+    let text = play(envoy.port, None, &peers);
     assert_eq!(peers.settlements()["sdkVerified"], 100);
-    // The 101st call was refused before the signer was asked.
-    assert_eq!(peers.signed(), 100);
 
     // Scenario 7 played Claude Code: its calls reached the Messages API as the CLI sends
     // them, one JSON answer and streamed turns, each answered with its usage.
@@ -81,18 +58,27 @@ fn the_demo_scenarios_play_out_on_two_envoys_sharing_the_redis_ledger() {
         })
     };
     let (a, b) = (start(), start());
+    play(a.port, Some(b.port), &peers);
+}
+
+/// Plays the scenarios through `listener` (reading reports from `reports` if given) and
+/// checks they all match, and that buyer-1's $1 bought exactly 100 payments, each really
+/// settled, the 101st refused before the signer was asked. Returns the player's output.
+fn play(listener: u16, reports: Option<u16>, peers: &Peers) -> String {
+    let mut args = vec![
+        "--no-color".to_string(),
+        "--listener".to_string(),
+        format!("http://127.0.0.1:{listener}"),
+    ];
+    if let Some(port) = reports {
+        args.extend(["--reports".to_string(), format!("http://127.0.0.1:{port}")]);
+    }
     let out = std::process::Command::new("python3")
         .arg(repo_root().join("demo/play.py"))
-        .args([
-            "--no-color",
-            "--listener",
-            &format!("http://127.0.0.1:{}", a.port),
-            "--reports",
-            &format!("http://127.0.0.1:{}", b.port),
-        ])
+        .args(&args)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "demo failed:\n{text}\n{}",
@@ -105,4 +91,5 @@ fn the_demo_scenarios_play_out_on_two_envoys_sharing_the_redis_ledger() {
     assert_eq!(peers.settlements()["count"], 100);
     assert_eq!(peers.settled_total(), 1_000_000);
     assert_eq!(peers.signed(), 100);
+    text
 }

@@ -55,15 +55,6 @@ pub fn serve(
                     &remote::kill_body(cfg.tenant_id(index), id, on, "manual"),
                     &tag,
                 );
-                let sent = callout::send(
-                    d,
-                    &service.cluster,
-                    "PUT",
-                    &remote::eval_path(&service.path),
-                    &service.authority,
-                    Some(("application/json", body.as_bytes())),
-                    service.timeout_ms,
-                );
                 let wait = RemoteWait {
                     tag,
                     read: false,
@@ -72,21 +63,18 @@ pub fn serve(
                     access,
                     tenant: tenant.clone(),
                     path: path.to_vec(),
-                    body,
+                    body: body.clone(),
                     loaded: false,
                 };
-                return match sent {
-                    Ok(token) => {
-                        d.wait_for(stream, token, Pending::AdminRemote(Box::new(wait)));
-                        Step::Pause
-                    }
-                    Err(_) => send(
-                        stream,
-                        AdminResponse::refusal(&remote::unavailable(
-                            "cannot call the ledger's cluster",
-                        )),
-                    ),
-                };
+                return resend(
+                    d,
+                    stream,
+                    service,
+                    wait,
+                    remote::eval_path(&service.path),
+                    body,
+                    "application/json",
+                );
             }
         }
     }
