@@ -198,7 +198,7 @@ pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, 
         let push = Push {
             id: next_id(),
             seq: 0,
-            key: remote_report::report_key(&tenant, &session),
+            key: remote::report_key(&tenant, &session),
             entry: remote_report::entry(now_secs, &delta),
             tenant,
             session,
@@ -249,15 +249,8 @@ pub fn release(cfg: &Config, id: &str, tenant: usize, session: &str, agent: &str
         tenant: cfg.tenant_id(tenant).to_string(),
         session: session.to_string(),
         agent: agent.to_string(),
-        plan: remote::Plan {
-            session_key: String::new(),
-            session_id: String::new(),
-            index_key: String::new(),
-            scopes: Vec::new(),
-            session_index: 0,
-            kill_at: None,
-            alert_ppm: None,
-        },
+        // A release raises no alert: no scopes needed.
+        plan: remote::Plan::default(),
     });
 }
 
@@ -347,7 +340,7 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
                     s.compacting.remove(key);
                 }
                 if let Flight::CompactRead(t, sess) = &flight {
-                    s.compacting.remove(&remote_report::report_key(t, sess));
+                    s.compacting.remove(&remote::report_key(t, sess));
                 }
             }),
         }
@@ -478,7 +471,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
             }
         },
         Flight::CompactRead(tenant, session) => {
-            let key = remote_report::report_key(&tenant, &session);
+            let key = remote::report_key(&tenant, &session);
             with(|s| s.compacting.remove(&key));
             if let Ok(answer) = remote::script_answer(status, &body, &tag) {
                 let now = now_millis() / 1000;

@@ -281,19 +281,6 @@ local function kills()
   return ({ seq = fmt(seq), k = changes })
 end
 
-local function view()
-  sweep(now_ms())
-  local out = {}
-  for i, sc in ipairs(req.scopes) do
-    out[i] = {
-      fmt(hnum(sc.k, sc.f .. 'spent')), fmt(hnum(sc.k, sc.f .. 'reserved')),
-      fmt(hnum(sc.k, sc.f .. 'unconf')), fmt(hnum(sc.k, sc.f .. 'expired')),
-    }
-  end
-  local killed = req.session and redis.call('HGET', req.session, 'killed')
-  return ({ v = out, killed = killed or false })
-end
-
 -- Appends VMs' report counts: [list key, entry] each; answers each list's length.
 local function report()
   local lengths = {}
@@ -356,7 +343,7 @@ local function list()
 end
 
 local ops = {
-  reserve = reserve, settle = settle, kill = kill, kills = kills, view = view,
+  reserve = reserve, settle = settle, kill = kill, kills = kills,
   report = report, compact = compact, read = read, list = list,
 }
 local op = ops[req.op]

@@ -64,8 +64,8 @@ pub struct Ticket {
     pub tool: Option<String>,
     pub endpoint_label: String,
     pub opened_ms: u64,
-    /// `ledger.store: redis`: the reservation's id in Redis (settled there, not here).
-    pub reservation: Option<String>,
+    /// `ledger.store: redis`: the reservation in Redis (settled there, not here).
+    pub reservation: Option<Box<remote::Reservation>>,
 }
 
 /// The firewall let the call through.
@@ -636,27 +636,15 @@ pub fn settle<S: SharedStore + ?Sized>(
             max_agents,
         );
     }
-    if let Some(id) = &ticket.reservation {
-        let caller = Caller {
-            tenant: ticket.tenant,
-            session: ticket.session.clone(),
-            agent: ticket.agent.clone(),
-            parent: None,
-        };
-        let plan = remote::plan(
-            cfg,
-            policy_of(cfg, ticket.policy)?,
-            &caller,
-            ticket.opened_ms / 1000,
-        );
+    if let Some(held) = &ticket.reservation {
         return Ok(Settled {
             remote: Some(remote::settlement(
                 cfg,
                 ticket,
-                id,
+                &held.id,
                 outcome.cost,
                 outcome.unconfirmed,
-                plan,
+                held.plan.clone(),
             )),
             ..Settled::default()
         });

@@ -23,7 +23,7 @@ use crate::core::window::{day_index, month_index};
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "f4eabb1b28e8c29bf2e02da0d39c7ae2bab94a67";
+pub const SCRIPT_SHA1: &str = "3a3ff70ef6dded4a60296b13dd8ef86ed39e282b";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -44,21 +44,38 @@ pub fn load_path(prefix: &str) -> String {
     format!("{prefix}/SCRIPT/LOAD")
 }
 
-/// A key part that cannot run into the next one: its length, then itself.
-fn part(s: &str) -> String {
-    format!("{}:{s}", s.len())
+// Every key the Redis ledger uses is built here. A tenant id is written with its
+// length first, so no tenant and session pair can run into another.
+
+/// The keys of a tenant's session hashes: this, then the session id.
+pub fn session_prefix(tenant: &str) -> String {
+    format!("pag0:s:{}:{tenant}:", tenant.len())
 }
 
 pub fn session_key(tenant: &str, session: &str) -> String {
-    format!("pag0:s:{}:{}", part(tenant), session)
+    session_prefix(tenant) + session
 }
 
-fn day_key(tenant: &str, now_secs: u64) -> String {
-    format!("pag0:d:{}:{}", part(tenant), day_index(now_secs))
+/// The keys of a tenant's report lists: this, then the session id.
+pub fn report_prefix(tenant: &str) -> String {
+    format!("pag0:rep:{}:{tenant}:", tenant.len())
 }
 
-fn month_key(tenant: &str, now_secs: u64) -> String {
-    format!("pag0:m:{}:{}", part(tenant), month_index(now_secs))
+pub fn report_key(tenant: &str, session: &str) -> String {
+    report_prefix(tenant) + session
+}
+
+/// A tenant's sessions by last reservation (the report's session list).
+pub fn index_key(tenant: &str) -> String {
+    format!("pag0:ss:{}:{tenant}", tenant.len())
+}
+
+pub fn day_key(tenant: &str, now_secs: u64) -> String {
+    format!("pag0:d:{}:{tenant}:{}", tenant.len(), day_index(now_secs))
+}
+
+pub fn month_key(tenant: &str, now_secs: u64) -> String {
+    format!("pag0:m:{}:{tenant}:{}", tenant.len(), month_index(now_secs))
 }
 
 /// The amount at which `reaches(used, limit, ppm)` starts to hold.
@@ -106,7 +123,7 @@ impl ScopeSpec {
 
 /// The scopes of a call, most specific first (agent, session, day, month): the order
 /// in which a refusal names the narrowest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     pub session_key: String,
     pub session_id: String,
@@ -174,7 +191,7 @@ pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Pl
     Plan {
         session_key,
         session_id: caller.session.clone(),
-        index_key: crate::core::ledger::remote_report::index_key(tenant),
+        index_key: index_key(tenant),
         scopes,
         session_index,
         kill_at,
@@ -361,6 +378,14 @@ fn alerts(plan: &Plan, agent: &str, raised: &[Value]) -> Vec<(usize, ScopeAlert)
             ))
         })
         .collect()
+}
+
+/// A reservation a ticket holds in Redis: its id, and the scopes it counts in (which
+/// name the alerts its settlement raises).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: String,
+    pub plan: Plan,
 }
 
 /// A reservation Redis made.
@@ -573,32 +598,6 @@ pub fn read_kills(answer: &Value) -> (u64, Vec<KillChange>) {
     let mut changes = changes;
     changes.sort_by_key(|c| c.seq);
     (seq, changes)
-}
-
-/// Figures of a session's scopes for the report: spent, reserved, unconfirmed, expired.
-pub fn view_body(plan: &Plan) -> String {
-    json!({
-        "op": "view",
-        "session": plan.session_key,
-        "scopes": plan.scopes.iter().map(ScopeSpec::to_json).collect::<Vec<_>>(),
-    })
-    .to_string()
-}
-
-/// Per scope of the plan: (spent, reserved, unconfirmed, expired); and the kill reason.
-pub fn read_view(answer: &Value) -> (Vec<[Amount; 4]>, Option<String>) {
-    let figures = list(answer.get("v"))
-        .iter()
-        .map(|f| {
-            let f = list(Some(f));
-            [0, 1, 2, 3].map(|i| f.get(i).map_or(0, num))
-        })
-        .collect();
-    let killed = answer
-        .get("killed")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    (figures, killed)
 }
 
 /// A reservation id unique across Envoys and restarts: the VM's random nonce and its

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use crate::core::amount::Amount;
 use crate::core::base64;
 use crate::core::ledger::budget::{BudgetAgent, BudgetRecord, Owner, NO_AGENT};
-use crate::core::ledger::remote::session_key;
+use crate::core::ledger::remote::{
+    day_key, index_key, month_key, report_key, report_prefix, session_key, session_prefix,
+};
 use crate::core::ledger::report::ReportRecord;
 use crate::core::ledger::windows::{WindowCounter, WindowOwner, WindowsRecord};
 use crate::core::window::{day_index, month_index};
@@ -20,26 +22,6 @@ use crate::core::window::{day_index, month_index};
 pub const COMPACT_AT: u64 = 256;
 /// How long a session's report list is kept after its last push.
 pub const REPORT_EXPIRE_SECS: u64 = 30 * 86_400;
-
-fn part(s: &str) -> String {
-    format!("{}:{s}", s.len())
-}
-
-pub fn report_key(tenant: &str, session: &str) -> String {
-    format!("pag0:rep:{}:{}", part(tenant), session)
-}
-
-pub fn index_key(tenant: &str) -> String {
-    format!("pag0:ss:{}", part(tenant))
-}
-
-pub fn day_key(tenant: &str, now_secs: u64) -> String {
-    format!("pag0:d:{}:{}", part(tenant), day_index(now_secs))
-}
-
-pub fn month_key(tenant: &str, now_secs: u64) -> String {
-    format!("pag0:m:{}:{}", part(tenant), month_index(now_secs))
-}
 
 /// One list entry: when it was flushed, and the counts.
 pub fn entry(now_secs: u64, delta: &ReportRecord) -> String {
@@ -98,8 +80,8 @@ pub fn list_body(tenant: &str, n: usize, now_secs: u64) -> String {
         "op": "list",
         "index": index_key(tenant),
         "n": n,
-        "sp": format!("pag0:s:{}:", part(tenant)),
-        "rp": format!("pag0:rep:{}:", part(tenant)),
+        "sp": session_prefix(tenant),
+        "rp": report_prefix(tenant),
         "day": day_key(tenant, now_secs),
         "month": month_key(tenant, now_secs),
     })

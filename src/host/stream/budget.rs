@@ -215,13 +215,9 @@ const RIDERS: usize = 32;
 
 /// Refuses with `LEDGER_UNAVAILABLE`; the reservation, if Redis made it after all, is
 /// given back (and the settlements it carried go back to the queue).
-fn unavailable(stream: &Stream, mut wait: Box<ReserveWait>, why: &str) {
-    let cfg = &stream.config;
-    remote_ledger::requeue(std::mem::take(&mut wait.riders));
-    let t = &wait.ticket;
-    remote_ledger::release(cfg, &wait.id, t.tenant, &t.session, &t.agent);
+fn unavailable(stream: &Stream, wait: Box<ReserveWait>, why: &str) {
+    give_back(stream, wait);
     metrics::add("pag0.ledger.redis_unavailable", 1);
-    breaker::settle_spend(stream, 0);
     let (caller, call) = {
         let s = stream.state.borrow();
         (s.caller.clone(), s.call.clone())
@@ -307,7 +303,7 @@ pub fn on_reserved(
     match remote::read_reserve(&plan, &caller.agent, ticket.price, &answer) {
         Ok(reserved) => {
             ticket.price = reserved.amount;
-            ticket.reservation = Some(id);
+            ticket.reservation = Some(Box::new(remote::Reservation { id, plan }));
             admitted_with(stream, &caller, &call, ticket, reserved.view);
             match then {
                 AfterReserve::Gate => super::gate::after_admit(d, stream),
@@ -439,7 +435,7 @@ pub fn settle(stream: &Stream, outcome: &Outcome) -> u64 {
         (s.ticket.take(), s.metric_ids.take())
     };
     let Some(ticket) = ticket else { return 0 };
-    stream.state.borrow_mut().reservation = ticket.reservation.clone();
+    stream.state.borrow_mut().reservation = ticket.reservation.as_ref().map(|r| r.id.clone());
     breaker::settle_spend(stream, outcome.cost);
     let cfg = &stream.config;
     let settled = vm::with(|vm| {
