@@ -11,6 +11,8 @@ fi
 if command -v envoy >/dev/null 2>&1; then
   command -v envoy; exit 0
 fi
+source "$root/scripts/lib/install-lock.sh"
+install_lock "$root" envoy
 dest="$root/.tools/envoy-$ENVOY_VERSION"
 bin="$dest/envoy/_bin/envoy"
 if [[ ! -x "$bin" ]]; then

@@ -5,9 +5,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv-llm"
+source "$root/scripts/lib/install-lock.sh"
+install_lock "$root" llm-venv
 stamp="$venv/.pag0-installed-v2"
 if [[ ! -f "$stamp" ]]; then
-  python3 -m venv "$venv" >&2
+  python3 -m venv --clear "$venv" >&2
   "$venv/bin/pip" install --quiet 'anthropic==2.14.0' 'openai==3.57.0' 'h2==4.1.0' >&2
   touch "$stamp"
 fi

@@ -3,7 +3,10 @@
 # demo/x402/v1/package-lock.json) into demo/x402/v1/node_modules (git-ignored), with
 # Node.js from Debian when the machine has none. Prints the node binary.
 set -euo pipefail
-dir="$(cd "$(dirname "$0")/.." && pwd)/demo/x402/v1"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dir="$root/demo/x402/v1"
+source "$root/scripts/lib/install-lock.sh"
+install_lock "$root" x402-npm
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq nodejs npm >&2
