@@ -23,8 +23,13 @@ const TIMEOUT_MS: u64 = 300;
 const RELAXED_TIMEOUT_MS: u64 = 2000;
 
 fn plugin(session_budget: u64, daily_budget: u64) -> String {
+    plugin_with(session_budget, daily_budget, "")
+}
+
+/// `extra`: more top-level settings, each followed by a comma.
+fn plugin_with(session_budget: u64, daily_budget: u64, extra: &str) -> String {
     format!(
-        r#"{{"tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
+        r#"{{{extra}"tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
   "admin": {{"apiKeySha256": "{}"}},
   "policies": {{"p": {{"sessionBudget": "{session_budget}", "dailyBudget": "{daily_budget}",
     "agents": {{"capped-*": {{"agentBudget": "{}"}}}}}}}}}}"#,
@@ -203,7 +208,12 @@ fn three_envoys_share_one_tenants_daily_budget_exactly() {
 fn a_kill_on_one_envoy_refuses_the_sessions_next_call_on_another() {
     let redis = LedgerRedis::start();
     let up = Upstream::start();
-    let envoys = start_envoys(2, &config(100 * PRICE, 1_000 * PRICE), &up, &redis, 600);
+    let alerts = r#""alerts": {"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000},"#;
+    let cfg = EnvoyConfig::new(
+        &plugin_with(100 * PRICE, 1_000 * PRICE, alerts),
+        config(0, 0).routes,
+    );
+    let envoys = start_envoys(2, &cfg, &up, &redis, 600);
     let session = unique("killed");
     let headers = agent_headers("key", &session, "worker-1");
     let (mut a, mut b) = (Client::new(envoys[0].port), Client::new(envoys[1].port));
@@ -257,6 +267,45 @@ fn a_kill_on_one_envoy_refuses_the_sessions_next_call_on_another() {
         String::from_utf8_lossy(&resume.body)
     );
     assert_eq!(a.get("api.paid.test", "/x", &headers).status, 200);
+    // Two operators kill another session at the same moment, one through A and one
+    // through B, before either Envoy's poll can have seen the other's: both answer 200,
+    // and the cluster raises one kill alert, from whichever kill Redis applied first.
+    let other = unique("killed-twice");
+    assert_eq!(
+        a.get("api.paid.test", "/x", &agent_headers("key", &other, "w"))
+            .status,
+        200
+    );
+    let kill_on = |port: u16| {
+        let path = format!("/_pag0/v1/sessions/{other}/kill");
+        std::thread::spawn(move || {
+            Client::new(port).send(
+                "POST",
+                "api.free.test",
+                &path,
+                &[("x-pag0-admin-key", "admin")],
+                b"",
+            )
+        })
+    };
+    let kills = [kill_on(envoys[0].port), kill_on(envoys[1].port)];
+    for kill in kills {
+        let kill = kill.join().unwrap();
+        assert_eq!(kill.status, 200, "{}", String::from_utf8_lossy(&kill.body));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut kill_alerts: Vec<String> = up
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/_demo/alerts")
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+        .filter(|a| a["type"] == "kill_switch" && a["reason"] == "manual")
+        .map(|a| a["session"].as_str().unwrap().to_string())
+        .collect();
+    kill_alerts.sort();
+    let mut expected = vec![session.clone(), other.clone()];
+    expected.sort();
+    assert_eq!(kill_alerts, expected, "one kill alert per session");
 }
 
 #[test]

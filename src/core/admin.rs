@@ -198,7 +198,22 @@ pub fn handle<S: SharedStore + ?Sized>(
     tenant_param: Option<&str>,
     now: u64,
 ) -> AdminResponse {
-    match handle_inner(cfg, store, access, route, tenant_param, now) {
+    handle_after_ledger(cfg, store, access, route, tenant_param, now, None)
+}
+
+/// [`handle`] for a kill or resume the Redis ledger has already applied: `was_killed` is
+/// what Redis held before, so the kill alert is raised once for the whole cluster (this
+/// Envoy's copy of the switch may not have seen another replica's change yet).
+pub fn handle_after_ledger<S: SharedStore + ?Sized>(
+    cfg: &Config,
+    store: &S,
+    access: Access,
+    route: &AdminRoute,
+    tenant_param: Option<&str>,
+    now: u64,
+    was_killed: Option<bool>,
+) -> AdminResponse {
+    match handle_inner(cfg, store, access, route, tenant_param, now, was_killed) {
         Ok(response) => response,
         Err(refusal) => AdminResponse::refusal(&refusal),
     }
@@ -352,6 +367,7 @@ fn handle_inner<S: SharedStore + ?Sized>(
     route: &AdminRoute,
     tenant_param: Option<&str>,
     now: u64,
+    ledger_was_killed: Option<bool>,
 ) -> Result<AdminResponse, Refusal> {
     let tenant_index = tenant_of(cfg, access, tenant_param)?;
     let tenant = cfg
@@ -447,7 +463,7 @@ fn handle_inner<S: SharedStore + ?Sized>(
                 200,
                 json!({"sessionId": id, "tenant": tenant, "killed": record.killed}),
             );
-            if kill && !was_killed {
+            if kill && !ledger_was_killed.unwrap_or(was_killed) {
                 response.alerts.push(Alert {
                     tenant: tenant.clone(),
                     session: id.clone(),

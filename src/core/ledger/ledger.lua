@@ -253,6 +253,8 @@ end
 
 local function kill()
   local session = req.session
+  -- What the switch was: the kill alert is raised by the call that turns it on.
+  local was = redis.call('HEXISTS', session, 'killed') == 1
   if req.on then
     redis.call('HSET', session, 'killed', req.reason or 'manual')
   else
@@ -265,7 +267,7 @@ local function kill()
   redis.call('ZADD', 'pag0:kills', fmt(seq),
     cjson.encode({ n = fmt(seq), t = req.tenant, s = req.sid, on = req.on, reason = req.reason, at = fmt(now_ms()) }))
   redis.call('ZREMRANGEBYRANK', 'pag0:kills', 0, -10001)
-  return ({ seq = fmt(seq) })
+  return ({ seq = fmt(seq), was = was })
 end
 
 -- Changes after `since`; with `since` below 0 (a VM's first poll), the newest 256.

@@ -78,7 +78,7 @@ pub fn serve(
             }
         }
     }
-    after_remote(d, stream, route, access, tenant, path)
+    after_remote(d, stream, route, access, tenant, path, None)
 }
 
 /// A kill or resume through the Redis ledger, waiting for Redis.
@@ -174,7 +174,18 @@ pub fn on_remote_answer(
             }
             send(stream, response)
         }
-        Ok(_) => after_remote(d, stream, wait.route, wait.access, wait.tenant, &wait.path),
+        Ok(answer) => {
+            let was_killed = answer.get("was").and_then(serde_json::Value::as_bool);
+            after_remote(
+                d,
+                stream,
+                wait.route,
+                wait.access,
+                wait.tenant,
+                &wait.path,
+                was_killed,
+            )
+        }
         Err(remote::Fault::NoScript) if !wait.loaded => {
             wait.loaded = true;
             resend(
@@ -233,6 +244,7 @@ fn after_remote(
     access: Access,
     tenant: Option<String>,
     path: &[u8],
+    ledger_was_killed: Option<bool>,
 ) -> Step {
     let cfg = &stream.config;
     let now = now_millis();
@@ -240,13 +252,14 @@ fn after_remote(
     // it saw (free calls and cache hits take the switch from them): once the API
     // answers, the switch is in force on every worker. Reports flush first, then read.
     let then = if matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
-        let response = admin::handle(
+        let response = admin::handle_after_ledger(
             cfg,
             &HostStore,
             access,
             &route,
             tenant.as_deref(),
             now / 1000,
+            ledger_was_killed,
         );
         if response.status != 200 {
             return send(stream, response);
