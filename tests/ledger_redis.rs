@@ -294,18 +294,129 @@ fn a_kill_on_one_envoy_refuses_the_sessions_next_call_on_another() {
         assert_eq!(kill.status, 200, "{}", String::from_utf8_lossy(&kill.body));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let mut kill_alerts: Vec<String> = up
-        .seen()
+    let mut kill_alerts: Vec<String> = alerts_of(&up, "kill_switch")
         .into_iter()
-        .filter(|r| r.path == "/_demo/alerts")
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
-        .filter(|a| a["type"] == "kill_switch" && a["reason"] == "manual")
+        .filter(|a| a["reason"] == "manual")
         .map(|a| a["session"].as_str().unwrap().to_string())
         .collect();
     kill_alerts.sort();
     let mut expected = vec![session.clone(), other.clone()];
     expected.sort();
     assert_eq!(kill_alerts, expected, "one kill alert per session");
+}
+
+/// The webhook alerts the upstream (as the alert endpoint) received, of one type.
+fn alerts_of(up: &Upstream, kind: &str) -> Vec<serde_json::Value> {
+    up.seen()
+        .into_iter()
+        .filter(|r| r.path == "/_demo/alerts")
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+        .filter(|a| a["type"] == kind)
+        .collect()
+}
+
+#[test]
+fn spend_rates_hold_across_envoys_and_trip_once_for_the_cluster() {
+    let redis = LedgerRedis::start();
+    let up = Upstream::start();
+    // The session may spend 10 calls' worth a minute; hasty-* agents 2, and a hasty
+    // agent's trip kills the session. Budgets alone would allow 1000.
+    let plugin = format!(
+        r#"{{"alerts": {{"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000}},
+  "tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
+  "admin": {{"apiKeySha256": "{}"}},
+  "policies": {{"p": {{"sessionBudget": "{}",
+    "spendRate": {{"limit": "{}", "windowSeconds": 60}},
+    "agents": {{"hasty-*": {{"spendRate": {{"limit": "{}", "windowSeconds": 60, "killSession": true}}}}}}}}}}}}"#,
+        sha256_hex(b"key"),
+        sha256_hex(b"admin"),
+        1_000 * PRICE,
+        10 * PRICE,
+        2 * PRICE
+    );
+    let cfg = EnvoyConfig::new(&plugin, config(0, 0).routes);
+    let envoys = start_envoys(2, &cfg, &up, &redis, 600);
+    let ports: Vec<u16> = envoys.iter().map(|e| e.port).collect();
+    let session = unique("rate");
+    // A failed call is not charged and gives its count back to the window.
+    let failed = Client::new(ports[0]).get(
+        "api.paid.test",
+        "/status/500/x",
+        &agent_headers("key", &session, "worker-0"),
+    );
+    assert_eq!((failed.status, failed.cost()), (500, 0));
+    // 40 calls at once, half on each Envoy: exactly 10 fit the session's window.
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let (port, session) = (ports[i % 2], session.clone());
+            std::thread::spawn(move || {
+                let agent = format!("worker-{i}");
+                let r = Client::new(port).get(
+                    "api.paid.test",
+                    "/x",
+                    &agent_headers("key", &session, &agent),
+                );
+                let retry = r.header("retry-after").map(str::to_string);
+                (r.status, r.error_code(), retry, r.cost())
+            })
+        })
+        .collect();
+    let results: Vec<_> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 10);
+    for (status, code, retry, cost) in results.iter().filter(|r| r.0 != 200) {
+        assert_eq!(
+            (*status, code.as_deref(), *cost),
+            (429, Some("SPEND_RATE_EXCEEDED"), 0)
+        );
+        let retry: u64 = retry.as_deref().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    }
+    let charged: u64 = results.iter().map(|r| r.3).sum();
+    assert_eq!(charged, 10 * PRICE);
+    settled(&redis, &session_key(&session));
+    assert_eq!(field(&redis, &session_key(&session), "spent"), charged);
+
+    // An agent's window, with killSession: its trip on one Envoy kills the session for
+    // every Envoy (Redis applies it in the same script call).
+    let other = unique("rate-kill");
+    let hasty = agent_headers("key", &other, "hasty-1");
+    let (mut a, mut b) = (Client::new(ports[0]), Client::new(ports[1]));
+    assert_eq!(a.get("api.paid.test", "/x", &hasty).status, 200);
+    assert_eq!(b.get("api.paid.test", "/x", &hasty).status, 200);
+    let tripped = a.get("api.paid.test", "/x", &hasty);
+    assert_eq!(tripped.status, 429);
+    assert_eq!(tripped.error_code().as_deref(), Some("SPEND_RATE_EXCEEDED"));
+    let calm = b.get(
+        "api.paid.test",
+        "/x",
+        &agent_headers("key", &other, "calm-1"),
+    );
+    assert_eq!(calm.status, 403);
+    assert_eq!(calm.error_code().as_deref(), Some("KILL_SWITCH_ACTIVE"));
+    assert_eq!(
+        redis.cli(&["HGET", &session_key(&other), "killed"]).trim(),
+        "breaker"
+    );
+    // One alert per window for the cluster: the session's trip and the agent's.
+    std::thread::sleep(Duration::from_millis(1500));
+    let trips = alerts_of(&up, "breaker_tripped");
+    let mut scopes: Vec<(String, String)> = trips
+        .iter()
+        .map(|t| {
+            assert_eq!(t["breaker"], "spendRate");
+            (
+                t["session"].as_str().unwrap().to_string(),
+                t["scope"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    scopes.sort();
+    let mut expected = vec![
+        (session.clone(), "session".to_string()),
+        (other.clone(), "agent".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(scopes, expected, "{trips:?}");
 }
 
 #[test]

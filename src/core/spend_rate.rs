@@ -27,7 +27,7 @@ pub struct RateRule {
 }
 
 impl RateRule {
-    fn slice_seconds(&self) -> u32 {
+    pub fn slice_seconds(&self) -> u32 {
         (self.window_seconds / SLICES as u32).max(1)
     }
 }
@@ -298,7 +298,14 @@ pub fn give_back<S: SharedStore + ?Sized>(
     })
 }
 
-fn refusal(rule: &RateRule, spent: u64, price: u64, retry: u64, scope: &'static str) -> Refusal {
+/// `SPEND_RATE_EXCEEDED`, with when to retry (the Redis ledger's refusals too).
+pub fn refusal(
+    rule: &RateRule,
+    spent: u64,
+    price: u64,
+    retry: u64,
+    scope: &'static str,
+) -> Refusal {
     Refusal::new(
         ErrorCode::SpendRateExceeded,
         format!(

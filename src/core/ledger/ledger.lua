@@ -11,6 +11,8 @@
 --                 scopes as JSON, while held), cost; kept 10 minutes after it ends.
 --   pag0:exp      reservations by deadline (ms, Redis's clock).
 --   pag0:kills    kill switch changes by sequence number, for every Envoy to poll.
+--   rate hashes   a spend-rate window (session or agent): slice start (s) -> amount
+--                 counted in that slice, and `alerted` (when its last trip alert went).
 --   report lists  each VM's report counts of a session, appended at its flush (merged
 --                 by whoever reads them, and compacted into one entry by that reader).
 --   session index a tenant's sessions by last reservation (the report's session list).
@@ -79,11 +81,82 @@ local function charge(r, cost, counter)
 end
 
 local function load(id)
-  local fields = redis.call('HMGET', 'pag0:r:' .. id, 'st', 'amount', 'sc')
+  local fields = redis.call('HMGET', 'pag0:r:' .. id, 'st', 'amount', 'sc', 'rt')
   if not fields[1] then
     return nil
   end
-  return { st = fields[1], amount = tonumber(fields[2]) or 0, sc = cjson.decode(fields[3] or '[]') }
+  return {
+    st = fields[1],
+    amount = tonumber(fields[2]) or 0,
+    sc = cjson.decode(fields[3] or '[]'),
+    rt = cjson.decode(fields[4] or '[]'),
+  }
+end
+
+-- A spend-rate window's live slices (start, amount), their sum and when it last
+-- alerted; slices that slid out are removed.
+local function rate_window(rt, now_s)
+  local fields = redis.call('HGETALL', rt.k)
+  local live, sum, alerted = {}, 0, 0
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], tonumber(fields[i + 1]) or 0
+    if name == 'alerted' then
+      alerted = value
+    else
+      local start = tonumber(name) or 0
+      if value > 0 and now_s - start < rt.w then
+        table.insert(live, { start, value })
+        sum = sum + value
+      else
+        redis.call('HDEL', rt.k, name)
+      end
+    end
+  end
+  return live, sum, alerted
+end
+
+-- Seconds until enough of the window has slid out for `amount` to fit.
+local function rate_retry(live, sum, rt, amount, now_s)
+  table.sort(live, function(a, b) return a[1] < b[1] end)
+  for _, slice in ipairs(live) do
+    sum = sum - slice[2]
+    if sum + amount <= rt.l then
+      return math.max(slice[1] + rt.w - now_s, 1)
+    end
+  end
+  return rt.w
+end
+
+-- What a reservation counted in spend-rate windows and did not cost goes back to the
+-- slice it was counted in (if that slice is still in its window).
+local function rate_back(r, cost)
+  local back = r.amount - cost
+  if back <= 0 then
+    return
+  end
+  for _, c in ipairs(r.rt) do
+    local counted = tonumber(redis.call('HGET', c.k, c.s) or '0') or 0
+    if counted > 0 then
+      redis.call('HSET', c.k, c.s, fmt(math.max(counted - back, 0)))
+    end
+  end
+end
+
+-- Turns a session's kill switch on or off and logs the change for every Envoy's poll.
+local function switch(session, tenant, sid, on, reason, expire)
+  if on then
+    redis.call('HSET', session, 'killed', reason or 'manual')
+  else
+    redis.call('HDEL', session, 'killed')
+  end
+  if expire then
+    redis.call('EXPIRE', session, fmt(expire))
+  end
+  local seq = redis.call('INCR', 'pag0:killseq')
+  redis.call('ZADD', 'pag0:kills', fmt(seq),
+    cjson.encode({ n = fmt(seq), t = tenant, s = sid, on = on, reason = reason, at = fmt(now_ms()) }))
+  redis.call('ZREMRANGEBYRANK', 'pag0:kills', 0, -10001)
+  return seq
 end
 
 -- Ends a reservation: its state and what it was charged, kept for audits (a day).
@@ -91,7 +164,7 @@ local function finish(id, st, cost)
   redis.call('HSET', 'pag0:r:' .. id, 'st', st, 'cost', fmt(cost))
   if st ~= 'expired' then
     -- An expired one keeps its scopes: a late settlement charges what the call cost.
-    redis.call('HDEL', 'pag0:r:' .. id, 'sc')
+    redis.call('HDEL', 'pag0:r:' .. id, 'sc', 'rt')
   end
   redis.call('PEXPIRE', 'pag0:r:' .. id, RETAIN_MS)
   redis.call('ZREM', 'pag0:exp', id)
@@ -131,6 +204,7 @@ local function apply_items(items)
       status = 'unknown'
     elseif r.st == 'held' then
       charge(r, item.cost, item.u and 'unconf' or nil)
+      rate_back(r, item.cost)
       if item.cost > 0 then
         spend_alerts(r.sc, alerts, fmt(n - 1))
       end
@@ -139,6 +213,7 @@ local function apply_items(items)
     elseif r.st == 'expired' then
       -- Charged in full when it expired; the call did end after all: charge what it
       -- really cost instead.
+      rate_back(r, item.cost)
       for _, sc in ipairs(r.sc) do
         incr(sc.k, sc.f .. 'spent', item.cost - r.amount)
         incr(sc.k, sc.f .. 'expired', -r.amount)
@@ -192,11 +267,39 @@ local function reserve_one(now)
     end
     return ({ ok = false, code = 'KILL_SWITCH_ACTIVE', reason = 'threshold', v = view, alerts = alerts })
   end
-  -- As much of the price as every scope leaves, down to the least the call may cost.
+  -- As much of the price as every scope and spend-rate window leaves, down to the
+  -- least the call may cost.
   local amount = req.price
   for i, sc in ipairs(scopes) do
     if sc.l then
       amount = math.min(amount, math.max(sc.l - spent[i] - reserved[i], req.min))
+    end
+  end
+  local now_s = math.floor(now / 1000)
+  local rates, windows = req.rates or {}, {}
+  for j, rt in ipairs(rates) do
+    local live, sum, alerted = rate_window(rt, now_s)
+    windows[j] = { live = live, sum = sum, alerted = alerted }
+    amount = math.min(amount, math.max(rt.l - sum, req.min))
+  end
+  -- The spend-rate breakers first, as a single Envoy checks them at admission.
+  for j, rt in ipairs(rates) do
+    local w = windows[j]
+    if w.sum + amount > rt.l then
+      -- The first refusal of a window alerts (and, with killSession, kills).
+      local alert = w.alerted == 0 or now_s - w.alerted >= rt.w
+      if alert then
+        redis.call('HSET', rt.k, 'alerted', fmt(math.max(now_s, 1)))
+        redis.call('EXPIRE', rt.k, fmt(rt.w + rt.s))
+        if rt.kill then
+          switch(req.session, req.tenant, req.sid, true, 'breaker', req.x)
+        end
+      end
+      return ({
+        ok = false, code = 'SPEND_RATE_EXCEEDED', ri = fmt(j - 1), spent = fmt(w.sum),
+        requested = fmt(amount), retry = fmt(rate_retry(w.live, w.sum, rt, amount, now_s)),
+        alert = alert, v = view,
+      })
     end
   end
   for i, sc in ipairs(scopes) do
@@ -233,6 +336,16 @@ local function reserve_one(now)
   end
   -- Held without an expiry of its own: only a sweep (or a settlement) ends it.
   redis.call('HSET', key, 'st', 'held', 'amount', fmt(amount), 'sc', cjson.encode(held))
+  if #rates > 0 then
+    local counted = {}
+    for j, rt in ipairs(rates) do
+      local slice = fmt(now_s - now_s % rt.s)
+      redis.call('HINCRBY', rt.k, slice, fmt(amount))
+      redis.call('EXPIRE', rt.k, fmt(rt.w + rt.s))
+      counted[j] = { k = rt.k, s = slice }
+    end
+    redis.call('HSET', key, 'rt', cjson.encode(counted))
+  end
   redis.call('ZADD', 'pag0:exp', fmt(now + req.ttl), id)
   return ({ ok = true, amount = fmt(amount), v = view })
 end
@@ -252,21 +365,9 @@ local function reserve()
 end
 
 local function kill()
-  local session = req.session
   -- What the switch was: the kill alert is raised by the call that turns it on.
-  local was = redis.call('HEXISTS', session, 'killed') == 1
-  if req.on then
-    redis.call('HSET', session, 'killed', req.reason or 'manual')
-  else
-    redis.call('HDEL', session, 'killed')
-  end
-  if req.x then
-    redis.call('EXPIRE', session, fmt(req.x))
-  end
-  local seq = redis.call('INCR', 'pag0:killseq')
-  redis.call('ZADD', 'pag0:kills', fmt(seq),
-    cjson.encode({ n = fmt(seq), t = req.tenant, s = req.sid, on = req.on, reason = req.reason, at = fmt(now_ms()) }))
-  redis.call('ZREMRANGEBYRANK', 'pag0:kills', 0, -10001)
+  local was = redis.call('HEXISTS', req.session, 'killed') == 1
+  local seq = switch(req.session, req.tenant, req.sid, req.on, req.reason, req.x)
   return ({ seq = fmt(seq), was = was })
 end
 

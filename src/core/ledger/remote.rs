@@ -18,12 +18,13 @@ use crate::core::errors::{BudgetDetails, ErrorCode, Refusal, Scope};
 use crate::core::headers::{BudgetView, ScopeState};
 use crate::core::ledger::Ticket;
 use crate::core::policy::Policy;
+use crate::core::spend_rate::{self, RateRule};
 use crate::core::window::{day_index, month_index};
 
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "6c5db98be34fa0c2b0122cf221681b4e3b514f58";
+pub const SCRIPT_SHA1: &str = "a27a2b3be5e6a3c01f0d1db3ef5edcc82b3b6e7a";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -78,6 +79,19 @@ pub fn month_key(tenant: &str, now_secs: u64) -> String {
     format!("pag0:m:{}:{tenant}:{}", tenant.len(), month_index(now_secs))
 }
 
+/// A spend-rate window in Redis: the session's, or an agent's within the session.
+pub fn rate_key(tenant: &str, session: &str, agent: Option<&str>) -> String {
+    let key = format!(
+        "pag0:q:{}:{tenant}:{}:{session}",
+        tenant.len(),
+        session.len()
+    );
+    match agent {
+        Some(agent) => key + ":a:" + agent,
+        None => key,
+    }
+}
+
 /// The amount at which `reaches(used, limit, ppm)` starts to hold.
 fn threshold(limit: Amount, ppm: u64) -> Amount {
     let product = u128::from(limit) * u128::from(ppm);
@@ -121,6 +135,35 @@ impl ScopeSpec {
     }
 }
 
+/// A spend-rate breaker a reservation counts in, cluster-wide (`spendRate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateSpec {
+    pub key: String,
+    /// The agent whose rule it is; `None` for the session's.
+    pub agent: Option<String>,
+    pub rule: RateRule,
+}
+
+impl RateSpec {
+    fn scope(&self) -> &'static str {
+        if self.agent.is_some() {
+            "agent"
+        } else {
+            "session"
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "k": self.key,
+            "l": self.rule.limit,
+            "w": self.rule.window_seconds.max(1),
+            "s": self.rule.slice_seconds(),
+            "kill": self.rule.kill_session,
+        })
+    }
+}
+
 /// The scopes of a call, most specific first (agent, session, day, month): the order
 /// in which a refusal names the narrowest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -135,6 +178,9 @@ pub struct Plan {
     /// The session's use at which the kill switch threshold stops priced calls.
     pub kill_at: Option<Amount>,
     pub alert_ppm: Option<u64>,
+    /// The spend-rate breakers (session's, then the agent's), counted in Redis.
+    pub rates: Vec<RateSpec>,
+    pub tenant: String,
 }
 
 /// Everything a priced call of `caller` counts against.
@@ -188,6 +234,21 @@ pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Pl
             expire_secs: MONTH_EXPIRE_SECS,
         });
     }
+    let agent_rate = policy
+        .agent_rule(&caller.agent)
+        .and_then(|r| r.spend_rate)
+        .map(|rule| (rule, Some(caller.agent.as_str())));
+    let rates = policy
+        .spend_rate
+        .map(|rule| (rule, None))
+        .into_iter()
+        .chain(agent_rate)
+        .map(|(rule, agent)| RateSpec {
+            key: rate_key(tenant, &caller.session, agent),
+            agent: agent.map(str::to_string),
+            rule,
+        })
+        .collect();
     Plan {
         session_key,
         session_id: caller.session.clone(),
@@ -196,6 +257,8 @@ pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Pl
         session_index,
         kill_at,
         alert_ppm: policy.alert_ppm,
+        rates,
+        tenant: tenant.to_string(),
     }
 }
 
@@ -225,6 +288,13 @@ pub fn reserve_body(
     if let Some(map) = v.as_object_mut() {
         if let Some(at) = plan.kill_at {
             map.insert("killAt".into(), json!(at));
+        }
+        if !plan.rates.is_empty() {
+            map.insert(
+                "rates".into(),
+                Value::Array(plan.rates.iter().map(RateSpec::to_json).collect()),
+            );
+            map.insert("tenant".into(), json!(plan.tenant));
         }
         if !riders.is_empty() {
             map.insert(
@@ -401,6 +471,16 @@ pub struct Denied {
     pub refusal: Refusal,
     pub view: BudgetView,
     pub alerts: Vec<ScopeAlert>,
+    /// A spend-rate breaker's first refusal in its window: the one that sends its
+    /// webhook alert (and whose `killSession` Redis has applied).
+    pub rate_trip: Option<RateTrip>,
+}
+
+/// The first refusal of a spend-rate window, cluster-wide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateTrip {
+    pub rate: RateSpec,
+    pub spent: Amount,
 }
 
 /// Reads the reserve script's answer.
@@ -423,11 +503,34 @@ pub fn read_reserve(
         .map(|(_, a)| a)
         .collect();
     let code = answer.get("code").and_then(Value::as_str).unwrap_or("");
+    let mut rate_trip = None;
     let refusal = match code {
         // The id was already used (released before this reserve arrived): not this
         // call's reservation, and not to be released by it.
         "DUPLICATE" => unavailable("the reservation id was already used")
             .with_fields(vec![("reason", "duplicate".to_string())]),
+        "SPEND_RATE_EXCEEDED" => {
+            let index = answer.get("ri").map_or(usize::MAX, |v| num(v) as usize);
+            match plan.rates.get(index) {
+                Some(rate) => {
+                    let spent = answer.get("spent").map_or(0, num);
+                    if answer.get("alert") == Some(&Value::Bool(true)) {
+                        rate_trip = Some(RateTrip {
+                            rate: rate.clone(),
+                            spent,
+                        });
+                    }
+                    spend_rate::refusal(
+                        &rate.rule,
+                        spent,
+                        answer.get("requested").map_or(price, num),
+                        answer.get("retry").map_or(1, num),
+                        rate.scope(),
+                    )
+                }
+                None => unavailable("the ledger refused with an unknown spend rate"),
+            }
+        }
         "KILL_SWITCH_ACTIVE" => {
             let reason = answer
                 .get("reason")
@@ -474,6 +577,7 @@ pub fn read_reserve(
         refusal,
         view,
         alerts: raised,
+        rate_trip,
     }))
 }
 
@@ -713,6 +817,48 @@ mod tests {
         assert_eq!(body["scopes"][0]["l"], 300);
         assert_eq!(body["scopes"][0]["c"], "AGENT_BUDGET_EXCEEDED");
         assert!(body["scopes"][3].get("l").is_none(), "no monthly limit set");
+    }
+
+    #[test]
+    fn spend_rates_ride_the_reserve_and_their_refusal_says_when_to_retry() {
+        let cfg = compile_json(
+            br#"{"ledger": {"store": "redis", "cluster": "pag0_ledger"},
+                 "policies": {"p": {"spendRate": {"limit": "600", "windowSeconds": 60},
+                   "agents": {"exec-*": {"spendRate": {"limit": "200", "windowSeconds": 30,
+                                                       "killSession": true}}}}}}"#,
+        )
+        .unwrap();
+        let plan = plan(&cfg, &cfg.policies[0], &caller("exec-1"), 0);
+        assert_eq!(plan.rates.len(), 2);
+        assert_eq!(plan.rates[0].agent, None);
+        assert_eq!(plan.rates[1].agent.as_deref(), Some("exec-1"));
+        // Tenant, session and agent cannot run into each other in a key.
+        assert_ne!(rate_key("t", "a:b", None), rate_key("t", "a", Some("b")));
+        assert_ne!(rate_key("t", "a", Some("b")), rate_key("t", "a:a:b", None));
+        let body: Value =
+            serde_json::from_str(&reserve_body(&plan, "r-1", 100, 100, 1000, &[])).unwrap();
+        assert_eq!(body["tenant"], "default");
+        assert_eq!(body["rates"][1]["l"], 200);
+        assert_eq!(body["rates"][1]["w"], 30);
+        assert_eq!(body["rates"][1]["s"], 5);
+        assert_eq!(body["rates"][1]["kill"], true);
+        let answer = json!({"ok": false, "code": "SPEND_RATE_EXCEEDED", "ri": "1",
+            "spent": "200", "requested": "100", "retry": "12", "alert": true, "v": []});
+        let denied = read_reserve(&plan, "exec-1", 100, &answer).unwrap_err();
+        assert_eq!(denied.refusal.code, ErrorCode::SpendRateExceeded);
+        assert_eq!(denied.refusal.retry_after, Some(12));
+        assert_eq!(denied.refusal.field("scope"), Some("agent"));
+        let trip = denied.rate_trip.unwrap();
+        assert_eq!((trip.spent, trip.rate.rule.kill_session), (200, true));
+        // Only the window's first refusal alerts.
+        let later = json!({"ok": false, "code": "SPEND_RATE_EXCEEDED", "ri": "0",
+            "spent": "600", "requested": "100", "retry": "3", "alert": false});
+        let denied = read_reserve(&plan, "exec-1", 100, &later).unwrap_err();
+        assert!(denied.rate_trip.is_none());
+        assert_eq!(denied.refusal.field("scope"), Some("session"));
+        // A policy without rates sends none.
+        let body = reserve_body(&plan_of("exec-1"), "r-2", 1, 1, 1, &[]);
+        assert!(!body.contains("\"rates\""));
     }
 
     fn webdis(inner: &str) -> Vec<u8> {

@@ -72,6 +72,41 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
     }
 }
 
+/// The Redis ledger refused a call at a spend-rate window's first trip (cluster-wide):
+/// its alert goes from here, and a `killSession` Redis already applied holds on this
+/// Envoy's free calls and cache hits at once.
+pub fn rate_tripped(
+    cfg: &crate::core::compile::Config,
+    tenant: &str,
+    session: &str,
+    trip: &crate::core::ledger::remote::RateTrip,
+) {
+    let now_s = now_millis() / 1000;
+    let rule = &trip.rate.rule;
+    outbox::queue_alert_json(
+        cfg,
+        spend_rate::trip_alert(
+            tenant,
+            session,
+            trip.rate.agent.as_deref(),
+            rule,
+            trip.spent,
+            now_s,
+        ),
+    );
+    if rule.kill_session {
+        let _ = sessions::set_killed(
+            &HostStore,
+            tenant,
+            session,
+            &cfg.sessions,
+            now_s,
+            true,
+            true,
+        );
+    }
+}
+
 /// A breaker configured with `killSession` turns the session's kill switch on.
 fn kill(cfg: &crate::core::compile::Config, tenant: &str, session: &str, now_s: u64) {
     if cfg.ledger_redis.is_some() {
@@ -111,7 +146,11 @@ pub fn count_spend(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), 
         return Ok(());
     };
     let agent_rule = policy.agent_rule(&caller.agent).and_then(|r| r.spend_rate);
-    if call.price == 0 || (policy.spend_rate.is_none() && agent_rule.is_none()) {
+    if call.price == 0
+        || (policy.spend_rate.is_none() && agent_rule.is_none())
+        || cfg.ledger_redis.is_some()
+    {
+        // With the Redis ledger the reserve script counts the rate, for every Envoy.
         return Ok(());
     }
     let tenant = cfg.tenant_id(caller.tenant);

@@ -331,6 +331,9 @@ pub fn on_reserved(
                 })
                 .collect();
             outbox::queue_alerts(&cfg, alerts);
+            if let Some(trip) = &denied.rate_trip {
+                breaker::rate_tripped(&cfg, &tenant, &caller.session, trip);
+            }
             if denied.refusal.code == crate::core::errors::ErrorCode::KillSwitchActive
                 && denied.refusal.field("reason") != Some("threshold")
             {
