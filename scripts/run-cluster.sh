@@ -4,7 +4,9 @@
 # 9901), Envoy B on 127.0.0.1:10001 (admin 9902), Redis on 127.0.0.1:16380 (append-only
 # file in .tools/run-cluster/redis, kept across runs: delete that directory to start a
 # new ledger), Webdis on 127.0.0.1:17380 accepting only EVALSHA and SCRIPT
-# (scripts/lib/webdis-ledger-acl.json), and the same demo APIs as `make run`.
+# (scripts/lib/webdis-ledger-acl.json), and only with the HTTP Basic credential the
+# Envoys send (`ledger.basicAuth`, new each run, or PAG0_LEDGER_AUTH), and the same demo
+# APIs as `make run`.
 # PAG0_LEDGER replaces the ledger block; PAG0_WASM another pag0.wasm. Runs in the
 # foreground until interrupted, then stops everything it started.
 set -euo pipefail
@@ -12,7 +14,8 @@ cd "$(dirname "$0")/.."
 envoy_bin="$(scripts/ensure-envoy.sh)"
 scripts/ensure-redis.sh
 dir=.tools/run-cluster
-default_ledger='{"store": "redis", "cluster": "pag0_ledger", "timeoutMs": 250}'
+cred="${PAG0_LEDGER_AUTH:-pag0:$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')}"
+default_ledger="{\"store\": \"redis\", \"cluster\": \"pag0_ledger\", \"timeoutMs\": 250, \"basicAuth\": \"$cred\"}"
 ledger="${PAG0_LEDGER:-$default_ledger}"
 wasm="${PAG0_WASM:-target/wasm32-wasip1/release/pag0.wasm}"
 source scripts/lib/demo-apis.sh
@@ -70,7 +73,13 @@ redis-server --port 16380 --bind 127.0.0.1 --dir "$dir/redis" --save '' \
 pids+=($!)
 for _ in $(seq 1 100); do redis-cli -p 16380 ping >/dev/null 2>&1 && break; sleep 0.05; done
 printf '{"redis_host": "127.0.0.1", "redis_port": 16380, "http_host": "127.0.0.1", "http_port": 17380, "threads": 2, "daemonize": false, "database": 0, "verbosity": 1, "logfile": "%s", "acl": %s}\n' \
-  "$dir/webdis.log" "$(cat scripts/lib/webdis-ledger-acl.json)" > "$dir/webdis.json"
+  "$dir/webdis.log" "$(python3 -c '
+import json, sys
+acl = json.load(open("scripts/lib/webdis-ledger-acl.json"))
+for rule in acl:
+    if "enabled" in rule:
+        rule["http_basic_auth"] = sys.argv[1]
+print(json.dumps(acl))' "$cred")" > "$dir/webdis.json"
 webdis "$dir/webdis.json" &
 pids+=($!)
 start_demo_apis envoy/reference.yaml
@@ -87,7 +96,7 @@ done
 ready() {
   curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1 \
     && curl -fsS http://127.0.0.1:9902/ready >/dev/null 2>&1 \
-    && curl -fsS http://127.0.0.1:17380/SCRIPT/EXISTS/0 >/dev/null 2>&1 \
+    && curl -fsS -u "$cred" http://127.0.0.1:17380/SCRIPT/EXISTS/0 >/dev/null 2>&1 \
     && demo_apis_ready envoy/reference.yaml
 }
 for _ in $(seq 1 300); do
@@ -101,7 +110,7 @@ cat <<MSG
 pag0 cluster is up: two Envoys sharing one ledger in Redis
   Envoy A: agents -> http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
   Envoy B: agents -> http://127.0.0.1:10001   (admin http://127.0.0.1:9902)
-  ledger:  Redis 127.0.0.1:16380 (AOF in $dir/redis), Webdis 127.0.0.1:17380
+  ledger:  Redis 127.0.0.1:16380 (AOF in $dir/redis), Webdis 127.0.0.1:17380 (HTTP Basic $cred)
   try: curl -s -i -H 'host: api.tavily.com' -H 'x-pag0-api-key: demo-key' \\
          -H 'x-pag0-session: my-session' -H 'x-pag0-agent: researcher-1' \\
          -X POST http://127.0.0.1:10001/search -d '{"query":"pag0"}'

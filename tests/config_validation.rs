@@ -288,7 +288,15 @@ fn broken_configs_make_envoy_refuse_to_start_naming_the_field() {
         ),
         (
             r#"{"ledger": {"cluster": "w"}, "policies": {"p": {}}}"#,
-            "ledger.cluster, ledger.authority and ledger.timeoutMs apply only to ledger.store: \"redis\"",
+            "ledger.cluster, ledger.authority, ledger.timeoutMs and ledger.basicAuth apply only to ledger.store: \"redis\"",
+        ),
+        (
+            r#"{"ledger": {"store": "redis", "cluster": "w", "basicAuth": "nocolon"}, "policies": {"p": {}}}"#,
+            "ledger.basicAuth: must be \"user:password\" (a user before the first colon, no control characters, at most 1024 bytes)",
+        ),
+        (
+            r#"{"ledger": {"store": "redis", "cluster": "w", "basicAuth": "pag0:pw\r\nx: y"}, "policies": {"p": {}}}"#,
+            "ledger.basicAuth: must be \"user:password\" (a user before the first colon, no control characters, at most 1024 bytes)",
         ),
         (
             r#"{"ledger": {"store": "etcd"}, "policies": {"p": {}}}"#,

@@ -420,6 +420,62 @@ fn spend_rates_hold_across_envoys_and_trip_once_for_the_cluster() {
 }
 
 #[test]
+fn a_webdis_behind_basic_auth_serves_only_the_envoys_with_its_credential() {
+    let redis = LedgerRedis::start_with(Some("pag0:s3cret"));
+    let up = Upstream::start();
+    let cfg = config(100 * PRICE, 1_000 * PRICE);
+    let envoy = |auth: Option<&str>| {
+        let ledger = match auth {
+            Some(auth) => format!(
+                r#"{{"store": "redis", "cluster": "pag0_ledger", "timeoutMs": {RELAXED_TIMEOUT_MS}, "basicAuth": "{auth}"}}"#
+            ),
+            None => ledger_json(600, RELAXED_TIMEOUT_MS),
+        };
+        Envoy::start(|listener, admin| {
+            with_ledger(
+                &cfg.render(listener, admin, up.port),
+                redis.webdis_port(),
+                &ledger,
+            )
+        })
+    };
+    let session = unique("auth");
+    let headers = agent_headers("key", &session, "worker-1");
+    let good = envoy(Some("pag0:s3cret"));
+    let r = Client::new(good.port).get("api.paid.test", "/x", &headers);
+    assert_eq!((r.status, r.cost()), (200, PRICE));
+    let report = Client::new(good.port).get(
+        "api.free.test",
+        &format!("/_pag0/v1/sessions/{session}/report"),
+        &[("x-pag0-api-key", "key")],
+    );
+    assert_eq!(report.status, 200);
+    for auth in [Some("pag0:wrong"), None] {
+        let other = envoy(auth);
+        let mut c = Client::new(other.port);
+        let r = c.get("api.paid.test", "/x", &headers);
+        assert_eq!(r.status, 503, "{auth:?}");
+        assert_eq!(r.error_code().as_deref(), Some("LEDGER_UNAVAILABLE"));
+        assert_eq!(r.cost(), 0);
+        assert_eq!(c.get("api.free.test", "/x", &headers).status, 200);
+    }
+    // Nobody without the credential can load a script, with or without Envoy.
+    let mut webdis = Client::new(redis.webdis_port());
+    let load = webdis.send("PUT", "webdis", "/SCRIPT/LOAD", &[], b"return 1");
+    assert_eq!(load.status, 403);
+    let load = webdis.send(
+        "PUT",
+        "webdis",
+        "/SCRIPT/LOAD",
+        &[("authorization", "Basic cGFnMDp3cm9uZw==")],
+        b"return 1",
+    );
+    assert_eq!(load.status, 403);
+    settled(&redis, &session_key(&session));
+    assert_eq!(field(&redis, &session_key(&session), "spent"), PRICE);
+}
+
+#[test]
 fn an_envoy_restart_keeps_the_days_spend_and_the_kill_switch_and_its_calls_in_flight_expire_charged(
 ) {
     let redis = LedgerRedis::start();

@@ -378,6 +378,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
                 authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
                 cluster: a.cluster,
                 timeout_ms,
+                authorization: None,
             })
         }
     };
@@ -431,6 +432,7 @@ pub fn compile(raw: RawConfig) -> Result<Config, String> {
                 authority: sg.authority.unwrap_or_else(|| sg.cluster.clone()),
                 cluster: sg.cluster,
                 timeout_ms,
+                authorization: None,
             })
         }
     };
@@ -574,14 +576,37 @@ fn compile_llm(raw: crate::core::config::RawLlm) -> Result<LlmSettings, String> 
     })
 }
 
+/// `user:password` as an HTTP Basic `authorization` header value.
+fn basic_auth(credential: &str) -> Result<String, String> {
+    let valid = credential
+        .split_once(':')
+        .is_some_and(|(user, _)| !user.is_empty())
+        && credential.len() <= 1024
+        && !credential.chars().any(char::is_control);
+    if !valid {
+        return Err(
+            "ledger.basicAuth: must be \"user:password\" (a user before the first colon, no control characters, at most 1024 bytes)"
+                .to_string(),
+        );
+    }
+    Ok(format!(
+        "Basic {}",
+        crate::core::base64::encode(credential.as_bytes())
+    ))
+}
+
 fn compile_ledger(
     raw: &crate::core::config::RawLedger,
 ) -> Result<(LedgerTimings, Option<Service>), String> {
     let redis = match raw.store.as_deref() {
         None | Some("shared-data") => {
-            if raw.cluster.is_some() || raw.timeout_ms.is_some() || raw.authority.is_some() {
+            if raw.cluster.is_some()
+                || raw.timeout_ms.is_some()
+                || raw.authority.is_some()
+                || raw.basic_auth.is_some()
+            {
                 return Err(
-                    "ledger.cluster, ledger.authority and ledger.timeoutMs apply only to ledger.store: \"redis\""
+                    "ledger.cluster, ledger.authority, ledger.timeoutMs and ledger.basicAuth apply only to ledger.store: \"redis\""
                         .to_string(),
                 );
             }
@@ -605,6 +630,7 @@ fn compile_ledger(
                 cluster,
                 path: String::new(),
                 timeout_ms,
+                authorization: raw.basic_auth.as_deref().map(basic_auth).transpose()?,
             })
         }
         Some(other) => {
@@ -761,6 +787,7 @@ fn compile_policy(name: &str, raw: RawPolicy) -> Result<Policy, String> {
                     authority: a.authority.unwrap_or_else(|| a.cluster.clone()),
                     cluster: a.cluster,
                     timeout_ms,
+                    authorization: None,
                 },
             })
         }

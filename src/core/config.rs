@@ -91,6 +91,8 @@ pub struct RawLedger {
     /// `redis`: how long a ledger call may take before a priced call is refused
     /// with `LEDGER_UNAVAILABLE`.
     pub timeout_ms: Option<u64>,
+    /// `redis`: `user:password` for Webdis's HTTP Basic authentication.
+    pub basic_auth: Option<String>,
     /// A VM silent this long is dead: its reservations are charged and released.
     pub owner_lease_seconds: Option<u64>,
     /// A reservation open this long is settled as an unknown outcome (charged).

@@ -19,6 +19,8 @@ pub struct Service {
     pub path: String,
     pub authority: String,
     pub timeout_ms: u64,
+    /// The `authorization` header every call carries, if the service wants one.
+    pub authorization: Option<String>,
 }
 
 /// How the ledger keeps reservations honest when a VM dies or a call never ends.

@@ -35,6 +35,35 @@ pub fn send(
     )
 }
 
+/// [`send`] to a configured service, with its `authorization` header when it has one
+/// (the Redis ledger's Webdis behind HTTP Basic).
+pub fn send_to(
+    d: &dyn crate::host::stream::Dispatch,
+    service: &crate::core::settings::Service,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    let mut headers = vec![
+        (":method", method),
+        (":path", path),
+        (":authority", service.authority.as_str()),
+    ];
+    if let Some((content_type, _)) = body {
+        headers.push(("content-type", content_type));
+    }
+    if let Some(authorization) = &service.authorization {
+        headers.push(("authorization", authorization.as_str()));
+    }
+    d.dispatch(
+        &service.cluster,
+        headers,
+        body.map(|(_, bytes)| bytes),
+        Duration::from_millis(timeout_ms),
+    )
+}
+
 /// A header of the callout answer being handled, as bytes.
 pub fn header(name: &str) -> Option<Vec<u8>> {
     abi::map_value(MapType::HttpCallResponseHeaders, name)

@@ -263,12 +263,11 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
     let needs_load =
         with(|s| s.needs_load && !s.in_flight.values().any(|(_, f)| matches!(f, Flight::Load)));
     if needs_load {
-        let sent = callout::send(
+        let sent = callout::send_to(
             d,
-            &service.cluster,
+            service,
             "PUT",
             &remote::load_path(&service.path),
-            &service.authority,
             Some(("text/plain", remote::SCRIPT.as_bytes())),
             service.timeout_ms.max(1000),
         );
@@ -380,12 +379,11 @@ fn send_script(
 ) -> Result<(u32, String), ()> {
     let tag = next_id();
     let body = remote::tagged(body, &tag);
-    callout::send(
+    callout::send_to(
         d,
-        &service.cluster,
+        service,
         "PUT",
         &remote::eval_path(&service.path),
-        &service.authority,
         Some(("application/json", body.as_bytes())),
         service.timeout_ms,
     )

@@ -217,12 +217,11 @@ fn resend(
     body: String,
     content_type: &str,
 ) -> Step {
-    match callout::send(
+    match callout::send_to(
         d,
-        &service.cluster,
+        service,
         "PUT",
         &path,
-        &service.authority,
         Some((content_type, body.as_bytes())),
         service.timeout_ms,
     ) {

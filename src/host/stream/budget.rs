@@ -169,22 +169,20 @@ fn send_reserve(
     load_first: bool,
 ) -> Admit {
     let sent = if load_first {
-        callout::send(
+        callout::send_to(
             d,
-            &service.cluster,
+            service,
             "PUT",
             &remote::load_path(&service.path),
-            &service.authority,
             Some(("text/plain", remote::SCRIPT.as_bytes())),
             service.timeout_ms,
         )
     } else {
-        callout::send(
+        callout::send_to(
             d,
-            &service.cluster,
+            service,
             "PUT",
             &remote::eval_path(&service.path),
-            &service.authority,
             Some(("application/json", wait.request.as_bytes())),
             service.timeout_ms,
         )
