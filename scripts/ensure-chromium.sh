@@ -10,7 +10,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 source "$root/scripts/lib/install-lock.sh"
 install_lock "$root" apt
 # another installer may have finished while this one waited
-if command -v chromium >/dev/null 2>&1; then command -v chromium; exit 0; fi
+for candidate in "${CHROMIUM_BIN:-}" chromium chromium-browser; do
+  if [[ -n "$candidate" ]] && command -v "$candidate" >/dev/null 2>&1; then
+    command -v "$candidate"; exit 0
+  fi
+done
 if [[ "$(id -u)" == 0 ]]; then sudo=""; else sudo="sudo"; fi
 $sudo apt-get update -qq >&2
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >&2

@@ -8,6 +8,7 @@ dir="$root/demo/x402/v1"
 source "$root/scripts/lib/install-lock.sh"
 install_lock "$root" x402-npm
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  install_lock "$root" apt 8
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq nodejs npm >&2
 fi

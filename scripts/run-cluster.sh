@@ -7,15 +7,20 @@
 # (scripts/lib/webdis-ledger-acl.json), and only with the HTTP Basic credential the
 # Envoys send (`ledger.basicAuth`, new each run, or PAG0_LEDGER_AUTH), and the same demo
 # APIs as `make run`.
-# PAG0_LEDGER replaces the ledger block; PAG0_WASM another pag0.wasm. Runs in the
+# PAG0_LEDGER replaces the ledger block (give it "basicAuth": "$PAG0_LEDGER_AUTH" with
+# PAG0_LEDGER_AUTH set, or Webdis refuses it); PAG0_WASM another pag0.wasm. Runs in the
 # foreground until interrupted, then stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 envoy_bin="$(scripts/ensure-envoy.sh)"
 scripts/ensure-redis.sh
 dir=.tools/run-cluster
+# What is written here (configs holding the credential) is for this user only.
+umask 077
 cred="${PAG0_LEDGER_AUTH:-pag0:$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')}"
-default_ledger="{\"store\": \"redis\", \"cluster\": \"pag0_ledger\", \"timeoutMs\": 250, \"basicAuth\": \"$cred\"}"
+default_ledger="$(python3 -c '
+import json, sys
+print(json.dumps({"store": "redis", "cluster": "pag0_ledger", "timeoutMs": 250, "basicAuth": sys.argv[1]}))' "$cred")"
 ledger="${PAG0_LEDGER:-$default_ledger}"
 wasm="${PAG0_WASM:-target/wasm32-wasip1/release/pag0.wasm}"
 source scripts/lib/demo-apis.sh
@@ -27,6 +32,8 @@ for port in 10000 10001 9901 9902 16380 17380 18080 18402 18403 18404; do
   fi
 done
 mkdir -p "$dir/redis"
+# Configs of an earlier run keep their old modes: written anew.
+rm -f "$dir"/envoy-*.yaml "$dir/webdis.json"
 
 # envoy/reference.yaml on listener $1 and admin $2, with the ledger and its Webdis cluster.
 render() {
@@ -96,7 +103,7 @@ done
 ready() {
   curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1 \
     && curl -fsS http://127.0.0.1:9902/ready >/dev/null 2>&1 \
-    && curl -fsS -u "$cred" http://127.0.0.1:17380/SCRIPT/EXISTS/0 >/dev/null 2>&1 \
+    && printf 'user = "%s"\n' "$cred" | curl -fsS -K - http://127.0.0.1:17380/SCRIPT/EXISTS/0 >/dev/null 2>&1 \
     && demo_apis_ready envoy/reference.yaml
 }
 for _ in $(seq 1 300); do
@@ -110,7 +117,7 @@ cat <<MSG
 pag0 cluster is up: two Envoys sharing one ledger in Redis
   Envoy A: agents -> http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
   Envoy B: agents -> http://127.0.0.1:10001   (admin http://127.0.0.1:9902)
-  ledger:  Redis 127.0.0.1:16380 (AOF in $dir/redis), Webdis 127.0.0.1:17380 (HTTP Basic $cred)
+  ledger:  Redis 127.0.0.1:16380 (AOF in $dir/redis), Webdis 127.0.0.1:17380 (HTTP Basic, credential in $dir/webdis.json)
   try: curl -s -i -H 'host: api.tavily.com' -H 'x-pag0-api-key: demo-key' \\
          -H 'x-pag0-session: my-session' -H 'x-pag0-agent: researcher-1' \\
          -X POST http://127.0.0.1:10001/search -d '{"query":"pag0"}'

@@ -13,6 +13,9 @@ if [[ -f "$cache" && -f "$cache.from" && "$(cat "$cache.from")" == "$input_hash"
 fi
 if [[ -f "$cache" ]] && cmp -s "$cache" "$wasm"; then exit 0; fi
 if ! command -v wasm-opt >/dev/null 2>&1; then
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  source "$root/scripts/lib/install-lock.sh"
+  install_lock "$root" apt
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq binaryen >&2
 fi

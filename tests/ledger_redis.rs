@@ -345,6 +345,8 @@ fn spend_rates_hold_across_envoys_and_trip_once_for_the_cluster() {
         &agent_headers("key", &session, "worker-0"),
     );
     assert_eq!((failed.status, failed.cost()), (500, 0));
+    // Its release (which gives the count back) reaches Redis on the VM's next tick.
+    settled(&redis, &session_key(&session));
     // 40 calls at once, half on each Envoy: exactly 10 fit the session's window.
     let calls: Vec<_> = (0..40)
         .map(|i| {

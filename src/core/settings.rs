@@ -13,7 +13,7 @@ pub struct SessionLimits {
 
 /// A service pag0 calls with a dispatched HTTP call: an Envoy cluster, a path, the
 /// `:authority` to send, and how long to wait.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Service {
     pub cluster: String,
     pub path: String,
@@ -21,6 +21,22 @@ pub struct Service {
     pub timeout_ms: u64,
     /// The `authorization` header every call carries, if the service wants one.
     pub authorization: Option<String>,
+}
+
+/// Never prints the credential (a config error or a log line might show a service).
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("cluster", &self.cluster)
+            .field("path", &self.path)
+            .field("authority", &self.authority)
+            .field("timeout_ms", &self.timeout_ms)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// How the ledger keeps reservations honest when a VM dies or a call never ends.

@@ -79,10 +79,12 @@ pub fn month_key(tenant: &str, now_secs: u64) -> String {
     format!("pag0:m:{}:{tenant}:{}", tenant.len(), month_index(now_secs))
 }
 
-/// A spend-rate window in Redis: the session's, or an agent's within the session.
-pub fn rate_key(tenant: &str, session: &str, agent: Option<&str>) -> String {
+/// A spend-rate window in Redis: the session's, or an agent's within the session, per
+/// window length (routes under policies with other windows count apart, so one
+/// window's expiry never cuts another's slices short).
+pub fn rate_key(tenant: &str, session: &str, agent: Option<&str>, window_secs: u32) -> String {
     let key = format!(
-        "pag0:q:{}:{tenant}:{}:{session}",
+        "pag0:q:{window_secs}:{}:{tenant}:{}:{session}",
         tenant.len(),
         session.len()
     );
@@ -244,7 +246,7 @@ pub fn plan(cfg: &Config, policy: &Policy, caller: &Caller, now_secs: u64) -> Pl
         .into_iter()
         .chain(agent_rate)
         .map(|(rule, agent)| RateSpec {
-            key: rate_key(tenant, &caller.session, agent),
+            key: rate_key(tenant, &caller.session, agent, rule.window_seconds.max(1)),
             agent: agent.map(str::to_string),
             rule,
         })
@@ -833,8 +835,15 @@ mod tests {
         assert_eq!(plan.rates[0].agent, None);
         assert_eq!(plan.rates[1].agent.as_deref(), Some("exec-1"));
         // Tenant, session and agent cannot run into each other in a key.
-        assert_ne!(rate_key("t", "a:b", None), rate_key("t", "a", Some("b")));
-        assert_ne!(rate_key("t", "a", Some("b")), rate_key("t", "a:a:b", None));
+        assert_ne!(
+            rate_key("t", "a:b", None, 60),
+            rate_key("t", "a", Some("b"), 60)
+        );
+        assert_ne!(
+            rate_key("t", "a", Some("b"), 60),
+            rate_key("t", "a:a:b", None, 60)
+        );
+        assert_ne!(rate_key("t", "a", None, 60), rate_key("t", "a", None, 30));
         let body: Value =
             serde_json::from_str(&reserve_body(&plan, "r-1", 100, 100, 1000, &[])).unwrap();
         assert_eq!(body["tenant"], "default");
