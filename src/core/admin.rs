@@ -189,7 +189,10 @@ pub fn dashboard(cfg: &Config) -> AdminResponse {
 
 /// Answers an authorized report API call. `tenant_param` is `?tenant=` (the admin's
 /// choice; a tenant key always reads its own tenant). The caller has asked every VM to
-/// write what it counted first (see `LocalLedger::request_flush`).
+/// write what it counted first (see `LocalLedger::request_flush`). For a kill the Redis
+/// ledger has already applied, `ledger_was_killed` is what Redis held before: the kill
+/// alert is then raised once for the whole cluster (this Envoy's copy of the switch may
+/// not have seen another replica's change yet).
 pub fn handle<S: SharedStore + ?Sized>(
     cfg: &Config,
     store: &S,
@@ -197,23 +200,17 @@ pub fn handle<S: SharedStore + ?Sized>(
     route: &AdminRoute,
     tenant_param: Option<&str>,
     now: u64,
+    ledger_was_killed: Option<bool>,
 ) -> AdminResponse {
-    handle_after_ledger(cfg, store, access, route, tenant_param, now, None)
-}
-
-/// [`handle`] for a kill or resume the Redis ledger has already applied: `was_killed` is
-/// what Redis held before, so the kill alert is raised once for the whole cluster (this
-/// Envoy's copy of the switch may not have seen another replica's change yet).
-pub fn handle_after_ledger<S: SharedStore + ?Sized>(
-    cfg: &Config,
-    store: &S,
-    access: Access,
-    route: &AdminRoute,
-    tenant_param: Option<&str>,
-    now: u64,
-    was_killed: Option<bool>,
-) -> AdminResponse {
-    match handle_inner(cfg, store, access, route, tenant_param, now, was_killed) {
+    match handle_inner(
+        cfg,
+        store,
+        access,
+        route,
+        tenant_param,
+        now,
+        ledger_was_killed,
+    ) {
         Ok(response) => response,
         Err(refusal) => AdminResponse::refusal(&refusal),
     }
@@ -897,6 +894,7 @@ mod tests {
             &AdminRoute::Report("s1".into()),
             None,
             102,
+            None,
         );
         assert_eq!(response.status, 200);
         let report: Value = serde_json::from_str(&response.body).unwrap();
@@ -921,6 +919,7 @@ mod tests {
             &AdminRoute::Budget("nope".into()),
             None,
             102,
+            None,
         );
         assert_eq!(missing.status, 404);
         let kill_unknown = handle(
@@ -930,6 +929,7 @@ mod tests {
             &AdminRoute::Kill("nope".into()),
             None,
             102,
+            None,
         );
         assert_eq!(kill_unknown.status, 404);
     }

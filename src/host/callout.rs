@@ -9,6 +9,14 @@ use proxy_wasm::types::{BufferType, MapType, Status};
 
 use crate::host::abi;
 
+/// Where a call goes: the Envoy cluster, the `:authority`, and the `authorization`
+/// header a service wants (the Redis ledger's Webdis behind HTTP Basic).
+struct Target<'a> {
+    cluster: &'a str,
+    authority: &'a str,
+    authorization: Option<&'a str>,
+}
+
 /// Sends a call. The answer comes back to the caller's `on_http_call_response`.
 pub fn send(
     d: &dyn crate::host::stream::Dispatch,
@@ -19,24 +27,15 @@ pub fn send(
     body: Option<(&str, &[u8])>,
     timeout_ms: u64,
 ) -> Result<u32, Status> {
-    let mut headers = vec![
-        (":method", method),
-        (":path", path),
-        (":authority", authority),
-    ];
-    if let Some((content_type, _)) = body {
-        headers.push(("content-type", content_type));
-    }
-    d.dispatch(
+    let to = Target {
         cluster,
-        headers,
-        body.map(|(_, bytes)| bytes),
-        Duration::from_millis(timeout_ms),
-    )
+        authority,
+        authorization: None,
+    };
+    dispatch(d, &to, method, path, body, timeout_ms)
 }
 
-/// [`send`] to a configured service, with its `authorization` header when it has one
-/// (the Redis ledger's Webdis behind HTTP Basic).
+/// [`send`] to a configured service, with its `authorization` header when it has one.
 pub fn send_to(
     d: &dyn crate::host::stream::Dispatch,
     service: &crate::core::settings::Service,
@@ -45,19 +44,35 @@ pub fn send_to(
     body: Option<(&str, &[u8])>,
     timeout_ms: u64,
 ) -> Result<u32, Status> {
+    let to = Target {
+        cluster: &service.cluster,
+        authority: &service.authority,
+        authorization: service.authorization.as_deref(),
+    };
+    dispatch(d, &to, method, path, body, timeout_ms)
+}
+
+fn dispatch(
+    d: &dyn crate::host::stream::Dispatch,
+    to: &Target<'_>,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
     let mut headers = vec![
         (":method", method),
         (":path", path),
-        (":authority", service.authority.as_str()),
+        (":authority", to.authority),
     ];
     if let Some((content_type, _)) = body {
         headers.push(("content-type", content_type));
     }
-    if let Some(authorization) = &service.authorization {
-        headers.push(("authorization", authorization.as_str()));
+    if let Some(authorization) = to.authorization {
+        headers.push(("authorization", authorization));
     }
     d.dispatch(
-        &service.cluster,
+        to.cluster,
         headers,
         body.map(|(_, bytes)| bytes),
         Duration::from_millis(timeout_ms),

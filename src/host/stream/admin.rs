@@ -251,7 +251,7 @@ fn after_remote(
     // it saw (free calls and cache hits take the switch from them): once the API
     // answers, the switch is in force on every worker. Reports flush first, then read.
     let then = if matches!(route, AdminRoute::Kill(_) | AdminRoute::Resume(_)) {
-        let response = admin::handle_after_ledger(
+        let response = admin::handle(
             cfg,
             &HostStore,
             access,
@@ -383,7 +383,15 @@ pub fn answer(
     fresh: bool,
 ) {
     let cfg = &stream.config;
-    let mut response = admin::handle(cfg, &HostStore, access, route, tenant, now_millis() / 1000);
+    let mut response = admin::handle(
+        cfg,
+        &HostStore,
+        access,
+        route,
+        tenant,
+        now_millis() / 1000,
+        None,
+    );
     if !fresh {
         // Some VM did not write its counts in time: the report may miss its last calls.
         response

@@ -95,15 +95,8 @@ pub fn rate_tripped(
         ),
     );
     if rule.kill_session {
-        let _ = sessions::set_killed(
-            &HostStore,
-            tenant,
-            session,
-            &cfg.sessions,
-            now_s,
-            true,
-            true,
-        );
+        // The session may have made no call on this Envoy yet: its record is created.
+        kill_here(cfg, tenant, session, now_s, true);
     }
 }
 
@@ -112,6 +105,17 @@ fn kill(cfg: &crate::core::compile::Config, tenant: &str, session: &str, now_s: 
     if cfg.ledger_redis.is_some() {
         crate::host::remote_ledger::queue_kill(tenant, session, "breaker");
     }
+    kill_here(cfg, tenant, session, now_s, false);
+}
+
+/// Turns the switch on in this Envoy's shared data (free calls and cache hits read it).
+fn kill_here(
+    cfg: &crate::core::compile::Config,
+    tenant: &str,
+    session: &str,
+    now_s: u64,
+    create: bool,
+) {
     if let Err(e) = sessions::set_killed(
         &HostStore,
         tenant,
@@ -119,7 +123,7 @@ fn kill(cfg: &crate::core::compile::Config, tenant: &str, session: &str, now_s: 
         &cfg.sessions,
         now_s,
         true,
-        false,
+        create,
     ) {
         log(
             LogLevel::Warn,
