@@ -28,16 +28,29 @@ fn plugin(session_budget: u64, daily_budget: u64) -> String {
 
 /// `extra`: more top-level settings, each followed by a comma.
 fn plugin_with(session_budget: u64, daily_budget: u64, extra: &str) -> String {
+    plugin_json(
+        extra,
+        &format!(
+            r#"{{"sessionBudget": "{session_budget}", "dailyBudget": "{daily_budget}",
+    "agents": {{"capped-*": {{"agentBudget": "{}"}}}}}}"#,
+            3 * PRICE
+        ),
+    )
+}
+
+/// Tenant `acme` (key "key"), the admin key "admin", and `policy` as its policy `p`.
+fn plugin_json(extra: &str, policy: &str) -> String {
     format!(
         r#"{{{extra}"tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
   "admin": {{"apiKeySha256": "{}"}},
-  "policies": {{"p": {{"sessionBudget": "{session_budget}", "dailyBudget": "{daily_budget}",
-    "agents": {{"capped-*": {{"agentBudget": "{}"}}}}}}}}}}"#,
+  "policies": {{"p": {policy}}}}}"#,
         sha256_hex(b"key"),
         sha256_hex(b"admin"),
-        3 * PRICE
     )
 }
+
+/// Alerts to the upstream's /_demo/alerts (see `alerts_of`), as a plugin's `extra`.
+const ALERTS: &str = r#""alerts": {"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000},"#;
 
 fn config(session_budget: u64, daily_budget: u64) -> EnvoyConfig {
     EnvoyConfig::new(
@@ -208,9 +221,8 @@ fn three_envoys_share_one_tenants_daily_budget_exactly() {
 fn a_kill_on_one_envoy_refuses_the_sessions_next_call_on_another() {
     let redis = LedgerRedis::start();
     let up = Upstream::start();
-    let alerts = r#""alerts": {"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000},"#;
     let cfg = EnvoyConfig::new(
-        &plugin_with(100 * PRICE, 1_000 * PRICE, alerts),
+        &plugin_with(100 * PRICE, 1_000 * PRICE, ALERTS),
         config(0, 0).routes,
     );
     let envoys = start_envoys(2, &cfg, &up, &redis, 600);
@@ -321,19 +333,15 @@ fn spend_rates_hold_across_envoys_and_trip_once_for_the_cluster() {
     let up = Upstream::start();
     // The session may spend 10 calls' worth a minute; hasty-* agents 2, and a hasty
     // agent's trip kills the session. Budgets alone would allow 1000.
-    let plugin = format!(
-        r#"{{"alerts": {{"cluster": "upstream", "path": "/_demo/alerts", "authority": "alerts.test", "timeoutMs": 2000}},
-  "tenants": [{{"id": "acme", "apiKeySha256": "{}"}}], "defaultPolicy": "p",
-  "admin": {{"apiKeySha256": "{}"}},
-  "policies": {{"p": {{"sessionBudget": "{}",
+    let policy = format!(
+        r#"{{"sessionBudget": "{}",
     "spendRate": {{"limit": "{}", "windowSeconds": 60}},
-    "agents": {{"hasty-*": {{"spendRate": {{"limit": "{}", "windowSeconds": 60, "killSession": true}}}}}}}}}}}}"#,
-        sha256_hex(b"key"),
-        sha256_hex(b"admin"),
+    "agents": {{"hasty-*": {{"spendRate": {{"limit": "{}", "windowSeconds": 60, "killSession": true}}}}}}}}"#,
         1_000 * PRICE,
         10 * PRICE,
         2 * PRICE
     );
+    let plugin = plugin_json(ALERTS, &policy);
     let cfg = EnvoyConfig::new(&plugin, config(0, 0).routes);
     let envoys = start_envoys(2, &cfg, &up, &redis, 600);
     let ports: Vec<u16> = envoys.iter().map(|e| e.port).collect();

@@ -44,6 +44,17 @@ enum Flight {
     Load,
 }
 
+impl Flight {
+    /// The report list this flight reads or compacts (one of each at a time per list).
+    fn compacting(&self) -> Option<String> {
+        match self {
+            Flight::CompactRead(tenant, session) => Some(remote::report_key(tenant, session)),
+            Flight::Compact(key) => Some(key.clone()),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     nonce: u64,
@@ -223,11 +234,27 @@ const MAX_ONCE: usize = 64;
 /// Queues a compaction of a report list a reader merged (unless one is under way).
 pub fn queue_compaction(c: Compaction) {
     let body = remote_report::compact_body(&c.key, c.n, &c.head, &c.merged);
+    queue_once(body, Flight::Compact(c.key));
+}
+
+/// Queues a read or compaction of a report list, unless one of its kind is under way
+/// or too many wait already.
+fn queue_once(body: String, flight: Flight) {
+    let Some(key) = flight.compacting() else {
+        return;
+    };
     with(|s| {
-        if s.once.len() < MAX_ONCE && s.compacting.insert(c.key.clone()) {
-            s.once.push((body, Flight::Compact(c.key)));
+        if s.once.len() < MAX_ONCE && s.compacting.insert(key) {
+            s.once.push((body, flight));
         }
     });
+}
+
+/// A list's read or compaction is over (answered, or never sent).
+fn done_compacting(flight: &Flight) {
+    if let Some(key) = flight.compacting() {
+        with(|s| s.compacting.remove(&key));
+    }
 }
 
 /// Queues a kill switch thrown by this VM (a breaker) for Redis, so that every Envoy
@@ -334,14 +361,7 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
             Ok((token, tag)) => {
                 with(|s| s.in_flight.insert(token, (tag, flight)));
             }
-            Err(()) => with(|s| {
-                if let Flight::Compact(key) = &flight {
-                    s.compacting.remove(key);
-                }
-                if let Flight::CompactRead(t, sess) = &flight {
-                    s.compacting.remove(&remote::report_key(t, sess));
-                }
-            }),
+            Err(()) => done_compacting(&flight),
         }
     }
     for body in with(|s| std::mem::take(&mut s.kills)) {
@@ -412,6 +432,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
     };
     let status = callout::status();
     let body = callout::body(body_size);
+    done_compacting(&flight);
     match flight {
         Flight::Load => {
             let ok = remote::loaded(&body);
@@ -445,14 +466,10 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 for (push, n) in batch.iter().zip(lengths) {
                     if n > remote_report::COMPACT_AT {
                         let request = remote_report::read_body(&push.tenant, &push.session, now);
-                        with(|s| {
-                            if s.once.len() < MAX_ONCE && s.compacting.insert(push.key.clone()) {
-                                s.once.push((
-                                    request,
-                                    Flight::CompactRead(push.tenant.clone(), push.session.clone()),
-                                ));
-                            }
-                        });
+                        queue_once(
+                            request,
+                            Flight::CompactRead(push.tenant.clone(), push.session.clone()),
+                        );
                     }
                 }
             }
@@ -469,8 +486,6 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
             }
         },
         Flight::CompactRead(tenant, session) => {
-            let key = remote::report_key(&tenant, &session);
-            with(|s| s.compacting.remove(&key));
             if let Ok(answer) = remote::script_answer(status, &body, &tag) {
                 let now = now_millis() / 1000;
                 let (read, _) = remote_report::read_answer(
@@ -485,9 +500,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 }
             }
         }
-        Flight::Compact(key) => {
-            with(|s| s.compacting.remove(&key));
-        }
+        Flight::Compact(_) => {}
         Flight::Kill(request) => {
             if let Err(fault) = remote::script_answer(status, &body, &tag) {
                 if fault == Fault::NoScript {

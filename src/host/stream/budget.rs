@@ -117,7 +117,6 @@ fn reserve_remote(
     let prepared = match ledger::prepare(cfg, caller, call, now) {
         Ok(prepared) => prepared,
         Err((refusal, _)) => {
-            breaker::settle_spend(stream, 0);
             refuse(stream, caller, call, &refusal, &BudgetView::default());
             return Admit::No;
         }
@@ -127,7 +126,6 @@ fn reserve_remote(
     };
     let ticket = prepared.ticket;
     if ticket.price > remote::MAX_EXACT {
-        breaker::settle_spend(stream, 0);
         let refusal = Refusal::new(
             crate::core::errors::ErrorCode::InvalidRequest,
             "the price is above what the Redis ledger keeps exactly (2^53 units)",
@@ -315,7 +313,6 @@ pub fn on_reserved(
                 // An answer pag0 cannot read: whatever Redis did is given back.
                 remote_ledger::release(&cfg, &id, caller.tenant, &caller.session, &caller.agent);
             }
-            breaker::settle_spend(stream, 0);
             let tenant = cfg.tenant_id(caller.tenant).to_string();
             let now = now_millis() / 1000;
             let alerts = denied
@@ -364,13 +361,12 @@ pub fn forget_reservation(stream: &Stream, routed: Vec<Pending>) {
     }
 }
 
-/// A reservation whose answer the stream will not act on: released in Redis (if made),
-/// its riders back in the queue, the spend-rate count given back.
+/// A reservation whose answer the stream will not act on: released in Redis (if made,
+/// which gives back its spend-rate counts there too), its riders back in the queue.
 fn give_back(stream: &Stream, mut wait: Box<ReserveWait>) {
     remote_ledger::requeue(std::mem::take(&mut wait.riders));
     let t = &wait.ticket;
     remote_ledger::release(&stream.config, &wait.id, t.tenant, &t.session, &t.agent);
-    breaker::settle_spend(stream, 0);
 }
 
 /// A refusal after the caller is known: counted in the session and the metrics.
