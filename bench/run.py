@@ -267,10 +267,26 @@ def foreign_cpus(before: tuple[float, float], after: tuple[float, float]) -> flo
     return max(0.0, (after[1] - before[1]) / max(1e-9, after[0] - before[0]))
 
 
+_PORT_LOW, _PORT_SPAN = 20000, 12000
+_port_next = (os.getpid() * 7919) % _PORT_SPAN
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a server started next: below Linux's ephemeral range
+    (32768-60999), so no outbound connection (Webdis to Redis, wrk, Envoy to an upstream)
+    takes it before the server binds it (CI saw Envoy fail with "Address already in use"
+    that way); never the same port twice in one run (tests/support/mod.rs does the same)."""
+    global _port_next
+    for _ in range(_PORT_SPAN):
+        port = _PORT_LOW + _port_next % _PORT_SPAN
+        _port_next += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free loopback port")
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:

@@ -22,10 +22,23 @@ procs: list[subprocess.Popen] = []
 failures: list[str] = []
 
 
+_port_next = os.getpid() * 7919
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below Linux's ephemeral range, so an outbound connection cannot take it before
+    # the server binds it, and never the same port twice (as bench/run.py picks them).
+    global _port_next
+    for _ in range(12000):
+        port = 20000 + _port_next % 12000
+        _port_next += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free loopback port")
 
 
 def http(method, url, body=None, headers=None, timeout=10):

@@ -41,13 +41,28 @@ pub fn ensure(script: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// A free TCP port on loopback (bound, read, released).
+/// A free TCP port on loopback, for a server a test starts next.
+///
+/// Picked below Linux's ephemeral range (32768-60999): a port the kernel hands out
+/// for `bind(0)` is also one it hands to outbound connections (Webdis to Redis,
+/// Envoy to an upstream), which can take it before the server binds it; CI saw
+/// Envoy fail with "Address already in use" that way. Each pick in a process is
+/// a new port (a counter from a start drawn from the pid), and a port something
+/// already listens on is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Headers of a pag0 call: API key, session, agent.
