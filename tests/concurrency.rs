@@ -160,7 +160,10 @@ fn concurrent_agents_on_two_workers_never_overspend_and_the_ledger_is_exact() {
         SESSIONS_PER_TENANT as u64 * SESSION_BUDGET / PRICE
     );
 
-    // The ledger, read back through free calls, holds exactly what was charged.
+    // The ledger, read back through free calls, holds exactly what was charged. A free
+    // call shows its VM's view of the records, which may be up to `flushIntervalMs`
+    // (100 ms) old: wait that out so the view holds the other worker's last calls too.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let mut client = Client::new(port);
     let mut day_total = 0;
     for s in 0..SESSIONS_PER_TENANT {

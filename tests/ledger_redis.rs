@@ -430,6 +430,81 @@ fn spend_rates_hold_across_envoys_and_trip_once_for_the_cluster() {
 }
 
 #[test]
+fn a_loop_spread_over_two_envoys_trips_each_and_alerts_once_for_the_cluster() {
+    let mut redis = LedgerRedis::start();
+    let up = Upstream::start();
+    let policy = format!(
+        r#"{{"sessionBudget": "{}",
+    "repeatBreaker": {{"calls": 3, "windowSeconds": 60}}}}"#,
+        1_000 * PRICE
+    );
+    let cfg = EnvoyConfig::new(&plugin_json(ALERTS, &policy), config(0, 0).routes);
+    let envoys = start_envoys(2, &cfg, &up, &redis, 600);
+    let session = unique("loop");
+    let headers = agent_headers("key", &session, "looper-1");
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"fix the test"}]}"#;
+    // The same request, three times on each Envoy: each counts it and trips at its
+    // third (the breakers count per Envoy; docs/ledger.md "What stays per Envoy").
+    for envoy in &envoys {
+        let mut client = Client::new(envoy.port);
+        for i in 1..=3 {
+            let r = client.post("api.paid.test", "/v1/chat", &headers, body);
+            if i < 3 {
+                assert_eq!(r.status, 200, "call {i} on {}", envoy.port);
+            } else {
+                assert_eq!(r.error_code().as_deref(), Some("LOOP_DETECTED"));
+                assert_eq!(r.cost(), 0);
+            }
+        }
+    }
+    // Another loop of the same agent (another request) is another alert.
+    let other = r#"{"model":"m","messages":[{"role":"user","content":"again"}]}"#;
+    for i in 1..=3 {
+        let r = Client::new(envoys[1].port).post("api.paid.test", "/v1/chat", &headers, other);
+        assert_eq!(r.status == 200, i < 3, "call {i} of the second loop");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let trips = alerts_of(&up, "breaker_tripped");
+    assert_eq!(
+        trips.len(),
+        2,
+        "one alert per loop for the cluster: {trips:?}"
+    );
+    for trip in &trips {
+        assert_eq!(
+            (trip["breaker"].as_str(), trip["session"].as_str()),
+            (Some("repeat"), Some(session.as_str()))
+        );
+    }
+    // A Redis that cannot answer does not lose the alert: each Envoy sends its own.
+    redis.stop_redis();
+    let down = unique("loop-down");
+    let headers = agent_headers("key", &down, "looper-1");
+    for envoy in &envoys {
+        for _ in 1..=3 {
+            // Free calls count too (a loop served for free is a loop), and never wait
+            // for Redis.
+            Client::new(envoy.port).post("api.free.test", "/v1/chat", &headers, body);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = || {
+        alerts_of(&up, "breaker_tripped")
+            .into_iter()
+            .filter(|a| a["session"] == down.as_str())
+            .count()
+    };
+    while sent() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} alerts with Redis down",
+            sent()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn a_webdis_behind_basic_auth_serves_only_the_envoys_with_its_credential() {
     let redis = LedgerRedis::start_with(Some("pag0:s3cret"));
     let up = Upstream::start();

@@ -42,6 +42,8 @@ enum Flight {
     Kill(String),
     Kills,
     Load,
+    /// A claim of an alert for the cluster (see [`queue_alert_once`]): the alert's body.
+    Alert(String),
 }
 
 impl Flight {
@@ -63,7 +65,7 @@ struct State {
     /// Kill switch changes to write (a breaker's `killSession`), as request bodies.
     kills: Vec<String>,
     reports: VecDeque<Push>,
-    /// Script requests sent once, their answer unimportant (compactions).
+    /// Script requests sent once (compactions, alert claims).
     once: Vec<(String, Flight)>,
     /// Report lists being compacted (one read and one compaction at a time each).
     compacting: hashbrown::HashSet<String>,
@@ -228,7 +230,8 @@ pub fn queue_reports(cfg: &Config, reports: Vec<(usize, String, ReportRecord)>, 
     }
 }
 
-/// Requests sent once (compactions) held at most; more wait for a later read.
+/// Requests sent once (compactions, alert claims) held at most; more compactions wait
+/// for a later read, more alerts are sent unclaimed.
 const MAX_ONCE: usize = 64;
 
 /// Queues a compaction of a report list a reader merged (unless one is under way).
@@ -254,6 +257,23 @@ fn queue_once(body: String, flight: Flight) {
 fn done_compacting(flight: &Flight) {
     if let Some(key) = flight.compacting() {
         with(|s| s.compacting.remove(&key));
+    }
+}
+
+/// Queues an alert counted per Envoy (a repeat breaker's trip) to be claimed in Redis
+/// first (`claim`, from [`remote::alert_once_body`]): sent if this Envoy's claim is the
+/// first, or if Redis cannot say (an alert twice beats an alert lost).
+pub fn queue_alert_once(cfg: &Config, claim: String, alert: String) {
+    let unqueued = with(|s| {
+        if s.once.len() < MAX_ONCE {
+            s.once.push((claim, Flight::Alert(alert)));
+            None
+        } else {
+            Some(alert)
+        }
+    });
+    if let Some(alert) = unqueued {
+        outbox::queue_alert_json(cfg, alert);
     }
 }
 
@@ -361,7 +381,10 @@ pub fn on_tick(d: &dyn Dispatch, cfg: &Config) {
             Ok((token, tag)) => {
                 with(|s| s.in_flight.insert(token, (tag, flight)));
             }
-            Err(()) => done_compacting(&flight),
+            Err(()) => match flight {
+                Flight::Alert(alert) => outbox::queue_alert_json(cfg, alert),
+                flight => done_compacting(&flight),
+            },
         }
     }
     for body in with(|s| std::mem::take(&mut s.kills)) {
@@ -501,6 +524,20 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
             }
         }
         Flight::Compact(_) => {}
+        Flight::Alert(alert) => {
+            let first = match remote::script_answer(status, &body, &tag) {
+                Ok(answer) => remote::read_once(&answer),
+                Err(fault) => {
+                    if fault == Fault::NoScript {
+                        script_missing();
+                    }
+                    true
+                }
+            };
+            if first {
+                outbox::queue_alert_json(cfg, alert);
+            }
+        }
         Flight::Kill(request) => {
             if let Err(fault) = remote::script_answer(status, &body, &tag) {
                 if fault == Fault::NoScript {

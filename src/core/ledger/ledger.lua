@@ -16,6 +16,7 @@
 --   report lists  each VM's report counts of a session, appended at its flush (merged
 --                 by whoever reads them, and compacted into one entry by that reader).
 --   session index a tenant's sessions by last reservation (the report's session list).
+--   alert claims  pag0:al:...: an alert counted per Envoy, sent by the first claimant.
 local req = cjson.decode(ARGV[1])
 -- How long an ended reservation (and a release's tombstone) is kept: for a retry, a
 -- reserve that arrives late after a Redis pause, and audits by `x-pag0-reservation`.
@@ -371,6 +372,13 @@ local function kill()
   return ({ seq = fmt(seq), was = was })
 end
 
+-- An alert raised by a counter each Envoy keeps (a repeat breaker's trip): the first
+-- Envoy to claim its key within `x` seconds sends it, so the cluster sends it once.
+local function once()
+  local first = redis.call('SET', req.k, '1', 'NX', 'EX', fmt(req.x))
+  return ({ first = first and true or false })
+end
+
 -- Changes after `since`; with `since` below 0 (a VM's first poll), the newest 256.
 local function kills()
   local since = req.since or 0
@@ -447,7 +455,7 @@ end
 
 local ops = {
   reserve = reserve, settle = settle, kill = kill, kills = kills,
-  report = report, compact = compact, read = read, list = list,
+  report = report, compact = compact, read = read, list = list, once = once,
 }
 local op = ops[req.op]
 if not op then

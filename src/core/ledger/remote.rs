@@ -24,7 +24,7 @@ use crate::core::window::{day_index, month_index};
 /// The script, loaded into Redis by `SCRIPT LOAD` when Redis says it does not know it.
 pub const SCRIPT: &str = include_str!("ledger.lua");
 /// SHA-1 of [`SCRIPT`], as EVALSHA names it (a test checks it against the script).
-pub const SCRIPT_SHA1: &str = "a27a2b3be5e6a3c01f0d1db3ef5edcc82b3b6e7a";
+pub const SCRIPT_SHA1: &str = "86c24e53ebed965d0d3b47fd2b3069b542d3d5a4";
 
 /// Amounts above this cannot be kept exactly by Lua's numbers (doubles).
 pub const MAX_EXACT: Amount = 1 << 53;
@@ -664,6 +664,37 @@ pub fn kill_body(tenant: &str, session: &str, on: bool, reason: &str) -> String 
     .to_string()
 }
 
+/// Claims the alert of a repeat breaker's trip for the cluster: each Envoy counts the
+/// loop itself and trips at its own count, and only the first to claim the loop
+/// (owner and fingerprint) within `window_secs` sends the alert.
+pub fn alert_once_body(
+    tenant: &str,
+    session: &str,
+    agent: &str,
+    fingerprint: u64,
+    window_secs: u32,
+) -> String {
+    json!({
+        "op": "once",
+        "k": format!(
+            "pag0:al:{}:{tenant}:{}:{session}:{}:{agent}:{fingerprint:016x}",
+            tenant.len(),
+            session.len(),
+            agent.len()
+        ),
+        "x": window_secs.max(1),
+    })
+    .to_string()
+}
+
+/// Whether this Envoy's claim of an alert was the first.
+pub fn read_once(answer: &Value) -> bool {
+    answer
+        .get("first")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
 /// Kill switch changes after sequence number `since`; `None` (a VM's first poll): the
 /// newest ones.
 pub fn kills_body(since: Option<u64>) -> String {
@@ -900,6 +931,31 @@ mod tests {
         ));
         assert!(!loaded(br#"{"SCRIPT":[false,"ERR"]}"#));
         assert_eq!(tagged("{}", "x"), r#"{"tag":"x"}"#);
+    }
+
+    #[test]
+    fn an_alert_claim_is_one_key_per_loop_that_ids_cannot_alias() {
+        let claim = |t: &str, s: &str, a: &str, fp: u64, w: u32| -> Value {
+            serde_json::from_str(&alert_once_body(t, s, a, fp, w)).unwrap()
+        };
+        let c = claim("acme", "s-1", "looper", 0xab, 60);
+        assert_eq!(c["op"], "once");
+        assert_eq!(c["k"], "pag0:al:4:acme:3:s-1:6:looper:00000000000000ab");
+        assert_eq!(c["x"], 60);
+        // Ids may hold the separator: the lengths keep ("a:b", "c") and ("a", "b:c") apart.
+        assert_ne!(
+            claim("t", "a:b", "c", 1, 60)["k"],
+            claim("t", "a", "b:c", 1, 60)["k"]
+        );
+        assert_ne!(
+            claim("t", "s", "a", 1, 60)["k"],
+            claim("t", "s", "a", 2, 60)["k"]
+        );
+        // Redis refuses EX 0: a window of 0 s still claims for a second.
+        assert_eq!(claim("t", "s", "a", 1, 0)["x"], 1);
+        assert!(read_once(&serde_json::json!({"first": true})));
+        assert!(!read_once(&serde_json::json!({"first": false})));
+        assert!(!read_once(&serde_json::json!({})));
     }
 
     #[test]

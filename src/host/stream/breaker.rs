@@ -5,7 +5,7 @@
 use crate::core::breaker::{self, Verdict};
 use crate::core::call::{Call, Caller};
 use crate::core::errors::Refusal;
-use crate::core::ledger::sessions;
+use crate::core::ledger::{remote, sessions};
 use crate::core::spend_rate;
 use crate::host::shared::HostStore;
 use crate::host::stream::Stream;
@@ -36,12 +36,15 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
     };
     let tenant = cfg.tenant_id(caller.tenant);
     let now_s = now_millis() / 1000;
-    let verdict = {
+    let (fingerprint, verdict) = {
         let s = stream.state.borrow();
         let fingerprint =
             breaker::fingerprint(s.method.as_bytes(), &call.endpoint, &s.deferred.body);
         let owner = breaker::owner(tenant, &caller.session, &caller.agent);
-        breaker::record(&HostStore, &rule, owner, fingerprint, now_s)?
+        (
+            fingerprint,
+            breaker::record(&HostStore, &rule, owner, fingerprint, now_s)?,
+        )
     };
     match verdict {
         Verdict::Pass => Ok(()),
@@ -52,17 +55,28 @@ pub fn check(stream: &Stream, caller: &Caller, call: &Call) -> Result<(), Refusa
         Verdict::Trip { count, limit } => {
             if count == limit {
                 // Once per loop: the call that trips it, not every one refused after.
-                outbox::queue_alert_json(
-                    cfg,
-                    breaker::trip_alert(
+                let alert = breaker::trip_alert(
+                    tenant,
+                    &caller.session,
+                    &caller.agent,
+                    &rule,
+                    count,
+                    now_s,
+                );
+                if cfg.ledger_redis.is_some() {
+                    // Each Envoy counts the loop and trips on its own: the cluster
+                    // alerts once.
+                    let claim = remote::alert_once_body(
                         tenant,
                         &caller.session,
                         &caller.agent,
-                        &rule,
-                        count,
-                        now_s,
-                    ),
-                );
+                        fingerprint,
+                        rule.window_seconds,
+                    );
+                    crate::host::remote_ledger::queue_alert_once(cfg, claim, alert);
+                } else {
+                    outbox::queue_alert_json(cfg, alert);
+                }
             }
             if rule.kill_session {
                 kill(cfg, tenant, &caller.session, now_s);
