@@ -448,6 +448,16 @@ pub fn script_missing() {
     with(|s| s.needs_load = true);
 }
 
+/// The script's answer to one of this module's calls; a NOSCRIPT answer also marks the
+/// script to be loaded again.
+fn script_answer(status: Option<u32>, body: &[u8], tag: &str) -> Result<serde_json::Value, Fault> {
+    let answer = remote::script_answer(status, body, tag);
+    if let Err(Fault::NoScript) = answer {
+        script_missing();
+    }
+    answer
+}
+
 /// An answer to a call this module sent; false when the token is not its own.
 pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
     let Some((tag, flight)) = with(|s| s.in_flight.remove(&token)) else {
@@ -467,21 +477,18 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                 );
             }
         }
-        Flight::Settle(batch) => match remote::script_answer(status, &body, &tag) {
+        Flight::Settle(batch) => match script_answer(status, &body, &tag) {
             Ok(answer) => {
                 settled_alerts(cfg, &batch, &answer);
                 metrics::add("pag0.ledger.redis_settlements", batch.len() as u64);
                 confirm(batch.iter().map(|b| b.seq));
             }
-            Err(fault) => {
-                if fault == Fault::NoScript {
-                    script_missing();
-                }
+            Err(_) => {
                 metrics::add("pag0.ledger.redis_failures", 1);
                 requeue(batch);
             }
         },
-        Flight::Report(batch) => match remote::script_answer(status, &body, &tag) {
+        Flight::Report(batch) => match script_answer(status, &body, &tag) {
             Ok(answer) => {
                 confirm(batch.iter().map(|p| p.seq));
                 let lengths = remote_report::read_lengths(&answer);
@@ -496,10 +503,7 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
                     }
                 }
             }
-            Err(fault) => {
-                if fault == Fault::NoScript {
-                    script_missing();
-                }
+            Err(_) => {
                 metrics::add("pag0.ledger.redis_failures", 1);
                 with(|s| {
                     for p in batch.into_iter().rev() {
@@ -525,34 +529,19 @@ pub fn on_answer(cfg: &Config, token: u32, body_size: usize) -> bool {
         }
         Flight::Compact(_) => {}
         Flight::Alert(alert) => {
-            let first = match remote::script_answer(status, &body, &tag) {
-                Ok(answer) => remote::read_once(&answer),
-                Err(fault) => {
-                    if fault == Fault::NoScript {
-                        script_missing();
-                    }
-                    true
-                }
-            };
+            // Sent when the claim is first, or when Redis cannot say.
+            let first = script_answer(status, &body, &tag).map_or(true, |a| remote::read_once(&a));
             if first {
                 outbox::queue_alert_json(cfg, alert);
             }
         }
         Flight::Kill(request) => {
-            if let Err(fault) = remote::script_answer(status, &body, &tag) {
-                if fault == Fault::NoScript {
-                    script_missing();
-                }
+            if script_answer(status, &body, &tag).is_err() {
                 with(|s| s.kills.push(request));
             }
         }
-        Flight::Kills => match remote::script_answer(status, &body, &tag) {
-            Err(fault) => {
-                metrics::add("pag0.ledger.redis_kill_poll_failures", 1);
-                if fault == Fault::NoScript {
-                    script_missing();
-                }
-            }
+        Flight::Kills => match script_answer(status, &body, &tag) {
+            Err(_) => metrics::add("pag0.ledger.redis_kill_poll_failures", 1),
             Ok(answer) => {
                 let (seq, changes) = remote::read_kills(&answer);
                 let known = with(|s| s.kill_seq);
