@@ -69,7 +69,6 @@ impl Context for Pag0Root {
 
 impl RootContext for Pag0Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        crate::host::new_callback();
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
@@ -91,11 +90,6 @@ impl RootContext for Pag0Root {
                     ),
                 );
                 let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(TICK_MS));
-                // The kill and report APIs wait for every registered VM to forget its
-                // views and write its counts: a VM joins before its first call, since
-                // Envoy may hand a worker calls before its first tick (a free call there
-                // kept a view the kill API did not wait for). The tick retries a failure.
-                let _ = vm::with(|vm| vm.ledger.vm(&HostStore, now_millis()));
                 self.config = Some(Rc::new(config));
                 true
             }

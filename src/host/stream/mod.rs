@@ -199,6 +199,16 @@ impl HttpContext for Pag0Http {
             send_refusal(&refusal, &BudgetView::default(), Shape::Pag0, &[]);
             return Action::Pause;
         };
+        // The kill and report APIs wait for every registered VM to forget its views and
+        // write its counts: a VM joins before its first call, since Envoy may hand a
+        // worker calls before its first tick (a free call there kept a view the kill API
+        // did not wait for). After the first call this is one check. Not in
+        // `on_configure`: Envoy also configures a VM that never ticks nor takes calls,
+        // and every flush would wait for it (report API: 1 s, then stale).
+        let _ = crate::host::vm::with(|vm| {
+            vm.ledger
+                .vm(&crate::host::shared::HostStore, crate::host::now_millis())
+        });
         let step = identify::on_request_headers(self, &stream, end_of_stream);
         forwarded_if(&stream, step)
     }
